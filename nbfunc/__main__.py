@@ -1,0 +1,3 @@
+from nbfunc.cli.main import main
+
+main()

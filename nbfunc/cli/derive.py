@@ -1,0 +1,508 @@
+"""From nanoBragg flags to a validated `nbfunc.Params`, deriving what the C program derives.
+
+`derive` follows the C program's main() in order: SMV header ingestion (-mask, then -img),
+the flags, detector size, fluence, beam-centre defaults per convention, basis vectors, the
+automatic step counts (phi, divergence, dispersion, sensor layers, mosaic domains), the cell
+(from -cell or -mat, misset, random misset), N from crystal sizes, automatic oversampling,
+structure factors (-hkl or a Fdump.bin left in the working directory), and the sources.
+Every quantity the physics needs ends up in the tree; what only the command line needs
+(output names, header values, seeds) goes in `RunInfo`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from nbfunc.cli.cflags import CFlags
+from nbfunc.cli.flags import find_header_files, parse_flags
+from nbfunc.crystal import oriented_cell
+from nbfunc.detector import detector_frame
+from nbfunc.io.errors import NbfuncInputError
+from nbfunc.params import Beam, Crystal, Detector, Params, Sampling, SourceGrid, SourceList
+
+RTD = 180.0 / math.pi
+
+
+@dataclass
+class RunInfo:
+    """What the command line needs beyond the physics: outputs, header values, seeds, notes.
+
+    Lengths in mm and angles in degrees, as they go into SMV headers.
+    """
+
+    flags: CFlags
+    header: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hkl_grid: object = None
+    hkl_from_file: bool = False
+    oversample: int = 1
+    roi: tuple[int, int, int, int] = (0, 0, 0, 0)
+    mask: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# SMV headers (-img, -mask)
+# --------------------------------------------------------------------------------------------
+def apply_smv_header(start: CFlags, path: str, is_mask: bool) -> tuple[CFlags, np.ndarray]:
+    """Initialise C variables from an SMV header, as nanoBragg does for -mask and -img.
+
+    BEAM_CENTER_Y maps to Ybeam = detsize_s - value for a mask, and to value for an image.
+    Returns:
+        (updated flags, pixel data (slow, fast)).
+    """
+    from nbfunc.io.smv import header_value, read_smv
+
+    smv = read_smv(path)
+    spix, fpix = smv.data.shape
+    v = lambda key: header_value(smv.header, key)
+    changes = {"fpixels": fpix, "spixels": spix}
+    pixel = start.pixel_size
+    if v("PIXEL_SIZE") is not None:
+        pixel = v("PIXEL_SIZE") / 1000.0
+    changes.update(pixel_size=pixel, detsize_f=pixel * fpix, detsize_s=pixel * spix)
+    simple = {"DISTANCE": ("distance", 1e-3), "CLOSE_DISTANCE": ("close_distance", 1e-3),
+              "WAVELENGTH": ("lambda0", 1e-10), "BEAM_CENTER_X": ("Xbeam", 1e-3),
+              "ORGX": ("ORGX", 1.0), "ORGY": ("ORGY", 1.0), "PHI": ("phi0", 1 / RTD),
+              "OSC_RANGE": ("osc", 1 / RTD), "TWOTHETA": ("twotheta", 1 / RTD)}
+    for key, (name, unit) in simple.items():
+        if v(key) is not None:
+            changes[name] = v(key) * unit
+    if v("BEAM_CENTER_Y") is not None:
+        y = v("BEAM_CENTER_Y") / 1000.0
+        changes["Ybeam"] = pixel * spix - y if is_mask else y
+    return replace(start, **changes), smv.data
+
+
+# --------------------------------------------------------------------------------------------
+# automatic step counts, exactly as the C program decides them
+# --------------------------------------------------------------------------------------------
+def auto_steps(steps: int, rng: float, step: float, *, steps_only_range: float,
+               split_range: bool = False) -> tuple[int, float, float]:
+    """nanoBragg's rule for (count, range, step) of divergence, dispersion and sensor layers.
+
+    ``steps_only_range`` is the range used when only a count is given (1.0 for divergence
+    and dispersion, 0.5e-6 m for the sensor). ``split_range`` is the sensor's variant where a
+    range alone gives 2 steps of range/2 (divergence and dispersion give 2 steps of range).
+    """
+    if steps <= 0:
+        if rng < 0.0:
+            if step <= 0.0:
+                return 1, 0.0, 0.0
+            return 2, step, step
+        if step <= 0.0:
+            return (2, rng, rng / 2) if split_range else (2, rng, rng)
+        return math.ceil(rng / step), rng, step
+    if rng < 0.0:
+        if step <= 0.0:
+            return steps, steps_only_range, steps_only_range / steps
+        return 2, step, step
+    if step <= 0.0:
+        steps = max(steps, 2)
+        return steps, rng, rng / (steps - 1)
+    return steps, rng, step
+
+
+def phi_steps(f: CFlags) -> tuple[int, float, float]:
+    """(phisteps, osc, phistep) by the C program's rules (angles in rad)."""
+    steps, osc, step = f.phisteps, f.osc, f.phistep
+    if steps < 0:
+        if osc < 0.0:
+            if step <= 0.0:
+                return 1, 0.0, 0.0
+            return 2, step, step
+        if step <= 0.0:
+            return 2, osc, osc / 2.0
+        return math.ceil(osc / step), osc, step
+    if steps == 0:
+        steps = 1
+    if osc < 0.0:
+        if step <= 0.0:
+            osc = 1.0 / RTD
+            return steps, osc, osc / steps
+        return 2, step, step
+    if step < 0.0:
+        return steps, osc, osc / steps
+    return steps, osc, step
+
+
+def mosaic_setting(f: CFlags, warn: list[str]) -> tuple[int, float]:
+    """(domains, spread in rad) by the C program's rules."""
+    domains, spread = f.mosaic_domains, f.mosaic_spread
+    if domains <= 0:
+        if spread < 0.0:
+            return 1, 0.0
+        if spread == 0.0:
+            return 1, spread
+        warn.append("finite mosaicity with only one domain: using 10 mosaic domains")
+        return 10, spread
+    if spread < 0.0:
+        warn.append("no mosaic spread given: using 1 mosaic domain")
+        return 1, 0.0
+    if spread == 0.0:
+        warn.append("zero mosaic spread given: using 1 mosaic domain")
+        return 1, spread
+    return domains, spread
+
+
+def divergence_fractions(f: CFlags, hdiv: tuple, vdiv: tuple, disp: tuple) -> tuple[tuple, tuple, tuple]:
+    """Per-source fractions of the divergence ranges and of the dispersion (C loop order).
+
+    Sources run over horizontal steps, then vertical steps (points outside the ellipse are
+    dropped when round divergence is on), then wavelengths.
+    """
+    (hsteps, hrange, hstep), (vsteps, vrange, vstep), (dsteps, drange, dstep) = hdiv, vdiv, disp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kept = []
+        for ht in range(hsteps):
+            for vt in range(vsteps):
+                h = np.float64(hstep) * ht - np.float64(hrange) / 2.0
+                v = np.float64(vstep) * vt - np.float64(vrange) / 2.0
+                test = (h * h - hstep * hstep / 4.0 * (1 - hsteps % 2)) / np.float64(hrange) / hrange
+                test += (v * v - vstep * vstep / 4.0 * (1 - vsteps % 2)) / np.float64(vrange) / vrange
+                if f.round_div and test * 4.0 > 1.1:
+                    continue
+                kept.append((float(h / hrange) if hrange > 0 else 0.0,
+                             float(v / vrange) if vrange > 0 else 0.0))
+    dfracs = [((dstep * t - drange / 2.0) / drange) if drange > 0 else 0.0 for t in range(dsteps)]
+    hf, vf, df = [], [], []
+    for h, v in kept:
+        for d in dfracs:
+            hf.append(h), vf.append(v), df.append(d)
+    return tuple(hf), tuple(vf), tuple(df)
+
+
+# --------------------------------------------------------------------------------------------
+# conventions
+# --------------------------------------------------------------------------------------------
+_BASES = {
+    # beam, fdet, sdet, odet, twotheta_axis, polar, spindle
+    "ADXV": ((0, 0, 1), (1, 0, 0), (0, -1, 0), (0, 0, 1), (-1, 0, 0), (1, 0, 0), (1, 0, 0)),
+    "MOSFLM": ((1, 0, 0), (0, 0, 1), (0, -1, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1)),
+    "DENZO": ((1, 0, 0), (0, 0, 1), (0, -1, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1)),
+    "XDS": ((0, 0, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 0), (1, 0, 0), (1, 0, 0)),
+    "DIALS": ((0, 0, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 0), (0, 1, 0), (0, 1, 0)),
+}
+
+
+def _unitize(v) -> tuple[tuple[float, float, float], float]:
+    mag = math.sqrt(sum(x * x for x in v))
+    if mag == 0.0:
+        return (0.0, 0.0, 0.0), 0.0
+    return tuple(x / mag for x in v), mag
+
+
+def resolve_convention(f: CFlags) -> dict:
+    """Basis vectors, pivot and the beam centres (m) after the C convention block."""
+    pixel, dsf, dss = f.pixel_size, f.detsize_f, f.detsize_s
+    fclose = (f.ORGX - 0.5) * pixel if not math.isnan(f.ORGX) else dsf / 2.0
+    sclose = (f.ORGY - 0.5) * pixel if not math.isnan(f.ORGY) else dss / 2.0
+    xclose = f.Xclose if not math.isnan(f.Xclose) else fclose
+    yclose = f.Yclose if not math.isnan(f.Yclose) else sclose
+    xbeam, ybeam = f.Xbeam, f.Ybeam
+    conv, pivot = f.beam_convention, f.detector_pivot
+    vectors = dict(beam=f.beam_vector, fdet=f.fdet_vector, sdet=f.sdet_vector, odet=f.odet_vector,
+                   twotheta_axis=f.twotheta_axis, polar=f.polar_vector, spindle=f.spindle_vector)
+    if conv in _BASES:
+        vectors = dict(zip(("beam", "fdet", "sdet", "odet", "twotheta_axis", "polar", "spindle"),
+                           (tuple(float(x) for x in v) for v in _BASES[conv])))
+    if conv == "ADXV":
+        xbeam = (dsf + pixel) / 2.0 if math.isnan(xbeam) else xbeam
+        ybeam = (dss - pixel) / 2.0 if math.isnan(ybeam) else ybeam
+        fbeam, sbeam, pivot = xbeam, dss - ybeam, "BEAM"
+    elif conv in ("MOSFLM", "DENZO"):
+        xbeam = (dss + pixel) / 2.0 if math.isnan(xbeam) else xbeam
+        ybeam = (dsf + pixel) / 2.0 if math.isnan(ybeam) else ybeam
+        shift = 0.5 * pixel if conv == "MOSFLM" else 0.0
+        fbeam, sbeam, pivot = ybeam + shift, xbeam + shift, "BEAM"
+    else:
+        xbeam = xclose if math.isnan(xbeam) else xbeam
+        ybeam = yclose if math.isnan(ybeam) else ybeam
+        fbeam, sbeam = xbeam, ybeam
+        if conv in ("XDS", "DIALS"):
+            pivot = "SAMPLE"
+        else:
+            fclose, sclose = xbeam, ybeam
+    unit = {k: _unitize(v)[0] for k, v in vectors.items()}
+    odet, mag = _unitize(vectors["odet"])
+    if mag != 1.0:
+        fd, sd = unit["fdet"], unit["sdet"]
+        cross = (fd[1] * sd[2] - fd[2] * sd[1], fd[2] * sd[0] - fd[0] * sd[2], fd[0] * sd[1] - fd[1] * sd[0])
+        odet = _unitize(cross)[0]
+    unit["odet"] = odet
+    return dict(vectors=unit, pivot=pivot, xbeam=xbeam, ybeam=ybeam, fbeam=fbeam, sbeam=sbeam,
+                fclose=fclose, sclose=sclose, xclose=xclose, yclose=yclose)
+
+
+# --------------------------------------------------------------------------------------------
+# cell
+# --------------------------------------------------------------------------------------------
+def cell_from_matrix(recip: np.ndarray) -> tuple[tuple[float, ...], np.ndarray]:
+    """Cell constants and the orientation of a reciprocal basis (rows a*, b*, c*, 1/Angstrom).
+
+    Returns:
+        ((a, b, c in Angstrom, alpha, beta, gamma in deg), base orientation U (3, 3)) such that
+        the default-frame reciprocal cell of those constants, turned by U, is ``recip``.
+    """
+    v_star = float(np.dot(recip[0], np.cross(recip[1], recip[2])))
+    real = np.stack([np.cross(recip[1], recip[2]), np.cross(recip[2], recip[0]),
+                     np.cross(recip[0], recip[1])]) / v_star
+    lengths = np.linalg.norm(real, axis=1)
+    cosines = [np.dot(real[1], real[2]) / lengths[1] / lengths[2],
+               np.dot(real[0], real[2]) / lengths[0] / lengths[2],
+               np.dot(real[0], real[1]) / lengths[0] / lengths[1]]
+    angles = [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in cosines]
+    cell = tuple(float(x) for x in lengths) + tuple(angles)
+    crystal = Crystal(cell_a=cell[0], cell_b=cell[1], cell_c=cell[2], cell_alpha=cell[3],
+                      cell_beta=cell[4], cell_gamma=cell[5])
+    _, default = oriented_cell(crystal)
+    # U @ default_row_i = recip_row_i  ->  U = recip^T (default^T)^-1
+    u = recip.T @ np.linalg.inv(default.numpy().T)
+    return cell, u
+
+
+# --------------------------------------------------------------------------------------------
+# main entry
+# --------------------------------------------------------------------------------------------
+def derive(argv: list[str], dtype: torch.dtype = torch.float64, cwd: str | None = None) -> tuple[Params, RunInfo]:
+    """Parse nanoBragg flags and derive the full parameter tree as the C program does.
+
+    Args:
+        argv: the flags, without the program name.
+        dtype: floating dtype of the leaves.
+        cwd: directory where relative file names and Fdump.bin are looked up (default: the
+            current directory).
+    Returns:
+        (params, run information for the command line).
+    Raises:
+        nbfunc.cli.flags.FlagError, NbfuncInputError: bad flags, values or files.
+    """
+    base = cwd or os.getcwd()
+    path = lambda name: name if os.path.isabs(name) else os.path.join(base, name)
+    img_file, mask_file = find_header_files(argv)
+    start, mask = CFlags(), None
+    if mask_file is not None:
+        start, mask_data = apply_smv_header(start, path(mask_file), is_mask=True)
+        mask = mask_data != 0
+    if img_file is not None:
+        start, _ = apply_smv_header(start, path(img_file), is_mask=False)
+    f = parse_flags(list(argv), start)
+    info = RunInfo(flags=f, warnings=list(f.warnings))
+    warn = info.warnings
+
+    # detector size
+    if f.fpixels:
+        f.detsize_f = f.pixel_size * f.fpixels
+    if f.spixels:
+        f.detsize_s = f.pixel_size * f.spixels
+    fpixels = math.ceil(f.detsize_f / f.pixel_size - 0.5)
+    spixels = math.ceil(f.detsize_s / f.pixel_size - 0.5)
+    if fpixels <= 0 or spixels <= 0:
+        raise NbfuncInputError(f"detector has {fpixels}x{spixels} pixels; give -detpixels N "
+                               "(N > 0) or -detsize larger than -pixel")
+    if mask is not None and mask.shape != (spixels, fpixels):
+        raise NbfuncInputError(f"-mask {mask_file}: {mask.shape[1]}x{mask.shape[0]} pixels but the "
+                               f"detector has {fpixels}x{spixels}; give a mask of the detector's size")
+
+    # fluence and sample clipping
+    if f.flux != 0.0 and f.exposure > 0.0 and f.beamsize >= 0:
+        f.fluence = f.flux * f.exposure / f.beamsize / f.beamsize
+    if f.beamsize >= 0:
+        if f.beamsize < f.sample_y:
+            warn.append(f"clipping sample ({f.sample_y:g} m high) with beam ({f.beamsize:g} m)")
+            f.sample_y = f.beamsize
+        if f.beamsize < f.sample_z:
+            warn.append(f"clipping sample ({f.sample_z:g} m wide) with beam ({f.beamsize:g} m)")
+            f.sample_z = f.beamsize
+
+    conv = resolve_convention(f)
+    roi = list(f.roi)
+    roi[0] = 0 if roi[0] < 0 else roi[0]
+    roi[1] = fpixels if roi[1] < 0 else roi[1]
+    roi[2] = 0 if roi[2] < 0 else roi[2]
+    roi[3] = spixels if roi[3] < 0 else roi[3]
+
+    # sampling rules
+    phisteps, osc, phistep = phi_steps(f)
+    hdiv = auto_steps(f.hdivsteps, f.hdivrange, f.hdivstep, steps_only_range=1.0)
+    vdiv = auto_steps(f.vdivsteps, f.vdivrange, f.vdivstep, steps_only_range=1.0)
+    disp = auto_steps(f.dispsteps, f.dispersion, f.dispstep, steps_only_range=1.0)
+    thick = auto_steps(f.detector_thicksteps, f.detector_thick, f.detector_thickstep,
+                       steps_only_range=0.5e-6, split_range=True)
+    mu = f.detector_mu
+    if thick[1] > 0.0 and mu < 0.0:
+        mu = 1.0 / thick[1]
+        warn.append(f"setting detector attenuation depth to {mu:g} m")
+    domains, spread = mosaic_setting(f, warn)
+    fix = lambda s: s if (s[1] > 0.0 and s[2] > 0.0 and s[0] > 0) else (1, 0.0, 0.0)
+    hdiv, vdiv, disp, thick = fix(hdiv), fix(vdiv), fix(disp), fix(thick)
+
+    # interpolation (decided before N is derived from crystal sizes)
+    interpolate = f.interpolate
+    if interpolate > 1:
+        interpolate = 1 if (f.Na <= 2 or f.Nb <= 2 or f.Nc <= 2) else 0
+
+    # cell and orientation
+    base_orientation = np.eye(3)
+    if f.mat_file is not None:
+        from nbfunc.io.matrix import read_mosflm_matrix
+
+        recip = read_mosflm_matrix(path(f.mat_file)) * (1e-10 / f.lambda0)
+        cell, base_orientation = cell_from_matrix(recip)
+        if f.user_cell:
+            warn.append("-cell and -mat both given: using the cell and orientation of the -mat file")
+    elif f.user_cell and f.cell_a > 0:
+        b = f.cell_b if f.cell_b > 0 else f.cell_a
+        c = f.cell_c if f.cell_c > 0 else f.cell_a
+        angles = [x if x > 0 else math.pi / 2 for x in (f.alpha, f.beta, f.gamma)]
+        cell = (f.cell_a, b, c) + tuple(math.degrees(x) for x in angles)
+    else:
+        raise NbfuncInputError("no unit cell: give -cell a b c alpha beta gamma (Angstrom, deg) "
+                               "or -mat FILE with a MOSFLM orientation matrix")
+    misset = f.misset
+    if f.misset_mode == -1:
+        from nbfunc.crng import random_misset
+
+        seed = f.misset_seed if f.misset_seed is not None else f.seed
+        if seed is None:
+            seed = -int(time.time())
+            warn.append(f"-misset random without a seed: using -misset_seed {-seed}")
+        misset = random_misset(seed)
+        info.notes.append("random orientation misset angles: "
+                          + " ".join(f"{math.degrees(x):f}" for x in misset) + " deg")
+    elif f.misset_mode != 1:
+        misset = (0.0, 0.0, 0.0)
+
+    cell_kwargs = dict(cell_a=cell[0], cell_b=cell[1], cell_c=cell[2], cell_alpha=cell[3],
+                       cell_beta=cell[4], cell_gamma=cell[5],
+                       misset=[math.degrees(x) for x in misset],
+                       base_orientation=tuple(tuple(float(x) for x in row) for row in base_orientation))
+    crystal0 = Crystal(**cell_kwargs)
+    real, _ = oriented_cell(crystal0)
+    lengths = torch.linalg.vector_norm(real, dim=-1).tolist()
+    n_cells = [f.Na, f.Nb, f.Nc]
+    for i, size in enumerate((f.sample_x, f.sample_y, f.sample_z)):
+        if size > 0:
+            n_cells[i] = math.ceil(size / lengths[i])
+    n_cells = [max(1.0, float(n)) for n in n_cells]
+
+    # structure factors
+    from nbfunc.io.hkl import read_fdump, read_hkl
+
+    grid = None
+    if f.hkl_file is not None:
+        grid = read_hkl(path(f.hkl_file), f.default_F)
+        warn.extend(grid.warnings)
+        info.hkl_from_file = True
+    elif os.path.exists(path(f.dump_file)):
+        grid = read_fdump(path(f.dump_file))
+        info.notes.append(f"reading Fs from {f.dump_file}")
+    elif f.default_F == 0.0:
+        raise NbfuncInputError("no structure factors: give -hkl FILE, or -default_F F (> 0) for "
+                               "a constant F, or run where a Fdump.bin from an earlier run exists")
+    info.hkl_grid = grid
+    if grid is None or getattr(grid, "count", 1) == 0:
+        interpolate = 0
+
+    # detector tree
+    pivot = conv["pivot"].lower()
+    close_given = not math.isnan(f.close_distance)
+    centre = (conv["fbeam"], conv["sbeam"]) if pivot == "beam" else (conv["fclose"], conv["sclose"])
+    v = conv["vectors"]
+    detector = Detector(
+        distance=(f.close_distance if close_given else f.distance) * 1e3,
+        distance_kind="close" if close_given else "beam",
+        beam_center_f=centre[0] * 1e3, beam_center_s=centre[1] * 1e3,
+        rotx=math.degrees(f.detector_rotx), roty=math.degrees(f.detector_roty),
+        rotz=math.degrees(f.detector_rotz), twotheta=math.degrees(f.detector_twotheta),
+        pixel_size=f.pixel_size * 1e3, fpixels=fpixels, spixels=spixels, pivot=pivot,
+        fdet_vector=v["fdet"], sdet_vector=v["sdet"], odet_vector=v["odet"],
+        twotheta_axis=v["twotheta_axis"], curved=f.curved_detector, point_pixel=f.point_pixel,
+        thicksteps=thick[0], thickness=thick[1] * 1e3,
+        thick_step_fraction=(thick[2] / thick[1]) if thick[1] > 0 else 0.0,
+        mu=max(mu, 0.0) * 1e-3, absorption=thick[1] != 0.0)
+    frame = detector_frame(detector, v["beam"])
+
+    # automatic oversampling
+    xtal_max = max(lengths[i] * n_cells[i] for i in range(3))
+    reciprocal_pixel = f.lambda0 * float(frame.distance) / f.pixel_size
+    recommended = max(1, math.ceil(3.0 * xtal_max / reciprocal_pixel))
+    oversample = f.oversample if f.oversample > 0 else recommended
+    if f.oversample <= 0:
+        info.notes.append(f"auto-selected {oversample}-fold oversampling")
+    elif oversample < recommended:
+        warn.append(f"intensity may vary across a pixel: recommend -oversample {recommended}")
+
+    # sources
+    if f.source_file is not None:
+        from nbfunc.io.sources import apply_source_defaults, read_source_file
+
+        cols = read_source_file(path(f.source_file))
+        directions, _, wavelengths = apply_source_defaults(cols, np.array(v["beam"]), f.lambda0)
+        sources = SourceList(directions=directions, wavelengths=np.asarray(wavelengths) * 1e10)
+    else:
+        hf, vf, df = divergence_fractions(f, hdiv, vdiv, disp)
+        sources = SourceGrid(dispersion=disp[1], hdivrange=hdiv[1] * 1e3, vdivrange=vdiv[1] * 1e3,
+                             hdiv_fracs=hf, vdiv_fracs=vf, disp_fracs=df)
+    beam = Beam(wavelength=f.lambda0 * 1e10, kahn_factor=f.polarization, fluence=f.fluence,
+                sources=sources, beam_vector=v["beam"], polar_vector=v["polar"],
+                polarization=not f.nopolar)
+
+    fhkl = torch.zeros(0, 0, 0, dtype=torch.float64)
+    origin = (0, 0, 0)
+    if grid is not None:
+        fhkl = torch.as_tensor(np.asarray(grid.F, dtype=np.float64))
+        origin = (int(grid.h_min), int(grid.k_min), int(grid.l_min))
+    crystal = Crystal(**cell_kwargs, Na=n_cells[0], Nb=n_cells[1], Nc=n_cells[2], fudge=f.fudge,
+                      mosaic_spread=math.degrees(spread), phi_start=math.degrees(f.phi0),
+                      phi_step=math.degrees(phistep), default_F=f.default_F, fhkl=fhkl,
+                      water_size=f.water_size * 1e6, hkl_origin=origin, shape=f.xtal_shape.lower(),
+                      interpolate=bool(interpolate), spindle_axis=v["spindle"], phisteps=phisteps,
+                      mosaic_domains=domains, mosaic_seed=f.mosaic_seed)
+    sampling = Sampling(oversample=oversample, oversample_thick=f.oversample_thick,
+                        oversample_polar=f.oversample_polar, oversample_omega=f.oversample_omega,
+                        roi=tuple(roi), mask=None if mask is None else torch.from_numpy(mask),
+                        dmin=f.dmin * 1e10, chunk=getattr(f, "chunk", 0))
+    params = Params(beam=beam, detector=detector, crystal=crystal, sampling=sampling).to(dtype=dtype)
+
+    info.oversample, info.roi, info.mask = oversample, tuple(roi), mask
+    info.header = _header_values(f, conv, frame, fpixels, spixels, osc)
+    return params, info
+
+
+def _header_values(f: CFlags, conv: dict, frame, fpixels: int, spixels: int, osc: float) -> dict:
+    """Geometry facts the C program prints and writes in SMV headers (mm, deg, pixels)."""
+    pix0 = frame.pix0.tolist()
+    fdet, sdet = frame.fdet.tolist(), frame.sdet.tolist()
+    fclose = -sum(a * b for a, b in zip(pix0, fdet))
+    sclose = -sum(a * b for a, b in zip(pix0, sdet))
+    close = float(frame.close_distance)
+    distance = float(frame.distance)
+    beam = frame.beam.tolist()
+    spot = [distance * b - p for b, p in zip(beam, pix0)]
+    fbeam = sum(a * b for a, b in zip(fdet, spot))
+    sbeam = sum(a * b for a, b in zip(sdet, spot))
+    pixel = f.pixel_size
+    return dict(
+        fpixels=fpixels, spixels=spixels, pixel_size_mm=pixel * 1e3, distance_mm=distance * 1e3,
+        wavelength_A=f.lambda0 * 1e10, beam_center_x_mm=conv["xbeam"] * 1e3,
+        beam_center_y_mm=conv["ybeam"] * 1e3, fbeam_mm=fbeam * 1e3, sbeam_mm=sbeam * 1e3,
+        fclose_mm=fclose * 1e3, sclose_mm=sclose * 1e3, detsize_s_mm=pixel * spixels * 1e3,
+        orgx=fclose / pixel + 0.5, orgy=sclose / pixel + 0.5,
+        dials_origin=(1e3 * pix0[2], 1e3 * pix0[1], -1e3 * pix0[0]),
+        close_distance_mm=close * 1e3, phi_deg=f.phi0 * RTD, osc_deg=osc * RTD,
+        twotheta_deg=f.detector_twotheta * RTD, convention=f.beam_convention.lower(),
+        pivot=conv["pivot"].lower(), xclose_mm=conv["xclose"] * 1e3, yclose_mm=conv["yclose"] * 1e3)
+
+
+def params_from_args(argv: list[str], dtype: torch.dtype = torch.float64) -> Params:
+    """nanoBragg flags -> validated `nbfunc.Params` (file names relative to the current directory).
+
+    >>> p = params_from_args("-cell 50 50 50 90 90 90 -default_F 100 -N 5 -detpixels 64".split())  # doctest: +SKIP
+    """
+    return derive(argv, dtype)[0]

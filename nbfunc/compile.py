@@ -1,0 +1,88 @@
+"""The one place where nbfunc applies ``torch.compile``.
+
+`compiled(fn)` wraps a pure tensor function. The environment variable
+``NANOBRAGG_DISABLE_COMPILE`` is read once, at import: ``1`` (or ``true``/``yes``) runs every
+function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected.
+
+Calls made inside a ``torch.func`` transform (vmap, jacfwd, jacrev, grad, hessian) run the
+eager function: the transform differentiates or batches the same pure code, so results are
+identical, and compiling the transformed function is left to the caller
+(``torch.compile(torch.func.jacfwd(simulate))``). A compile that fails is reported with a
+warning that names the function and the error, and that function then runs eagerly; it is
+never swallowed silently. ``NANOBRAGG_COMPILE_STRICT=1`` turns that warning into an error.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _read_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not understood; use 1 (on) or 0 (off)")
+
+
+COMPILE_DISABLED = _read_flag("NANOBRAGG_DISABLE_COMPILE", False)
+"""True when ``NANOBRAGG_DISABLE_COMPILE`` turned compilation off (read once at import)."""
+COMPILE_STRICT = _read_flag("NANOBRAGG_COMPILE_STRICT", False)
+
+
+class CompileError(RuntimeError):
+    """torch.compile failed for a function while NANOBRAGG_COMPILE_STRICT=1."""
+
+
+def in_functorch_transform() -> bool:
+    """True while running inside vmap/grad/jacfwd/jacrev (a functorch interpreter is active)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwargs) -> Callable:
+    """``fn`` compiled with torch.compile, unless compilation is disabled.
+
+    Args:
+        fn: a pure function of tensors; ``static_argnames`` are keyword arguments holding
+            plain hashable Python values (loop counts, flags) that select a code path.
+        compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``).
+    Returns:
+        a function with the same signature. ``wrapper.eager`` is the original function.
+    """
+    if COMPILE_DISABLED:
+        fn.eager = fn
+        return fn
+    options = {"dynamic": False, **compile_kwargs}
+    state = {"compiled": None, "failed": False}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if state["failed"] or in_functorch_transform():
+            return fn(*args, **kwargs)
+        if state["compiled"] is None:
+            state["compiled"] = torch.compile(fn, **options)
+        try:
+            return state["compiled"](*args, **kwargs)
+        except Exception as err:  # reported, then eager for the rest of the process
+            if COMPILE_STRICT:
+                raise CompileError(f"torch.compile failed for {fn.__qualname__}: {err}") from err
+            state["failed"] = True
+            warnings.warn(f"torch.compile failed for {fn.__qualname__} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly. "
+                          "Set NANOBRAGG_DISABLE_COMPILE=1 to skip compilation.", RuntimeWarning,
+                          stacklevel=2)
+            return fn(*args, **kwargs)
+
+    wrapper.eager = fn
+    return wrapper

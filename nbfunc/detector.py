@@ -1,0 +1,128 @@
+"""Detector placement, pixel positions, solid angle and sensor absorption.
+
+Lengths are metres and angles radians inside these functions; `detector_frame` converts the
+tree's mm and degrees.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from nbfunc.rotation import rotate_axis, xyz_rotation_matrix
+from nbfunc.units import DEG, MM
+
+
+class DetectorFrame(NamedTuple):
+    """Placed detector: unit axes and origin in the lab frame.
+
+    fdet, sdet, odet: (3,) fast, slow and normal unit vectors after all rotations.
+    pix0: (3,) vector from the sample to the corner of pixel (0, 0) (m).
+    close_distance: distance from the sample to the detector plane (m).
+    distance: sample-to-beam-spot distance along the beam, ``close_distance/ratio`` (m).
+    pixel_size: pixel edge (m).
+    beam: (3,) unit beam direction.
+    """
+
+    fdet: torch.Tensor
+    sdet: torch.Tensor
+    odet: torch.Tensor
+    pix0: torch.Tensor
+    close_distance: torch.Tensor
+    distance: torch.Tensor
+    pixel_size: torch.Tensor
+    beam: torch.Tensor
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+
+
+def detector_frame(det, beam_vector: tuple[float, float, float]) -> DetectorFrame:
+    """Place the detector as nanoBragg does, for either pivot.
+
+    With R the x-y-z rotation and T the two-theta rotation, ``ratio = beam . (R o0)``; the
+    close distance is ``|ratio*distance|`` (``distance_kind="beam"``) or ``distance``
+    (``"close"``), and the beam distance is ``close/ratio``. Sample pivot:
+    ``pix0 = T R (-Fc f0 - Sc s0 + close o0)``. Beam pivot:
+    ``pix0 = -Fb f - Sb s + distance*beam`` with the rotated axes f, s.
+
+    Args:
+        det: `nbfunc.params.Detector`.
+        beam_vector: beam direction (normalised here).
+    """
+    ref = det.distance
+    vec = lambda v: _unit(torch.tensor(v, dtype=ref.dtype, device=ref.device))
+    f0, s0, o0, axis2 = vec(det.fdet_vector), vec(det.sdet_vector), vec(det.odet_vector), vec(det.twotheta_axis)
+    beam = vec(beam_vector)
+    rot = xyz_rotation_matrix(det.rotx * DEG, det.roty * DEG, det.rotz * DEG)
+    twotheta = det.twotheta * DEG
+    swing = lambda v: rotate_axis(rot @ v, axis2, twotheta)
+    ratio = torch.dot(beam, rot @ o0)
+    distance_in = det.distance * MM
+    close = torch.abs(ratio * distance_in) if det.distance_kind == "beam" else distance_in
+    distance = close / ratio
+    fc, sc = det.beam_center_f * MM, det.beam_center_s * MM
+    fdet, sdet, odet = swing(f0), swing(s0), swing(o0)
+    if det.pivot == "sample":
+        pix0 = swing(-fc * f0 - sc * s0 + close * o0)
+    else:
+        pix0 = -fc * fdet - sc * sdet + distance * beam
+    close_distance = torch.dot(pix0, odet)
+    return DetectorFrame(fdet, sdet, odet, pix0, close_distance, close_distance / ratio,
+                         det.pixel_size * MM, beam)
+
+
+def subpixel_positions(frame: DetectorFrame, fpix: torch.Tensor, spix: torch.Tensor,
+                       sub_f: torch.Tensor, sub_s: torch.Tensor, depth: torch.Tensor,
+                       oversample: int, curved: bool) -> torch.Tensor:
+    """Lab-frame positions of sub-pixel centres (m).
+
+    ``Fdet = pixel*(fpix + (sub_f + 1/2)/oversample)``, likewise Sdet, ``Odet = depth``;
+    position ``pix0 + Fdet f + Sdet s + Odet o``. A curved detector instead starts at
+    ``distance*beam`` and rotates about s by ``y/distance`` then about f by ``z/distance``
+    (y, z: lab components of the flat position), as nanoBragg does.
+
+    Args:
+        fpix, spix: (P, 1) pixel indices; sub_f, sub_s, depth: (1, E) sub-pixel indices and
+        layer depth (m); all broadcast to (P, E).
+    Returns:
+        (P, E, 3) positions (m).
+    """
+    step = frame.pixel_size / oversample
+    fdet = step * (fpix * oversample + sub_f) + step / 2
+    sdet = step * (spix * oversample + sub_s) + step / 2
+    pos = (fdet[..., None] * frame.fdet + sdet[..., None] * frame.sdet
+           + depth[..., None] * frame.odet + frame.pix0)
+    if curved:
+        start = (frame.distance * frame.beam).expand(pos.shape)
+        tilted = rotate_axis(start, frame.sdet.expand(pos.shape), pos[..., 1] / frame.distance)
+        pos = rotate_axis(tilted, frame.fdet.expand(pos.shape), pos[..., 2] / frame.distance)
+    return pos
+
+
+def solid_angle(airpath: torch.Tensor, close_distance: torch.Tensor, pixel_size: torch.Tensor,
+                point_pixel: bool) -> torch.Tensor:
+    """Solid angle of a pixel (sr): ``pixel^2/R^2 * close/R``, or ``1/R^2`` for a point pixel.
+
+    Args:
+        airpath: (*) sample-to-sub-pixel distance R (m).
+    """
+    if point_pixel:
+        return 1.0 / airpath**2
+    return pixel_size**2 / airpath**2 * close_distance / airpath
+
+
+def capture_fraction(diffracted: torch.Tensor, odet: torch.Tensor, layer: torch.Tensor,
+                     layer_depth: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Fraction of photons absorbed in sensor layer ``layer``.
+
+    ``exp(-t*dz*mu/rho) - exp(-(t+1)*dz*mu/rho)`` with parallax ``rho = d . o``.
+
+    Args:
+        diffracted: (*, 3) unit vectors; layer: (*) layer index t; layer_depth: dz (m);
+        mu: attenuation coefficient (1/m).
+    """
+    rho = (diffracted * odet).sum(-1)
+    attenuation = layer_depth * mu / rho
+    return torch.exp(-layer * attenuation) - torch.exp(-(layer + 1) * attenuation)

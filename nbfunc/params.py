@@ -1,0 +1,484 @@
+"""The nbfunc parameter tree: every quantity of a nanoBragg simulation, validated once.
+
+`Params` is a frozen pydantic model with four groups (`beam`, `detector`, `crystal`,
+`sampling`). Continuous quantities are torch tensors: they are the differentiable *leaves* and
+are listed, per class, in the class variable ``LEAVES`` (in the fixed order in which the tree
+flattens). Everything else (pixel counts, step counts, modes, conventions, seeds, the random
+draws made from seeds, the mask) is a *static* setting that travels in the pytree context.
+
+Units are those a crystallographer types: Angstrom for the cell and the wavelength, mm for the
+detector, degrees for every angle, mrad for divergence, micrometres for the water layer,
+photons/m^2 for fluence. `nbfunc.render` converts them to SI once.
+
+Validation runs only when a tree is built from user input (``Params(...)``,
+``model_validate``, ``model_validate_json``, `nbfunc.params_from_args`). The pytree machinery in
+`nbfunc.tree` rebuilds trees with ``model_construct`` and never re-validates, so torch.func
+transforms can put batched tensors, Jacobian blocks or nested trees in the leaves.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nbfunc.tensors import TensorLike
+
+Vec3 = tuple[float, float, float]
+
+
+def _t(value):
+    """Default factory of a float64 tensor leaf."""
+    return lambda: torch.tensor(value, dtype=torch.float64)
+
+
+class Node(BaseModel):
+    """Base of every group of the tree: frozen, tensors allowed, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid",
+                              validate_default=True)
+    LEAVES: ClassVar[tuple[str, ...]] = ()
+    CHILDREN: ClassVar[tuple[str, ...]] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        return all(_same(getattr(self, n), getattr(other, n)) for n in type(self).model_fields)
+
+    __hash__ = object.__hash__
+
+    @classmethod
+    def static_fields(cls) -> tuple[str, ...]:
+        """Names of the fields that are static settings (neither leaves nor sub-trees)."""
+        dynamic = set(cls.LEAVES) | set(cls.CHILDREN)
+        return tuple(name for name in cls.model_fields if name not in dynamic)
+
+    @model_validator(mode="after")
+    def _leaves_are_finite(self):
+        for name in self.LEAVES:
+            value = getattr(self, name)
+            if not torch.is_floating_point(value):
+                object.__setattr__(self, name, value.to(torch.float64))
+                value = getattr(self, name)
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite, got {value.tolist()}")
+        return self
+
+
+def _same(a, b) -> bool:
+    """Equality that treats tensors by value (for static settings such as the mask)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu())))
+    return a == b
+
+
+def _check(name: str, value: torch.Tensor, ok: bool, expected: str) -> None:
+    if not ok:
+        shown = value.tolist() if value.numel() <= 9 else f"tensor of shape {tuple(value.shape)}"
+        raise ValueError(f"{name} must be {expected}, got {shown}")
+
+
+def _scalar(name: str, value: torch.Tensor) -> torch.Tensor:
+    _check(name, value, value.dim() == 0, "a single number")
+    return value
+
+
+def _unit(v: Vec3, name: str) -> Vec3:
+    norm = math.sqrt(sum(x * x for x in v))
+    if not norm > 0 or not math.isfinite(norm):
+        raise ValueError(f"{name} must be a non-zero finite 3-vector, got {v}")
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# Beam
+# --------------------------------------------------------------------------------------------
+class SourceGrid(Node):
+    """Sources generated from divergence and dispersion ranges, as nanoBragg does.
+
+    Source ``s`` is the beam direction tilted by ``vdiv_s = vdivrange*vdiv_fracs[s]`` about the
+    polarization axis and then by ``hdiv_s = hdivrange*hdiv_fracs[s]`` about the axis normal
+    to beam and polarization; its wavelength is ``wavelength*(1 + dispersion*disp_fracs[s])``.
+    The fractions (dimensionless, static) come from the step counts and the round-divergence cut.
+    """
+
+    LEAVES: ClassVar = ("dispersion", "hdivrange", "vdivrange")
+    dispersion: TensorLike = Field(default_factory=_t(0.0),
+                                   description="full spectral width dlambda/lambda (fraction)")
+    hdivrange: TensorLike = Field(default_factory=_t(0.0),
+                                  description="horizontal divergence range (mrad)")
+    vdivrange: TensorLike = Field(default_factory=_t(0.0),
+                                  description="vertical divergence range (mrad)")
+    hdiv_fracs: tuple[float, ...] = (0.0,)
+    vdiv_fracs: tuple[float, ...] = (0.0,)
+    disp_fracs: tuple[float, ...] = (0.0,)
+
+    @field_validator("dispersion", "hdivrange", "vdivrange")
+    @classmethod
+    def _non_negative(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v >= 0), ">= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _same_lengths(self):
+        n = len(self.hdiv_fracs)
+        if not (n == len(self.vdiv_fracs) == len(self.disp_fracs)) or n == 0:
+            raise ValueError("hdiv_fracs, vdiv_fracs and disp_fracs must have the same non-zero "
+                             f"length (one entry per source), got {len(self.hdiv_fracs)}, "
+                             f"{len(self.vdiv_fracs)}, {len(self.disp_fracs)}")
+        return self
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.hdiv_fracs)
+
+
+class SourceList(Node):
+    """Explicit sources (from ``-sourcefile``): a direction and a wavelength per source.
+
+    ``directions`` (source, 3) point from the sample towards each source (they are normalised
+    inside the simulation); ``wavelengths`` (source,) are in Angstrom. As in nanoBragg, the
+    per-source weight column of a source file is not used.
+    """
+
+    LEAVES: ClassVar = ("directions", "wavelengths")
+    directions: TensorLike
+    wavelengths: TensorLike
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        d, w = self.directions, self.wavelengths
+        _check("directions", d, d.dim() == 2 and d.shape[-1] == 3 and d.shape[0] > 0,
+               "an array of shape (sources, 3)")
+        _check("wavelengths", w, w.shape == d.shape[:1], f"an array of shape ({d.shape[0]},)")
+        _check("wavelengths", w, bool((w > 0).all()), "> 0 Angstrom")
+        _check("directions", d, bool((d.norm(dim=-1) > 0).all()), "non-zero vectors")
+        return self
+
+    @property
+    def n_sources(self) -> int:
+        return int(self.directions.shape[0])
+
+
+class Beam(Node):
+    """Incident beam: wavelength, polarization, fluence and the list of sources."""
+
+    LEAVES: ClassVar = ("wavelength", "kahn_factor", "fluence")
+    CHILDREN: ClassVar = ("sources",)
+    wavelength: TensorLike = Field(description="central wavelength (Angstrom)")
+    kahn_factor: TensorLike = Field(default_factory=_t(0.0),
+                                    description="Kahn polarization factor (0 unpolarized, 1 fully)")
+    fluence: TensorLike = Field(default_factory=_t(125932015286227086360700780544.0),
+                                description="integrated incident fluence (photons/m^2)")
+    sources: SourceGrid | SourceList = Field(default_factory=SourceGrid)
+    beam_vector: Vec3 = Field((1.0, 0.0, 0.0), description="beam direction, unit vector")
+    polar_vector: Vec3 = Field((0.0, 0.0, 1.0), description="E-vector direction, unit vector")
+    polarization: bool = Field(True, description="apply the polarization factor (False: -nopolar)")
+
+    @field_validator("wavelength")
+    @classmethod
+    def _positive(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v > 0), "> 0 Angstrom")
+        return v
+
+    @field_validator("kahn_factor")
+    @classmethod
+    def _kahn(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool((v >= -1) & (v <= 1)), "in [-1, 1]")
+        return v
+
+    @field_validator("fluence")
+    @classmethod
+    def _fluence(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v >= 0), ">= 0 photons/m^2")
+        return v
+
+    @field_validator("beam_vector", "polar_vector")
+    @classmethod
+    def _vectors(cls, v, info):
+        return _unit(v, info.field_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Detector
+# --------------------------------------------------------------------------------------------
+class Detector(Node):
+    """Flat (or curved) pixel-array detector, its placement and its sensor.
+
+    The pivot decides what ``distance`` and the beam centre mean:
+
+    * ``pivot="beam"``: ``beam_center_f/s`` is where the direct beam meets the detector,
+      measured from the detector origin along the fast/slow axes (mm); the detector rotates
+      about that spot. ``distance`` is the sample-to-spot distance along the beam when
+      ``distance_kind="beam"``, or the sample-to-plane distance when ``"close"``.
+    * ``pivot="sample"``: ``beam_center_f/s`` is the foot of the perpendicular from the sample
+      onto the unrotated detector (mm); the detector rotates about the sample.
+
+    Rotations are applied about the lab x, y, z axes in that order, then two-theta about
+    ``twotheta_axis``. Sensor absorption uses layers of ``thickness*thick_step_fraction`` with
+    attenuation coefficient ``mu``.
+    """
+
+    LEAVES: ClassVar = ("distance", "beam_center_f", "beam_center_s", "rotx", "roty", "rotz",
+                        "twotheta", "pixel_size", "thickness", "mu")
+    distance: TensorLike = Field(description="detector distance (mm), see distance_kind")
+    beam_center_f: TensorLike = Field(description="beam centre along the fast axis (mm)")
+    beam_center_s: TensorLike = Field(description="beam centre along the slow axis (mm)")
+    rotx: TensorLike = Field(default_factory=_t(0.0), description="rotation about x (deg)")
+    roty: TensorLike = Field(default_factory=_t(0.0), description="rotation about y (deg)")
+    rotz: TensorLike = Field(default_factory=_t(0.0), description="rotation about z (deg)")
+    twotheta: TensorLike = Field(default_factory=_t(0.0),
+                                 description="two-theta swing about twotheta_axis (deg)")
+    pixel_size: TensorLike = Field(description="pixel edge (mm)")
+    thickness: TensorLike = Field(default_factory=_t(0.0),
+                                  description="sensor thickness (mm)")
+    mu: TensorLike = Field(default_factory=_t(0.0),
+                           description="sensor attenuation coefficient (1/mm)")
+    fpixels: int = Field(gt=0, description="pixels along the fast axis")
+    spixels: int = Field(gt=0, description="pixels along the slow axis")
+    pivot: Literal["beam", "sample"] = "beam"
+    distance_kind: Literal["beam", "close"] = "beam"
+    fdet_vector: Vec3 = (0.0, 0.0, 1.0)
+    sdet_vector: Vec3 = (0.0, -1.0, 0.0)
+    odet_vector: Vec3 = (1.0, 0.0, 0.0)
+    twotheta_axis: Vec3 = (0.0, 0.0, -1.0)
+    curved: bool = False
+    point_pixel: bool = False
+    thicksteps: int = Field(1, gt=0, description="sensor layers")
+    thick_step_fraction: float = Field(0.0, ge=0, description="layer depth / thickness")
+    absorption: bool = Field(False, description="model sensor absorption (thickness > 0)")
+
+    @field_validator("distance", "pixel_size")
+    @classmethod
+    def _positive(cls, v, info):
+        _scalar(info.field_name, v)
+        unit = "mm"
+        _check(info.field_name, v, bool(v > 0), f"> 0 {unit}")
+        return v
+
+    @field_validator("beam_center_f", "beam_center_s", "rotx", "roty", "rotz", "twotheta")
+    @classmethod
+    def _scalars(cls, v, info):
+        return _scalar(info.field_name, v)
+
+    @field_validator("thickness", "mu")
+    @classmethod
+    def _non_negative(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v >= 0), ">= 0")
+        return v
+
+    @field_validator("fdet_vector", "sdet_vector", "odet_vector", "twotheta_axis")
+    @classmethod
+    def _vectors(cls, v, info):
+        return _unit(v, info.field_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Crystal
+# --------------------------------------------------------------------------------------------
+class Crystal(Node):
+    """Unit cell, orientation, size, shape, mosaicity, rotation and structure factors.
+
+    The reciprocal cell is built from the six cell constants in nanoBragg's default frame
+    (a* along x), turned by the static ``base_orientation`` (identity for ``-cell``, the
+    orientation of a ``-mat`` file otherwise) and then by the ``misset`` rotations about x, y
+    and z (deg). ``fhkl[h-h_min, k-k_min, l-l_min]`` holds structure factors (electrons); any
+    other reflection has ``default_F``. ``Na, Nb, Nc`` are numbers of cells (continuous for
+    differentiation). ``water_size`` (micrometres) sets the constant water background.
+    """
+
+    LEAVES: ClassVar = ("cell_a", "cell_b", "cell_c", "cell_alpha", "cell_beta", "cell_gamma",
+                        "misset", "Na", "Nb", "Nc", "fudge", "mosaic_spread", "phi_start",
+                        "phi_step", "default_F", "fhkl", "water_size")
+    cell_a: TensorLike = Field(description="cell edge a (Angstrom)")
+    cell_b: TensorLike = Field(description="cell edge b (Angstrom)")
+    cell_c: TensorLike = Field(description="cell edge c (Angstrom)")
+    cell_alpha: TensorLike = Field(default_factory=_t(90.0), description="alpha (deg)")
+    cell_beta: TensorLike = Field(default_factory=_t(90.0), description="beta (deg)")
+    cell_gamma: TensorLike = Field(default_factory=_t(90.0), description="gamma (deg)")
+    misset: TensorLike = Field(default_factory=_t([0.0, 0.0, 0.0]),
+                               description="misset rotations about x, y, z (deg)")
+    Na: TensorLike = Field(default_factory=_t(1.0), description="cells along a")
+    Nb: TensorLike = Field(default_factory=_t(1.0), description="cells along b")
+    Nc: TensorLike = Field(default_factory=_t(1.0), description="cells along c")
+    fudge: TensorLike = Field(default_factory=_t(1.0),
+                              description="spot-shape scale for round/gauss/tophat shapes")
+    mosaic_spread: TensorLike = Field(default_factory=_t(0.0),
+                                      description="mosaic spread (deg)")
+    phi_start: TensorLike = Field(default_factory=_t(0.0),
+                                  description="spindle angle of the first phi step (deg)")
+    phi_step: TensorLike = Field(default_factory=_t(0.0),
+                                 description="spindle rotation per phi step (deg)")
+    default_F: TensorLike = Field(default_factory=_t(0.0),
+                                  description="structure factor of unlisted reflections (e)")
+    fhkl: TensorLike = Field(default_factory=lambda: torch.zeros(0, 0, 0, dtype=torch.float64),
+                             description="structure factor grid (e), shape (h, k, l)")
+    water_size: TensorLike = Field(default_factory=_t(0.0),
+                                   description="water layer size for the background (um)")
+    hkl_origin: tuple[int, int, int] = (0, 0, 0)
+    shape: Literal["square", "round", "gauss", "tophat"] = "square"
+    interpolate: bool = False
+    base_orientation: tuple[Vec3, Vec3, Vec3] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    spindle_axis: Vec3 = (0.0, 0.0, 1.0)
+    phisteps: int = Field(1, gt=0)
+    mosaic_domains: int = Field(1, gt=0)
+    mosaic_seed: int = -12345678
+    mosaic_axes: tuple[Vec3, ...] = ()
+    mosaic_scales: tuple[float, ...] = ()
+
+    @field_validator("cell_a", "cell_b", "cell_c")
+    @classmethod
+    def _edges(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v > 0), "> 0 Angstrom")
+        return v
+
+    @field_validator("cell_alpha", "cell_beta", "cell_gamma")
+    @classmethod
+    def _angles(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool((v > 0) & (v < 180)), "in (0, 180) degrees")
+        return v
+
+    @field_validator("Na", "Nb", "Nc")
+    @classmethod
+    def _counts(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v >= 1), ">= 1 unit cells")
+        return v
+
+    @field_validator("fudge")
+    @classmethod
+    def _fudge(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v > 0), "> 0")
+        return v
+
+    @field_validator("mosaic_spread", "water_size")
+    @classmethod
+    def _non_negative(cls, v, info):
+        _scalar(info.field_name, v)
+        _check(info.field_name, v, bool(v >= 0), ">= 0")
+        return v
+
+    @field_validator("phi_start", "phi_step", "default_F")
+    @classmethod
+    def _scalars(cls, v, info):
+        return _scalar(info.field_name, v)
+
+    @field_validator("misset")
+    @classmethod
+    def _misset(cls, v, info):
+        _check("misset", v, v.shape == (3,), "three angles (deg)")
+        return v
+
+    @field_validator("fhkl")
+    @classmethod
+    def _fhkl(cls, v, info):
+        _check("fhkl", v, v.dim() == 3, "a 3-d grid indexed [h, k, l]")
+        return v
+
+    @model_validator(mode="after")
+    def _cell_and_mosaic(self):
+        angles = [math.radians(float(getattr(self, n))) for n in ("cell_alpha", "cell_beta", "cell_gamma")]
+        s = sum(angles) / 2
+        skew = math.sin(s) * math.sin(s - angles[0]) * math.sin(s - angles[1]) * math.sin(s - angles[2])
+        if not skew > 0:
+            raise ValueError("cell angles alpha, beta, gamma = "
+                             f"{[round(math.degrees(a), 6) for a in angles]} deg give no cell "
+                             "volume: each angle must be smaller than the sum of the other two "
+                             "and the three must sum to less than 360 deg")
+        if self.mosaic_domains > 1 and not self.mosaic_axes:
+            from nbfunc.crystal import mosaic_draws
+
+            axes, scales = mosaic_draws(self.mosaic_domains, self.mosaic_seed)
+            object.__setattr__(self, "mosaic_axes", axes)
+            object.__setattr__(self, "mosaic_scales", scales)
+        if self.mosaic_domains > 1 and not (len(self.mosaic_axes) == len(self.mosaic_scales)
+                                            == self.mosaic_domains):
+            raise ValueError(f"mosaic_axes and mosaic_scales need {self.mosaic_domains} entries "
+                             f"(one per domain), got {len(self.mosaic_axes)} and "
+                             f"{len(self.mosaic_scales)}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+class Sampling(Node):
+    """How pixels are sampled: sub-pixels, ROI, mask, d-min cut and normalisation flags.
+
+    ``roi`` is (fast_min, fast_max, slow_min, slow_max), inclusive pixel indices. ``mask``
+    (slow, fast) marks with True the pixels to render. ``oversample_thick/polar/omega``
+    reproduce nanoBragg's flags of the same names (the factor multiplies the running sum).
+    ``chunk`` bounds the number of evaluations held in memory at once (0: automatic).
+    """
+
+    oversample: int = Field(1, gt=0, description="sub-pixels per pixel edge")
+    oversample_thick: bool = False
+    oversample_polar: bool = False
+    oversample_omega: bool = False
+    roi: tuple[int, int, int, int] | None = None
+    mask: TensorLike | None = None
+    dmin: float = Field(0.0, ge=0, description="resolution cut-off (Angstrom); 0: none")
+    chunk: int = Field(0, ge=0, description="evaluations per chunk (0: automatic)")
+
+    @field_validator("mask")
+    @classmethod
+    def _mask(cls, v):
+        if v is not None:
+            _check("mask", v, v.dim() == 2, "a 2-d (slow, fast) array")
+            v = v != 0
+        return v
+
+
+class Params(Node):
+    """A complete nanoBragg simulation: the argument of `nbfunc.simulate`.
+
+    Build it from nanoBragg flags with `nbfunc.params_from_args`, or directly::
+
+        p = Params(beam=Beam(wavelength=1.0),
+                   detector=Detector(distance=100, beam_center_f=5, beam_center_s=5,
+                                     pixel_size=0.1, fpixels=100, spixels=100),
+                   crystal=Crystal(cell_a=50, cell_b=50, cell_c=50, Na=5, Nb=5, Nc=5,
+                                   default_F=100))
+    """
+
+    CHILDREN: ClassVar = ("beam", "detector", "crystal")
+    beam: Beam
+    detector: Detector
+    crystal: Crystal
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        det, smp = self.detector, self.sampling
+        if smp.mask is not None and tuple(smp.mask.shape) != (det.spixels, det.fpixels):
+            raise ValueError(f"sampling.mask has shape {tuple(smp.mask.shape)}, expected "
+                             f"(spixels, fpixels) = ({det.spixels}, {det.fpixels})")
+        if smp.roi is not None:
+            x0, x1, y0, y1 = smp.roi
+            if not (0 <= x0 <= x1 and 0 <= y0 <= y1):
+                raise ValueError(f"sampling.roi {smp.roi} must be (fast_min, fast_max, slow_min, "
+                                 "slow_max) with 0 <= min <= max")
+        return self
+
+    def leaf_paths(self) -> list[str]:
+        """Dotted names of the differentiable leaves, in flattening order."""
+        from nbfunc.tree import leaf_paths
+
+        return leaf_paths(self)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Params":
+        """Copy with every floating leaf moved to ``dtype`` and ``device``."""
+        from nbfunc.tree import tree_map_leaves
+
+        return tree_map_leaves(lambda t: t.to(dtype=dtype if t.is_floating_point() else None,
+                                              device=device), self)

@@ -1,0 +1,396 @@
+"""The render orchestrator: `simulate`, `simulate_with_carry`, `initial_carry`.
+
+nanoBragg's loops, per pixel and in this order, are: sensor layer ``t``, sub-pixel ``(s, f)``,
+source, phi step, mosaic domain. Here the first four form the *path* axis ``E`` (a path is a
+ray from the sample to a sub-pixel at one depth, for one source) and the last two the
+*orientation* axis ``O``. A chunk evaluates a tile of ``P`` pixels times a block of paths
+times all orientations, so memory is bounded by ``sampling.chunk`` evaluations whatever the
+loop counts and the image size. Chunks are visited in nanoBragg's raster order, which makes
+the order-dependent behaviours of the C program exact:
+
+* the oversample_thick/polar/omega flags multiply the running sum ``I <- (I + term)*factor``;
+  a chunk contributes an affine map ``I <- A I + B``;
+* without those flags, the factors are the "first/last computed" values: solid angle of the
+  first sub-pixel, capture fraction of the last layer, polarization of the first path that
+  passes the resolution cut;
+* the first evaluation whose tricubic neighbourhood leaves the HKL grid switches
+  interpolation off for the rest of the image (nearest neighbour from then on);
+* in `simulate_with_carry` only, a phi step of exactly 0 reuses the previous orientation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from nbfunc.beam import polarization_factor, sources
+from nbfunc.compile import compiled
+from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
+from nbfunc.detector import DetectorFrame, capture_fraction, detector_frame, solid_angle, subpixel_positions
+from nbfunc.lattice import lattice_factor
+from nbfunc.params import Params
+from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
+from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
+
+DEFAULT_CHUNK = 1 << 18
+"""Evaluations per chunk when ``sampling.chunk`` is 0."""
+
+
+class PhiCarry(NamedTuple):
+    """nanoBragg's phi-carryover state: the last spindle-rotated cell, rows a, b, c (m), (3, 3)."""
+
+    orientation: torch.Tensor
+
+
+class Setup(NamedTuple):
+    """Tensors derived once per image from the parameter tree (SI units)."""
+
+    frame: DetectorFrame
+    incident: torch.Tensor      # (source, 3)
+    wavelengths: torch.Tensor   # (source,) m
+    polar_axis: torch.Tensor    # (3,)
+    kahn: torch.Tensor
+    recip: torch.Tensor         # (3, 3) 1/Angstrom
+    n_cells: torch.Tensor       # (3,)
+    fudge: torch.Tensor
+    default_f: torch.Tensor
+    fhkl: torch.Tensor
+    water: torch.Tensor         # water size (m)
+    layer_depth: torch.Tensor   # m
+    mu: torch.Tensor            # 1/m
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Static description of one render: loop counts, flags and the chunking."""
+
+    fpixels: int
+    spixels: int
+    oversample: int
+    thicksteps: int
+    n_sources: int
+    n_orient: int
+    shape: str
+    interpolate: bool
+    hkl_origin: tuple[int, int, int]
+    has_hkl: bool
+    ordered: bool
+    oversample_thick: bool
+    oversample_polar: bool
+    oversample_omega: bool
+    absorption: bool
+    polarization: bool
+    curved: bool
+    point_pixel: bool
+    dmin: float
+    tile: int
+    block: int
+
+    @property
+    def n_paths(self) -> int:
+        return self.thicksteps * self.oversample**2 * self.n_sources
+
+
+def make_plan(p: Params) -> tuple[Plan, tuple[int, ...]]:
+    """Resolve loop counts and chunk sizes, and list the active pixels (ROI and mask) in raster order.
+
+    Returns:
+        (plan, flat indices ``slow*fpixels + fast`` of the pixels to render).
+    """
+    det, cr, smp = p.detector, p.crystal, p.sampling
+    fpx, spx = det.fpixels, det.spixels
+    x0, x1, y0, y1 = smp.roi if smp.roi is not None else (0, fpx, 0, spx)
+    keep = torch.zeros(spx, fpx, dtype=torch.bool)
+    keep[y0:y1 + 1, x0:x1 + 1] = True
+    if smp.mask is not None:
+        keep &= smp.mask.cpu().bool()
+    pixels = tuple(torch.nonzero(keep.reshape(-1))[:, 0].tolist())
+    n_orient = cr.phisteps * cr.mosaic_domains
+    n_paths = det.thicksteps * smp.oversample**2 * p.beam.sources.n_sources
+    budget = smp.chunk or DEFAULT_CHUNK
+    per_pixel = n_paths * n_orient
+    if per_pixel <= budget:
+        tile, block = max(1, min(budget // per_pixel, len(pixels) or 1)), n_paths
+    else:
+        tile, block = 1, max(1, budget // n_orient)
+    ordered = smp.oversample_thick or smp.oversample_polar or smp.oversample_omega
+    return Plan(fpx, spx, smp.oversample, det.thicksteps, p.beam.sources.n_sources, n_orient,
+                cr.shape, cr.interpolate and cr.fhkl.numel() > 0, cr.hkl_origin,
+                cr.fhkl.numel() > 0, ordered, smp.oversample_thick, smp.oversample_polar,
+                smp.oversample_omega, det.absorption, p.beam.polarization, det.curved,
+                det.point_pixel, smp.dmin * ANGSTROM, tile, block), pixels
+
+
+def prepare(p: Params) -> tuple[Setup, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image tensors: geometry, sources, cell, and the phi/mosaic rotations.
+
+    Returns:
+        (setup, real cell (3, 3) m, phi rotations (phi, 3, 3), mosaic rotations (mosaic, 3, 3)).
+    """
+    beam, det, cr = p.beam, p.detector, p.crystal
+    frame = detector_frame(det, beam.beam_vector)
+    incident, wavelengths = sources(beam)
+    ref = beam.wavelength
+    polar_axis = torch.tensor(beam.polar_vector, dtype=ref.dtype, device=ref.device)
+    polar_axis = polar_axis / torch.linalg.vector_norm(polar_axis)
+    real, recip = oriented_cell(cr)
+    setup = Setup(frame, incident, wavelengths, polar_axis, beam.kahn_factor, recip,
+                  torch.stack([cr.Na, cr.Nb, cr.Nc], -1), cr.fudge, cr.default_F, cr.fhkl,
+                  cr.water_size * UM, det.thickness * det.thick_step_fraction * MM, det.mu / MM)
+    return setup, real, phi_rotations(cr), mosaic_rotations(cr)
+
+
+def water_background(water: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor:
+    """nanoBragg's constant background ``F_bg^2 r_e^2 fluence size^3 1e6 N_A / MW`` (photons/sr).
+
+    The final pixel scale multiplies it by ``r_e^2 fluence`` once more, as in the C program.
+    """
+    return WATER_F**2 * R_E_SQR * fluence * water**3 * 1e6 * AVOGADRO / WATER_MW
+
+
+# --------------------------------------------------------------------------------------------
+# The chunk kernel
+# --------------------------------------------------------------------------------------------
+def _paths(plan: Plan, start: int, stop: int, device) -> tuple[torch.Tensor, ...]:
+    """Layer, slow and fast sub-pixel and source indices of paths ``start..stop-1``, each (1, E)."""
+    e = torch.arange(start, stop, device=device)
+    os2 = plan.oversample**2
+    src = e % plan.n_sources
+    sub = (e // plan.n_sources) % os2
+    layer = e // (plan.n_sources * os2)
+    return tuple(x[None] for x in (layer, sub // plan.oversample, sub % plan.oversample, src))
+
+
+def path_geometry(setup: Setup, plan: Plan, fpix, spix, layer, sub_s, sub_f, src):
+    """Per (pixel, path): scattering vector, solid angle, capture fraction, polarization, cut.
+
+    Args:
+        fpix, spix: (P, 1) pixel indices; layer, sub_s, sub_f, src: (1, E) path indices.
+    Returns:
+        q (P, E, 3) in 1/m; omega, capture, polar (P, E); culled (P, E) bool.
+    """
+    f = setup.frame
+    dtype = f.pix0.dtype
+    depth = layer.to(dtype) * setup.layer_depth
+    pos = subpixel_positions(f, fpix.to(dtype), spix.to(dtype), sub_f.to(dtype), sub_s.to(dtype),
+                             depth, plan.oversample, plan.curved)
+    airpath = torch.linalg.vector_norm(pos, dim=-1)
+    diffracted = pos / airpath[..., None]
+    omega = solid_angle(airpath, f.close_distance, f.pixel_size, plan.point_pixel)
+    if plan.absorption:
+        capture = capture_fraction(diffracted, f.odet, layer.to(dtype), setup.layer_depth, setup.mu)
+    else:
+        capture = torch.ones_like(airpath)
+    incident = setup.incident[src]
+    q = (diffracted - incident) / setup.wavelengths[src][..., None]
+    if plan.dmin > 0:
+        stol = 0.5 * torch.linalg.vector_norm(q, dim=-1)
+        culled = (stol > 0) & (plan.dmin * 2 * stol > 1)
+    else:
+        culled = torch.zeros_like(airpath, dtype=torch.bool)
+    if plan.polarization:
+        polar = polarization_factor(incident.expand(diffracted.shape), diffracted, setup.polar_axis, setup.kahn)
+    else:
+        polar = torch.ones_like(airpath)
+    return q, omega, capture, polar, culled
+
+
+def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
+    """F_cell with nanoBragg's interpolation switch-off.
+
+    Args:
+        hkl: (P, E, O, 3); counted: (P, E, O) evaluations that reach the F_cell code;
+        disabled_in: 0-d bool, interpolation already switched off by an earlier chunk.
+    Returns:
+        (F_cell (P, E, O), disabled_out 0-d bool).
+    """
+    h0 = torch.ceil(hkl - 0.5)
+    nearest = nearest_f(h0, setup.fhkl, plan.hkl_origin, setup.default_f)
+    if not plan.interpolate:
+        return nearest, disabled_in
+    outside = interpolation_out_of_range(hkl, tuple(setup.fhkl.shape), plan.hkl_origin) & counted
+    flat = outside.reshape(-1).to(torch.int32)
+    earlier = (torch.cumsum(flat, 0) - flat).reshape(outside.shape) > 0
+    use_nearest = disabled_in | earlier | outside
+    interpolated = tricubic_f(hkl, setup.fhkl, plan.hkl_origin)
+    return torch.where(use_nearest, nearest, interpolated), disabled_in | outside.any()
+
+
+def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor | None,
+                 fpix, spix, layer, sub_s, sub_f, src, disabled_in, seen_in,
+                 plan: Plan, omega_col: int, capture_col: int):
+    """Accumulate one chunk: a tile of pixels, a block of paths, all orientations.
+
+    Args:
+        orient: (O, 3, 3) cell matrices (rows a, b, c in m) for every (phi, mosaic).
+        orient_first: (O, 3, 3) the matrices for the first evaluation of a carry render, or None.
+        disabled_in, seen_in: 0-d bool states carried between chunks in raster order.
+        omega_col, capture_col: path columns holding the "first omega" and "last capture"
+            values, or -1 when this block does not contain them.
+    Returns:
+        dict with ``A``, ``B`` (P,) (the chunk's map ``I <- A I + B``), ``polar_found``,
+        ``polar_first`` (P,), optional ``omega``/``capture`` (P,), ``disabled``, ``seen``.
+    """
+    q, omega, capture, polar, culled = path_geometry(setup, plan, fpix, spix, layer, sub_s, sub_f, src)
+    alive = ~culled
+    hkl = torch.einsum("oij,pej->peoi", orient, q)
+    seen = seen_in
+    if orient_first is not None:
+        flat = alive.reshape(-1).to(torch.int32)
+        first = ((torch.cumsum(flat, 0) - flat).reshape(alive.shape) == 0) & alive & ~seen_in
+        hkl_first = torch.einsum("oij,pej->peoi", orient_first, q)
+        hkl = torch.where(first[..., None, None], hkl_first, hkl)
+        seen = seen_in | alive.any()
+    n_cells = setup.n_cells
+    f_latt = lattice_factor(plan.shape, hkl, setup.recip, n_cells, setup.fudge)
+    counted = alive[..., None] & ((f_latt != 0) | (setup.water != 0))
+    f_cell, disabled = structure_factor(setup, plan, hkl, counted, disabled_in)
+    term = torch.where(counted, (f_cell * f_latt) ** 2, 0.0)
+    out = {"disabled": disabled, "seen": seen}
+    if plan.ordered:
+        factor = torch.ones_like(omega)
+        if plan.oversample_thick:
+            factor = factor * capture
+        if plan.oversample_polar:
+            factor = factor * polar
+        if plan.oversample_omega:
+            factor = factor * omega
+        factor = torch.where(counted, factor[..., None], 1.0).flatten(1)
+        tail = torch.flip(torch.cumprod(torch.flip(factor, (1,)), 1), (1,))
+        out["A"] = tail[:, 0]
+        out["B"] = (term.flatten(1) * tail).sum(1)
+    else:
+        out["A"] = torch.ones_like(omega[:, 0])
+        out["B"] = term.sum((1, 2))
+    index = torch.argmax(alive.to(torch.int8), dim=1)
+    out["polar_found"] = alive.any(1)
+    out["polar_first"] = torch.gather(polar, 1, index[:, None])[:, 0]
+    if omega_col >= 0:
+        out["omega"] = omega[:, omega_col]
+    if capture_col >= 0:
+        out["capture"] = capture[:, capture_col]
+    return out
+
+
+_compiled_kernel = compiled(chunk_kernel, static_argnames=("plan", "omega_col", "capture_col"))
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+def _carry_orientations(real, phi_rot, phi, carry: torch.Tensor):
+    """Spindle orientations of one evaluation started from ``carry``, with phi=0 reuse.
+
+    Returns:
+        ((phi, 3, 3) orientations, the orientation left after the last step).
+    """
+    state, steps = carry, []
+    for i in range(phi_rot.shape[0]):
+        rotated = real @ phi_rot[i].transpose(-1, -2)
+        state = torch.where(phi[i] != 0, rotated, state)
+        steps.append(state)
+    return torch.stack(steps), state
+
+
+def _render(p: Params, carry: PhiCarry | None):
+    plan, pixel_list = make_plan(p)
+    setup, real, phi_rot, mosaic_rot = prepare(p)
+    fluence = p.beam.fluence
+    dtype, device = real.dtype, real.device
+    first_orient = None
+    if carry is None:
+        orient = orientation_matrices(real, phi_rot, mosaic_rot).reshape(-1, 3, 3)
+    else:
+        phi = phi_angles(p.crystal)
+        steps_first, after = _carry_orientations(real, phi_rot, phi, carry.orientation)
+        steps_rest, _ = _carry_orientations(real, phi_rot, phi, after)
+        mos_t = mosaic_rot.transpose(-1, -2)[None]
+        first_orient = (steps_first[:, None] @ mos_t).reshape(-1, 3, 3)
+        orient = (steps_rest[:, None] @ mos_t).reshape(-1, 3, 3)
+
+    steps = plan.n_sources * plan.n_orient * plan.oversample**2
+    scale = R_E_SQR * fluence / steps
+    background = water_background(setup.water, fluence)
+    disabled = torch.zeros((), dtype=torch.bool, device=device)
+    seen = torch.zeros((), dtype=torch.bool, device=device)
+    pixels = torch.tensor(pixel_list, dtype=torch.long, device=device)
+    n_pix = len(pixel_list)
+    capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
+    kernel = _compiled_kernel
+    values = []
+    for start in range(0, n_pix, plan.tile):
+        idx = pixels[start:start + plan.tile]
+        pad = plan.tile - idx.shape[0]
+        if pad:
+            idx = torch.cat([idx, idx[-1:].expand(pad)])
+        fpix, spix = (idx % plan.fpixels)[:, None], (idx // plan.fpixels)[:, None]
+        intensity = background.expand(idx.shape)
+        polar_found = torch.zeros(idx.shape, dtype=torch.bool, device=device)
+        polar_first = torch.zeros(idx.shape, dtype=dtype, device=device)
+        omega_first = capture_last = None
+        for e0 in range(0, plan.n_paths, plan.block):
+            e1 = min(e0 + plan.block, plan.n_paths)
+            paths = _paths(plan, e0, e1, device)
+            omega_col = 0 if e0 == 0 else -1
+            capture_col = capture_path - e0 if e0 <= capture_path < e1 else -1
+            out = kernel(setup, orient, first_orient, fpix, spix, *paths, disabled, seen,
+                         plan=plan, omega_col=omega_col, capture_col=capture_col)
+            disabled, seen = out["disabled"], out["seen"]
+            intensity = intensity * out["A"] + out["B"]
+            polar_first = torch.where(polar_found, polar_first, out["polar_first"])
+            polar_found = polar_found | out["polar_found"]
+            omega_first = out.get("omega", omega_first)
+            capture_last = out.get("capture", capture_last)
+        value = scale * intensity
+        if not plan.oversample_thick:
+            value = value * capture_last
+        if not plan.oversample_polar:
+            value = value * torch.where(polar_found, polar_first, 0.0)
+        if not plan.oversample_omega:
+            value = value * omega_first
+        values.append(value[:value.shape[0] - pad] if pad else value)
+    image = torch.zeros(plan.spixels * plan.fpixels, dtype=dtype, device=device)
+    if values:
+        image = image.index_put((pixels,), torch.cat(values))
+    image = image.reshape(plan.spixels, plan.fpixels)
+    if carry is None:
+        return image, None
+    _, after = _carry_orientations(real, phi_rot, phi_angles(p.crystal), carry.orientation)
+    return image, PhiCarry(torch.where(seen, after, carry.orientation))
+
+
+def simulate(p: Params) -> torch.Tensor:
+    """Render the noiseless image in photons per pixel, shape (slow, fast).
+
+    Physically correct rotation: every phi step rotates the cell by its own angle. Pixels
+    outside ``sampling.roi`` or masked are 0, as in nanoBragg. Pure and deterministic; works
+    under ``torch.func`` transforms (``vmap``, ``jacfwd``, ``jacrev``, ``hessian``).
+
+    >>> image = simulate(params_from_args(["-cell", "50", "50", "50", "90", "90", "90",
+    ...                                    "-default_F", "100", "-N", "5", "-detpixels", "32"]))  # doctest: +SKIP
+    """
+    return _render(p, None)[0]
+
+
+def initial_carry(p: Params) -> PhiCarry:
+    """The carry before any evaluation: the unrotated cell (rows a, b, c in m)."""
+    real, _ = oriented_cell(p.crystal)
+    return PhiCarry(real)
+
+
+def simulate_with_carry(p: Params, carry: PhiCarry) -> tuple[torch.Tensor, PhiCarry]:
+    """Render reproducing nanoBragg's phi carryover (C-parity path).
+
+    At every phi step whose angle is exactly 0 the C program keeps the previous rotated cell
+    instead of rotating by 0: the previous step of the same evaluation or, for the first step,
+    the last step of the previous evaluation in raster order (pixel, layer, sub-pixel,
+    source). ``carry`` is that state before this render (`initial_carry` for a fresh run); the
+    returned carry is the state after its last evaluation, so rendering ROI tiles in raster
+    order while threading the carry equals one render.
+
+    Returns:
+        (image (slow, fast) in photons per pixel, carry after the render).
+    """
+    return _render(p, carry)

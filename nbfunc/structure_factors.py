@@ -1,0 +1,75 @@
+"""Structure factors F_cell from a grid: nearest neighbour and tricubic interpolation.
+
+The grid ``fhkl`` (h, k, l) holds F for indices ``origin + (i, j, k)``; outside it F is
+``default_F``. Interpolation is nanoBragg's: a Lagrange polynomial through the 4 x 4 x 4
+integer points ``floor(h) - 1 .. floor(h) + 2`` on each axis.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def nearest_f(h0: torch.Tensor, fhkl: torch.Tensor, origin: tuple[int, int, int],
+              default_f: torch.Tensor) -> torch.Tensor:
+    """F at integer indices ``h0`` (*, 3), or ``default_F`` outside the grid.
+
+    Args:
+        h0: (*, 3) integer-valued floating tensor of nearest indices.
+        fhkl: (nh, nk, nl) grid (e); origin: (h_min, k_min, l_min).
+    """
+    if fhkl.numel() == 0:
+        return default_f.expand(h0.shape[:-1])
+    idx = h0.long() - torch.tensor(origin, device=h0.device)
+    size = torch.tensor(fhkl.shape, device=h0.device)
+    inside = ((idx >= 0) & (idx < size)).all(-1)
+    idx = torch.where(inside[..., None], idx, 0)
+    flat = (idx[..., 0] * fhkl.shape[1] + idx[..., 1]) * fhkl.shape[2] + idx[..., 2]
+    values = fhkl.reshape(-1)[flat.reshape(-1)].reshape(flat.shape)
+    return torch.where(inside, values, default_f)
+
+
+def interpolation_out_of_range(hkl: torch.Tensor, grid_shape: tuple[int, int, int],
+                               origin: tuple[int, int, int]) -> torch.Tensor:
+    """True where the 4-point neighbourhood of ``hkl`` (*, 3) leaves the grid.
+
+    nanoBragg's test: ``h - h_min + 3 > h_range`` or ``h - 2 < h_min`` on any axis.
+    """
+    lo = torch.tensor(origin, dtype=hkl.dtype, device=hkl.device)
+    rng = torch.tensor(grid_shape, dtype=hkl.dtype, device=hkl.device)
+    return ((hkl - lo + 3 > rng) | (hkl - 2 < lo)).any(-1)
+
+
+def lagrange_weights(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of the cubic Lagrange polynomial through ``floor(x) - 1 .. floor(x) + 2``.
+
+    Args:
+        x: (*) coordinate.
+    Returns:
+        (first node index as a float tensor (*), weights (*, 4)).
+    """
+    base = torch.floor(x) - 1
+    u = x - base  # nodes at u = 0, 1, 2, 3
+    w0 = -(u - 1) * (u - 2) * (u - 3) / 6
+    w1 = u * (u - 2) * (u - 3) / 2
+    w2 = -u * (u - 1) * (u - 3) / 2
+    w3 = u * (u - 1) * (u - 2) / 6
+    return base, torch.stack([w0, w1, w2, w3], -1)
+
+
+def tricubic_f(hkl: torch.Tensor, fhkl: torch.Tensor, origin: tuple[int, int, int]) -> torch.Tensor:
+    """Tricubic Lagrange interpolation of the grid at fractional ``hkl`` (*, 3).
+
+    Indices are clamped into the grid, so points whose neighbourhood is out of range give a
+    finite but meaningless value; callers select another F there (see
+    `interpolation_out_of_range`).
+    """
+    nh, nk, nl = fhkl.shape
+    bases, weights = zip(*(lagrange_weights(hkl[..., i]) for i in range(3)))
+    offs = torch.arange(4, device=hkl.device)
+    idx = [(b.long()[..., None] - o + offs).clamp(0, n - 1)
+           for b, o, n in zip(bases, origin, (nh, nk, nl))]
+    flat = ((idx[0][..., :, None, None] * nk + idx[1][..., None, :, None]) * nl
+            + idx[2][..., None, None, :])
+    cube = fhkl.reshape(-1)[flat.reshape(-1)].reshape(flat.shape)
+    w = weights[0][..., :, None, None] * weights[1][..., None, :, None] * weights[2][..., None, None, :]
+    return (cube * w).sum((-1, -2, -3))

@@ -1,0 +1,118 @@
+"""`Params` as a pytree: flatten to tensor leaves, rebuild without validation, stack ensembles.
+
+Every `nbfunc.params.Node` class flattens to its ``LEAVES`` tensors followed by its
+``CHILDREN`` sub-trees; all other fields form the static context. Rebuilding uses
+``model_construct``, which skips validation, so leaves may be anything torch.func hands back
+(batched tensors, Jacobian blocks, nested trees for a Hessian).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from nbfunc.params import Beam, Crystal, Detector, Node, Params, Sampling, SourceGrid, SourceList
+
+
+def _flatten(node: Node):
+    cls = type(node)
+    names = cls.LEAVES + cls.CHILDREN
+    children = [getattr(node, name) for name in names]
+    static = tuple((name, getattr(node, name)) for name in cls.static_fields())
+    return children, (cls, names, static)
+
+
+def _unflatten(children, context):
+    cls, names, static = context
+    values = dict(static)
+    values.update(zip(names, children))
+    return cls.model_construct(**values)
+
+
+def _flatten_with_keys(node: Node):
+    children, context = _flatten(node)
+    keys = [pytree.GetAttrKey(name) for name in context[1]]
+    return list(zip(keys, children)), context
+
+
+for _cls in (Params, Beam, Detector, Crystal, SourceGrid, SourceList):
+    pytree.register_pytree_node(
+        _cls, _flatten, _unflatten,
+        serialized_type_name=f"nbfunc.{_cls.__name__}",
+        flatten_with_keys_fn=_flatten_with_keys,
+    )
+
+
+def leaf_paths(tree: Node) -> list[str]:
+    """Dotted names of the tensor leaves of ``tree`` in flattening order.
+
+    >>> leaf_paths(p)[:3]            # doctest: +SKIP
+    ['beam.wavelength', 'beam.kahn_factor', 'beam.fluence']
+    """
+    pairs, _ = pytree.tree_flatten_with_path(tree)
+    return [".".join(k.name for k in path) for path, _ in pairs]
+
+
+def tree_map_leaves(fn: Callable[[torch.Tensor], Any], tree: Node) -> Any:
+    """Apply ``fn`` to every leaf and rebuild the tree (no validation)."""
+    return pytree.tree_map(fn, tree)
+
+
+def get_leaf(tree: Node, path: str) -> Any:
+    """The leaf at dotted ``path`` (e.g. ``"crystal.cell_a"``)."""
+    node: Any = tree
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def replace_leaves(tree: Node, updates: dict[str, Any]) -> Any:
+    """A copy of ``tree`` with the leaves named by dotted paths replaced (no validation).
+
+    Raises:
+        KeyError: a path that is not a leaf, listing the valid ones.
+    """
+    leaves, spec = pytree.tree_flatten(tree)
+    paths = leaf_paths(tree)
+    unknown = set(updates) - set(paths)
+    if unknown:
+        raise KeyError(f"not leaves of this tree: {sorted(unknown)}; leaves are {paths}")
+    index = {p: i for i, p in enumerate(paths)}
+    for path, value in updates.items():
+        leaves[index[path]] = value
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def stack(trees: Sequence[Node]) -> Any:
+    """Stack trees of identical structure into one whose leaves gain a leading batch axis.
+
+    The result is meant for ``torch.func.vmap``: ``vmap(simulate)(stack([p1, p2]))``.
+
+    Raises:
+        ValueError: when the trees differ in a static setting or in leaf shapes.
+    """
+    if not trees:
+        raise ValueError("stack needs at least one tree")
+    flat = [pytree.tree_flatten(t) for t in trees]
+    spec0 = flat[0][1]
+    for i, (leaves, spec) in enumerate(flat[1:], start=1):
+        if spec != spec0:
+            raise ValueError(f"tree {i} differs from tree 0 in its static settings or structure; "
+                             "only leaves may differ between ensemble members")
+    columns = list(zip(*(leaves for leaves, _ in flat)))
+    paths = leaf_paths(trees[0])
+    stacked = []
+    for path, column in zip(paths, columns):
+        shapes = {tuple(c.shape) for c in column}
+        if len(shapes) != 1:
+            raise ValueError(f"leaf {path} has different shapes across trees: {sorted(shapes)}")
+        stacked.append(torch.stack(list(column)))
+    return pytree.tree_unflatten(stacked, spec0)
+
+
+def unstack(tree: Node) -> list[Any]:
+    """Inverse of `stack`: split the leading batch axis of every leaf."""
+    leaves, spec = pytree.tree_flatten(tree)
+    n = leaves[0].shape[0]
+    return [pytree.tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(n)]
