@@ -14,7 +14,11 @@ ROUND_NORM = 0.723601254558268
 
 
 def sincg(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Grating function ``sin(n x)/sin(x)``, equal to ``n`` at ``x = 0``.
+    """Grating function ``sin(n x)/sin(x)``; at ``x = k pi`` its limit ``n cos(n k pi)/cos(k pi)``.
+
+    nanoBragg special-cases only ``x = 0`` (value ``n``). Within 1e-10 rad of another multiple
+    of pi, where ``sin(x)`` is pure rounding error, the limit is used instead (for whole ``n``
+    it is ``+-n``), so exact Bragg conditions give the peak value and finite gradients.
 
     Args:
         x: (*) phase (rad), typically ``pi*h``; n: number of cells (broadcast).
@@ -22,9 +26,11 @@ def sincg(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     >>> sincg(torch.tensor(0.0), torch.tensor(5.0))
     tensor(5.)
     """
-    zero = x == 0
-    safe_x = torch.where(zero, 1.0, x)
-    return torch.where(zero, n, torch.sin(n * safe_x) / torch.sin(safe_x))
+    k = torch.round(x / math.pi)
+    near = torch.abs(x - k * math.pi) < 1e-10
+    safe_x = torch.where(near, 0.5, x)
+    limit = n * torch.cos(n * k * math.pi) * torch.cos(k * math.pi)
+    return torch.where(near, limit, torch.sin(n * safe_x) / torch.sin(safe_x))
 
 
 def sinc3(x: torch.Tensor) -> torch.Tensor:

@@ -294,7 +294,7 @@ def _carry_orientations(real, phi_rot, phi, carry: torch.Tensor):
     return torch.stack(steps), state
 
 
-def _render(p: Params, carry: PhiCarry | None):
+def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel):
     plan, pixel_list = make_plan(p)
     setup, real, phi_rot, mosaic_rot = prepare(p)
     fluence = p.beam.fluence
@@ -318,7 +318,6 @@ def _render(p: Params, carry: PhiCarry | None):
     pixels = torch.tensor(pixel_list, dtype=torch.long, device=device)
     n_pix = len(pixel_list)
     capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
-    kernel = _compiled_kernel
     values = []
     for start in range(0, n_pix, plan.tile):
         idx = pixels[start:start + plan.tile]
@@ -372,6 +371,18 @@ def simulate(p: Params) -> torch.Tensor:
     ...                                    "-default_F", "100", "-N", "5", "-detpixels", "32"]))  # doctest: +SKIP
     """
     return _render(p, None)[0]
+
+
+def render_for_cli(p: Params, carry: PhiCarry, compile: bool) -> tuple[torch.Tensor, PhiCarry]:
+    """`simulate_with_carry`, optionally without compilation (the command line renders small
+    images eagerly because a compile would cost more than it saves)."""
+    return _render(p, carry, _compiled_kernel if compile else chunk_kernel)
+
+
+def evaluation_count(p: Params) -> int:
+    """Number of (pixel, layer, sub-pixel, source, phi, mosaic) evaluations of a render."""
+    plan, pixels = make_plan(p)
+    return len(pixels) * plan.n_paths * plan.n_orient
 
 
 def initial_carry(p: Params) -> PhiCarry:

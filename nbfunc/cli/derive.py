@@ -269,12 +269,12 @@ def cell_from_matrix(recip: np.ndarray) -> tuple[tuple[float, ...], np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # main entry
 # --------------------------------------------------------------------------------------------
-def derive(argv: list[str], dtype: torch.dtype = torch.float64, cwd: str | None = None) -> tuple[Params, RunInfo]:
+def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = None) -> tuple[Params, RunInfo]:
     """Parse nanoBragg flags and derive the full parameter tree as the C program does.
 
     Args:
         argv: the flags, without the program name.
-        dtype: floating dtype of the leaves.
+        dtype: floating dtype of the leaves (default: the -dtype flag, float64).
         cwd: directory where relative file names and Fdump.bin are looked up (default: the
             current directory).
     Returns:
@@ -468,6 +468,8 @@ def derive(argv: list[str], dtype: torch.dtype = torch.float64, cwd: str | None 
                         oversample_polar=f.oversample_polar, oversample_omega=f.oversample_omega,
                         roi=tuple(roi), mask=None if mask is None else torch.from_numpy(mask),
                         dmin=f.dmin * 1e10, chunk=getattr(f, "chunk", 0))
+    if dtype is None:
+        dtype = torch.float32 if f.dtype == "float32" else torch.float64
     params = Params(beam=beam, detector=detector, crystal=crystal, sampling=sampling).to(dtype=dtype)
 
     info.oversample, info.roi, info.mask = oversample, tuple(roi), mask
@@ -489,15 +491,15 @@ def _header_values(f: CFlags, conv: dict, frame, fpixels: int, spixels: int, osc
     sbeam = sum(a * b for a, b in zip(sdet, spot))
     pixel = f.pixel_size
     return dict(
-        fpixels=fpixels, spixels=spixels, pixel_size_mm=pixel * 1e3, distance_mm=distance * 1e3,
-        wavelength_A=f.lambda0 * 1e10, beam_center_x_mm=conv["xbeam"] * 1e3,
-        beam_center_y_mm=conv["ybeam"] * 1e3, fbeam_mm=fbeam * 1e3, sbeam_mm=sbeam * 1e3,
-        fclose_mm=fclose * 1e3, sclose_mm=sclose * 1e3, detsize_s_mm=pixel * spixels * 1e3,
-        orgx=fclose / pixel + 0.5, orgy=sclose / pixel + 0.5,
-        dials_origin=(1e3 * pix0[2], 1e3 * pix0[1], -1e3 * pix0[0]),
-        close_distance_mm=close * 1e3, phi_deg=f.phi0 * RTD, osc_deg=osc * RTD,
-        twotheta_deg=f.detector_twotheta * RTD, convention=f.beam_convention.lower(),
-        pivot=conv["pivot"].lower(), xclose_mm=conv["xclose"] * 1e3, yclose_mm=conv["yclose"] * 1e3)
+        smv=dict(fpixels=fpixels, spixels=spixels, pixel_size_m=pixel, distance_m=distance,
+                 lambda0_m=f.lambda0, xbeam_m=conv["xbeam"], ybeam_m=conv["ybeam"], fbeam_m=fbeam,
+                 sbeam_m=sbeam, detsize_s_m=pixel * spixels,
+                 dials_origin_mm=(1e3 * pix0[2], 1e3 * pix0[1], -1e3 * pix0[0]),
+                 orgx=fclose / pixel + 0.5, orgy=sclose / pixel + 0.5, close_distance_m=close,
+                 phi0_rad=f.phi0, osc_rad=osc, twotheta_rad=f.detector_twotheta),
+        convention=f.beam_convention.lower(), pivot=conv["pivot"].lower(),
+        fbeam_mm=fbeam * 1e3, sbeam_mm=sbeam * 1e3, distance_mm=distance * 1e3,
+        close_distance_mm=close * 1e3, pixel_size_mm=pixel * 1e3)
 
 
 def params_from_args(argv: list[str], dtype: torch.dtype = torch.float64) -> Params:

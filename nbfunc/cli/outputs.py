@@ -35,22 +35,11 @@ def check_writable(files: dict[str, str]) -> None:
             raise NbfuncInputError(f"cannot write {kind} image {name}: directory {folder} is not writable")
 
 
-def smv_fields(info):
+def smv_fields(info, noise: bool = False):
     """SMV header values of this run (`nbfunc.io.smv.SMVHeaderFields`)."""
-    from nbfunc.io.smv import SMVHeaderFields
+    from nbfunc.io.smv import smv_fields_from_geometry
 
-    h = info.header
-    return SMVHeaderFields(
-        fpixels=h["fpixels"], spixels=h["spixels"], pixel_size_mm=h["pixel_size_mm"],
-        distance_mm=h["distance_mm"], wavelength_A=h["wavelength_A"],
-        beam_center_x_mm=h["beam_center_x_mm"], beam_center_y_mm=h["beam_center_y_mm"],
-        adxv_center_x=h["fbeam_mm"], adxv_center_y=h["detsize_s_mm"] - h["sbeam_mm"],
-        mosflm_center_x=h["sbeam_mm"] - 0.5 * h["pixel_size_mm"],
-        mosflm_center_y=h["fbeam_mm"] - 0.5 * h["pixel_size_mm"],
-        denzo_x=h["sbeam_mm"], denzo_y=h["fbeam_mm"], dials_origin=h["dials_origin"],
-        orgx=h["orgx"], orgy=h["orgy"], close_distance_mm=h["close_distance_mm"],
-        phi_deg=h["phi_deg"], osc_start_deg=h["phi_deg"], osc_range_deg=h["osc_deg"],
-        twotheta_deg=h["twotheta_deg"])
+    return smv_fields_from_geometry(**info.header["smv"], noise_image=noise)
 
 
 def write_all(float_image: np.ndarray, stats: dict, info) -> None:
@@ -61,17 +50,16 @@ def write_all(float_image: np.ndarray, stats: dict, info) -> None:
         stats: from `nbfunc.cli.main.image_statistics`.
     """
     from nbfunc.crng import poisson_noise
-    from nbfunc.io.hkl import write_fdump
     from nbfunc.io.pgm import pgm_bytes
-    from nbfunc.io.smv import auto_int_scale, int_image, smv_bytes
+    from nbfunc.io.smv import auto_int_scale, int_image, smv_header
 
     f = info.flags
     files = planned_outputs(f)
     payload: dict[str, bytes] = {"float": float_image.astype("<f4").tobytes()}
     scale = f.intfile_scale if f.intfile_scale > 0 else auto_int_scale(stats["max_I"])
     info.notes.append(f"intfile_scale = {scale:g}")
-    fields = smv_fields(info)
-    payload["int"] = smv_bytes(fields, int_image(float_image, scale, f.adc_offset, info.roi))
+    payload["int"] = (smv_header(smv_fields(info))
+                      + int_image(float_image, scale, f.adc_offset, info.roi).astype("<u2").tobytes())
     if "pgm" in files:
         pgm_scale = f.pgm_scale
         if pgm_scale <= 0:
@@ -85,7 +73,7 @@ def write_all(float_image: np.ndarray, stats: dict, info) -> None:
             info.notes.append(f"noise seed from the clock: -seed {-seed}")
         noise, photons, overloads = poisson_noise(float_image, seed, info.roi, f.adc_offset)
         info.notes.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
-        payload["noise"] = smv_bytes(fields, noise, denzo_plus=True)
+        payload["noise"] = smv_header(smv_fields(info, noise=True)) + noise.astype("<u2").tobytes()
     if info.hkl_from_file and info.hkl_grid is not None:
         files["fdump"] = f.dump_file
         payload["fdump"] = None

@@ -1,0 +1,204 @@
+"""Structure-factor files: the ``h k l F`` text list and the C program's ``Fdump.bin`` cache.
+
+The C program reads an HKL file twice: once for the index ranges, then into a grid
+``F[h - h_min, k - k_min, l - l_min]`` prefilled with ``default_F``; listed entries overwrite.
+It then writes ``Fdump.bin``: the text header ``"h_min h_max k_min k_max l_min l_max\\n\\f"``
+followed by (h_range+1) * (k_range+1) * (l_range+1) native doubles, h slowest and l fastest,
+where the extra last slot of each axis is 0 (``default_F`` only fills ``[0, range)``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from nbfunc.io.atomic import atomic_write_bytes
+from nbfunc.io.errors import file_error
+
+
+@dataclass(frozen=True)
+class HKLGrid:
+    """Structure-factor amplitudes on a dense Miller-index grid.
+
+    Attributes:
+        F: float64 (h_range, k_range, l_range); ``F[h - h_min, k - k_min, l - l_min]``.
+        h_min, k_min, l_min: smallest indices present.
+        count: number of entries read (for a Fdump file, the number of grid points).
+        warnings: one message per non-integer index met while reading.
+    """
+
+    F: np.ndarray
+    h_min: int
+    k_min: int
+    l_min: int
+    count: int
+    warnings: tuple = ()
+
+    @property
+    def maxima(self) -> tuple:
+        """(h_max, k_max, l_max), the largest indices of the grid."""
+        hr, kr, lr = self.F.shape
+        return self.h_min + hr - 1, self.k_min + kr - 1, self.l_min + lr - 1
+
+
+_MAX_GRID_POINTS = 1 << 27  # 1 GiB of doubles
+
+
+def _c_int(x: float) -> int:
+    """C's double -> int conversion (truncation toward zero)."""
+    return int(x)
+
+
+def _parse_hkl_line(path, lineno: int, text: str) -> tuple | None:
+    """(h, k, l, F) floats of one line, None for a blank line; errors for anything else."""
+    tokens = text.split()
+    if not tokens:
+        return None
+    if len(tokens) != 4:
+        raise file_error(
+            path,
+            f"found {len(tokens)} values {text.strip()[:60]!r}, expected 4 numbers 'h k l F'",
+            lineno,
+        )
+    values = []
+    for name, token in zip("hklF", tokens):
+        try:
+            value = float(token) if "_" not in token else math.nan
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            raise file_error(
+                path,
+                f"{name} is {token!r}, expected a finite number (line format 'h k l F')",
+                lineno,
+            )
+        values.append(value)
+    return tuple(values)
+
+
+def _read_entries(path) -> list:
+    """All (lineno, h, k, l, F) entries of an HKL text file."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as handle:
+            lines = handle.readlines()
+    except OSError as exc:
+        raise file_error(
+            path, f"cannot read HKL file ({exc.strerror}); check the -hkl path"
+        ) from exc
+    entries = []
+    for lineno, text in enumerate(lines, start=1):
+        parsed = _parse_hkl_line(path, lineno, text)
+        if parsed is not None:
+            entries.append((lineno,) + parsed)
+    if not entries:
+        raise file_error(path, "no 'h k l F' lines found, expected at least one; the file is empty")
+    return entries
+
+
+def _index_warnings(path, entries: list) -> tuple:
+    """C's non-integer index warnings (its test: ``h != ceil(h - 0.4)``)."""
+    out = []
+    for lineno, h, k, l, _ in entries:
+        for name, v in (("h", h), ("k", k), ("l", l)):
+            if v != math.ceil(v - 0.4):
+                out.append(
+                    f"WARNING: {os.fspath(path)}: line {lineno}: non-integer value for {name} "
+                    f"({v:g}), stored at index {_c_int(v)}"
+                )
+    return tuple(out)
+
+
+def read_hkl(path: str | os.PathLike, default_F: float) -> HKLGrid:
+    """Read an ``h k l F`` text file into a dense grid, as the C program's two-pass reader.
+
+    Index ranges come from the minima and maxima of the listed indices (truncated to int as
+    C does); every grid point starts at ``default_F`` and listed entries overwrite it (a later
+    duplicate wins). Non-integer indices give a warning and are truncated toward zero.
+
+    Args:
+        path: text file, one ``h k l F`` per line; blank lines are ignored.
+        default_F: amplitude for grid points the file does not list.
+
+    Returns:
+        HKLGrid with F of shape (h_range, k_range, l_range).
+
+    Raises:
+        NbfuncInputError: missing or empty file, a line that is not four finite numbers, or
+            an index range too large for memory.
+    """
+    entries = _read_entries(path)
+    idx = np.array([[_c_int(h), _c_int(k), _c_int(l)] for _, h, k, l, _ in entries], dtype=np.int64)
+    lo = idx.min(axis=0)
+    shape = tuple(int(v) for v in idx.max(axis=0) - lo + 1)
+    if math.prod(shape) > _MAX_GRID_POINTS:
+        raise file_error(
+            path, f"indices span a {shape[0]}x{shape[1]}x{shape[2]} grid, expected at most "
+            f"{_MAX_GRID_POINTS} points; check the file for stray large h, k or l values",
+        )
+    F = np.full(shape, float(default_F), dtype=np.float64)
+    flat = np.ravel_multi_index(tuple((idx - lo).T), shape)
+    values = np.array([e[4] for e in entries], dtype=np.float64)
+    _, last = np.unique(flat[::-1], return_index=True)  # a later duplicate wins, as in C
+    keep = len(flat) - 1 - last
+    F.reshape(-1)[flat[keep]] = values[keep]
+    warnings = _index_warnings(path, entries)
+    return HKLGrid(F, int(lo[0]), int(lo[1]), int(lo[2]), len(entries), warnings)
+
+
+def fdump_bytes(grid: HKLGrid) -> bytes:
+    """The bytes of a C ``Fdump.bin`` for ``grid`` (header, then the zero-padded double grid)."""
+    h_max, k_max, l_max = grid.maxima
+    header = f"{grid.h_min} {h_max} {grid.k_min} {k_max} {grid.l_min} {l_max}\n\f"
+    hr, kr, lr = grid.F.shape
+    padded = np.zeros((hr + 1, kr + 1, lr + 1), dtype="<f8")
+    padded[:hr, :kr, :lr] = grid.F
+    return header.encode("ascii") + padded.tobytes()
+
+
+def write_fdump(path: str | os.PathLike, grid: HKLGrid) -> None:
+    """Write ``grid`` as a C ``Fdump.bin`` file (atomically)."""
+    atomic_write_bytes(path, fdump_bytes(grid))
+
+
+_FDUMP_HEADER = re.compile(rb"\s*" + rb"\s+".join([rb"([+-]?\d+)"] * 6) + rb"\n\f")
+
+
+def read_fdump(path: str | os.PathLike) -> HKLGrid:
+    """Read a C ``Fdump.bin`` cache; returns the grid without the padding slots.
+
+    Raises:
+        NbfuncInputError: missing file, header not six integers followed by newline and form
+            feed, empty ranges, or a data size other than (h_range+1)(k_range+1)(l_range+1)
+            doubles.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise file_error(path, f"cannot read Fdump file ({exc.strerror}); check the path") from exc
+    match = _FDUMP_HEADER.match(raw[:200])
+    if match is None:
+        raise file_error(
+            path,
+            f"header {raw[:40]!r} is not 'h_min h_max k_min k_max l_min l_max' + newline + form "
+            "feed; the file is not an Fdump.bin (delete it to re-read the HKL file)",
+        )
+    h_min, h_max, k_min, k_max, l_min, l_max = (int(v) for v in match.groups())
+    hr, kr, lr = h_max - h_min + 1, k_max - k_min + 1, l_max - l_min + 1
+    if min(hr, kr, lr) < 1:
+        raise file_error(path, f"header ranges h {h_min}..{h_max} k {k_min}..{k_max} "
+                         f"l {l_min}..{l_max} are empty, expected max >= min on every axis")
+    data = raw[match.end():]
+    expected = (hr + 1) * (kr + 1) * (lr + 1) * 8
+    if len(data) != expected:
+        raise file_error(
+            path,
+            f"found {len(data)} bytes of data, expected {expected} "
+            f"({hr + 1}x{kr + 1}x{lr + 1} doubles); the file is truncated or not an Fdump.bin",
+        )
+    padded = np.frombuffer(data, dtype="<f8").reshape(hr + 1, kr + 1, lr + 1)
+    return HKLGrid(padded[:hr, :kr, :lr].astype(np.float64), h_min, k_min, l_min, hr * kr * lr)
