@@ -4,10 +4,12 @@
 ``NANOBRAGG_DISABLE_COMPILE`` is read once, at import: ``1`` (or ``true``/``yes``) runs every
 function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected.
 
-Calls made inside a ``torch.func`` transform (vmap, jacfwd, jacrev, grad, hessian) run the
-eager function: the transform differentiates or batches the same pure code, so results are
-identical, and compiling the transformed function is left to the caller
-(``torch.compile(torch.func.jacfwd(simulate))``). A compile that fails is reported with a
+Calls made inside a ``torch.func`` transform (vmap, jacfwd, jacrev, grad, hessian), and calls
+whose tensor inputs require grad while autograd is recording, run the eager function: the
+transform or autograd differentiates or batches the same pure code, so results are identical.
+(Compiled graphs support neither double backward, which gradgradcheck and Hessians need, nor,
+in torch 2.13, every backward of this kernel: inductor fails or returns wrong gradients for
+some leaves.) Compiling a transformed function is left to the caller. A compile that fails is reported with a
 warning that names the function and the error, and that function then runs eagerly; it is
 never swallowed silently. ``NANOBRAGG_COMPILE_STRICT=1`` turns that warning into an error.
 """
@@ -19,6 +21,7 @@ import warnings
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -50,6 +53,10 @@ def in_functorch_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _needs_grad(leaves) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
+
+
 def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwargs) -> Callable:
     """``fn`` compiled with torch.compile, unless compilation is disabled.
 
@@ -72,6 +79,8 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwar
             return fn(*args, **kwargs)
         if state["compiled"] is None:
             state["compiled"] = torch.compile(fn, **options)
+        if _needs_grad(pytree.tree_leaves((args, kwargs))):
+            return fn(*args, **kwargs)
         try:
             return state["compiled"](*args, **kwargs)
         except Exception as err:  # reported, then eager for the rest of the process

@@ -163,13 +163,14 @@ def _paths(plan: Plan, start: int, stop: int, device) -> tuple[torch.Tensor, ...
     return tuple(x[None] for x in (layer, sub // plan.oversample, sub % plan.oversample, src))
 
 
-def path_geometry(setup: Setup, plan: Plan, fpix, spix, layer, sub_s, sub_f, src):
-    """Per (pixel, path): scattering vector, solid angle, capture fraction, polarization, cut.
+def path_rays(setup: Setup, plan: Plan, fpix, spix, layer, sub_s, sub_f, src):
+    """Per (pixel, path): diffracted direction, path length, incident direction, q, cut.
 
     Args:
         fpix, spix: (P, 1) pixel indices; layer, sub_s, sub_f, src: (1, E) path indices.
     Returns:
-        q (P, E, 3) in 1/m; omega, capture, polar (P, E); culled (P, E) bool.
+        diffracted (P, E, 3) unit vectors, airpath (P, E) in m, incident (1, E, 3),
+        q (P, E, 3) in 1/m, culled (P, E) bool (beyond the resolution cut).
     """
     f = setup.frame
     dtype = f.pix0.dtype
@@ -178,11 +179,6 @@ def path_geometry(setup: Setup, plan: Plan, fpix, spix, layer, sub_s, sub_f, src
                              depth, plan.oversample, plan.curved)
     airpath = torch.linalg.vector_norm(pos, dim=-1)
     diffracted = pos / airpath[..., None]
-    omega = solid_angle(airpath, f.close_distance, f.pixel_size, plan.point_pixel)
-    if plan.absorption:
-        capture = capture_fraction(diffracted, f.odet, layer.to(dtype), setup.layer_depth, setup.mu)
-    else:
-        capture = torch.ones_like(airpath)
     incident = setup.incident[src]
     q = (diffracted - incident) / setup.wavelengths[src][..., None]
     if plan.dmin > 0:
@@ -190,11 +186,34 @@ def path_geometry(setup: Setup, plan: Plan, fpix, spix, layer, sub_s, sub_f, src
         culled = (stol > 0) & (plan.dmin * 2 * stol > 1)
     else:
         culled = torch.zeros_like(airpath, dtype=torch.bool)
+    return diffracted, airpath, incident, q, culled
+
+
+def path_factors(setup: Setup, plan: Plan, diffracted, airpath, incident, layer):
+    """Solid angle, sensor capture fraction and polarization of the given paths, each (P, E')."""
+    f = setup.frame
+    omega = solid_angle(airpath, f.close_distance, f.pixel_size, plan.point_pixel)
+    if plan.absorption:
+        capture = capture_fraction(diffracted, f.odet, layer.to(airpath.dtype), setup.layer_depth, setup.mu)
+    else:
+        capture = torch.ones_like(airpath)
     if plan.polarization:
         polar = polarization_factor(incident.expand(diffracted.shape), diffracted, setup.polar_axis, setup.kahn)
     else:
         polar = torch.ones_like(airpath)
-    return q, omega, capture, polar, culled
+    return omega, capture, polar
+
+
+def miller_indices(q: torch.Tensor, orient: torch.Tensor) -> torch.Tensor:
+    """Fractional indices ``h = a.q, k = b.q, l = c.q`` for every orientation.
+
+    Args:
+        q: (P, E, 3) scattering vectors (1/m); orient: (O, 3, 3) rows a, b, c (m).
+    Returns:
+        (P, E, O, 3) dimensionless.
+    """
+    q = q[:, :, None, None, :]
+    return q[..., 0] * orient[..., 0] + q[..., 1] * orient[..., 1] + q[..., 2] * orient[..., 2]
 
 
 def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
@@ -233,14 +252,17 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
         dict with ``A``, ``B`` (P,) (the chunk's map ``I <- A I + B``), ``polar_found``,
         ``polar_first`` (P,), optional ``omega``/``capture`` (P,), ``disabled``, ``seen``.
     """
-    q, omega, capture, polar, culled = path_geometry(setup, plan, fpix, spix, layer, sub_s, sub_f, src)
+    diffracted, airpath, incident, q, culled = path_rays(setup, plan, fpix, spix, layer, sub_s, sub_f, src)
+    per_path = plan.ordered or plan.dmin > 0
+    if per_path:
+        omega, capture, polar = path_factors(setup, plan, diffracted, airpath, incident, layer)
     alive = ~culled
-    hkl = torch.einsum("oij,pej->peoi", orient, q)
+    hkl = miller_indices(q, orient)
     seen = seen_in
     if orient_first is not None:
         flat = alive.reshape(-1).to(torch.int32)
         first = ((torch.cumsum(flat, 0) - flat).reshape(alive.shape) == 0) & alive & ~seen_in
-        hkl_first = torch.einsum("oij,pej->peoi", orient_first, q)
+        hkl_first = miller_indices(q, orient_first)
         hkl = torch.where(first[..., None, None], hkl_first, hkl)
         seen = seen_in | alive.any()
     n_cells = setup.n_cells
@@ -262,15 +284,32 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
         out["A"] = tail[:, 0]
         out["B"] = (term.flatten(1) * tail).sum(1)
     else:
-        out["A"] = torch.ones_like(omega[:, 0])
+        out["A"] = torch.ones_like(airpath[:, 0])
         out["B"] = term.sum((1, 2))
-    index = torch.argmax(alive.to(torch.int8), dim=1)
-    out["polar_found"] = alive.any(1)
-    out["polar_first"] = torch.gather(polar, 1, index[:, None])[:, 0]
-    if omega_col >= 0:
-        out["omega"] = omega[:, omega_col]
-    if capture_col >= 0:
-        out["capture"] = capture[:, capture_col]
+    if per_path:
+        index = torch.argmax(alive.to(torch.int8), dim=1)
+        out["polar_found"] = alive.any(1)
+        out["polar_first"] = torch.gather(polar, 1, index[:, None])[:, 0]
+        if omega_col >= 0:
+            out["omega"] = omega[:, omega_col]
+        if capture_col >= 0:
+            out["capture"] = capture[:, capture_col]
+        return out
+    # without per-path factors only two columns matter: the first path (omega, polarization)
+    # and the first sub-pixel of the last layer (capture fraction)
+    cols = [c for c in (omega_col, capture_col) if c >= 0]
+    if cols:
+        pick = lambda x: x[:, cols]
+        omega_c, capture_c, polar_c = path_factors(setup, plan, pick(diffracted), pick(airpath),
+                                                   incident[:, cols], layer[:, cols])
+        if omega_col >= 0:
+            out["omega"], out["polar_first"] = omega_c[:, 0], polar_c[:, 0]
+            out["polar_found"] = torch.ones_like(out["omega"], dtype=torch.bool)
+        if capture_col >= 0:
+            out["capture"] = capture_c[:, cols.index(capture_col)]
+    if "polar_found" not in out:
+        out["polar_found"] = torch.zeros_like(out["A"], dtype=torch.bool)
+        out["polar_first"] = torch.zeros_like(out["A"])
     return out
 
 
