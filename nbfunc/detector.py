@@ -75,30 +75,31 @@ def detector_frame(det, beam_vector: tuple[float, float, float]) -> DetectorFram
 
 def subpixel_positions(frame: DetectorFrame, fpix: torch.Tensor, spix: torch.Tensor,
                        sub_f: torch.Tensor, sub_s: torch.Tensor, depth: torch.Tensor,
-                       oversample: int, curved: bool) -> torch.Tensor:
-    """Lab-frame positions of sub-pixel centres (m).
+                       oversample: int, curved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lab-frame positions of sub-pixel centres (m), as three component tensors.
 
-    ``Fdet = pixel*(fpix + (sub_f + 1/2)/oversample)``, likewise Sdet, ``Odet = depth``;
-    position ``pix0 + Fdet f + Sdet s + Odet o``. A curved detector instead starts at
-    ``distance*beam`` and rotates about s by ``y/distance`` then about f by ``z/distance``
-    (y, z: lab components of the flat position), as nanoBragg does.
+    ``Fdet = pixel/oversample * (fpix*oversample + sub_f) + pixel/oversample/2``, likewise Sdet,
+    ``Odet = depth``; position ``pix0 + Fdet f + Sdet s + Odet o``. A curved detector instead
+    starts at ``distance*beam`` and rotates about s by ``y/distance`` then about f by
+    ``z/distance`` (y, z: lab components of the flat position), as nanoBragg does.
 
     Args:
-        fpix, spix: (P, 1) pixel indices; sub_f, sub_s, depth: (1, E) sub-pixel indices and
-        layer depth (m); all broadcast to (P, E).
+        fpix, spix: (P, 1) pixel indices (float); sub_f, sub_s: (1, E) sub-pixel indices;
+        depth: (1, E) layer depth (m); all broadcast to (P, E).
     Returns:
-        (P, E, 3) positions (m).
+        (x, y, z), each (P, E), in metres.
     """
     step = frame.pixel_size / oversample
     fdet = step * (fpix * oversample + sub_f) + step / 2
     sdet = step * (spix * oversample + sub_s) + step / 2
-    pos = (fdet[..., None] * frame.fdet + sdet[..., None] * frame.sdet
-           + depth[..., None] * frame.odet + frame.pix0)
-    if curved:
-        start = (frame.distance * frame.beam).expand(pos.shape)
-        tilted = rotate_axis(start, frame.sdet.expand(pos.shape), pos[..., 1] / frame.distance)
-        pos = rotate_axis(tilted, frame.fdet.expand(pos.shape), pos[..., 2] / frame.distance)
-    return pos
+    pos = tuple(fdet * frame.fdet[i] + sdet * frame.sdet[i] + depth * frame.odet[i] + frame.pix0[i]
+                for i in range(3))
+    if not curved:
+        return pos
+    flat = torch.stack(pos, -1)
+    start = (frame.distance * frame.beam).expand(flat.shape)
+    tilted = rotate_axis(start, frame.sdet.expand(flat.shape), flat[..., 1] / frame.distance)
+    return tuple(rotate_axis(tilted, frame.fdet.expand(flat.shape), flat[..., 2] / frame.distance).unbind(-1))
 
 
 def solid_angle(airpath: torch.Tensor, close_distance: torch.Tensor, pixel_size: torch.Tensor,
@@ -113,16 +114,20 @@ def solid_angle(airpath: torch.Tensor, close_distance: torch.Tensor, pixel_size:
     return pixel_size**2 / airpath**2 * close_distance / airpath
 
 
-def capture_fraction(diffracted: torch.Tensor, odet: torch.Tensor, layer: torch.Tensor,
+def capture_fraction(diffracted, odet: torch.Tensor, layer: torch.Tensor,
                      layer_depth: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """Fraction of photons absorbed in sensor layer ``layer``.
 
     ``exp(-t*dz*mu/rho) - exp(-(t+1)*dz*mu/rho)`` with parallax ``rho = d . o``.
 
     Args:
-        diffracted: (*, 3) unit vectors; layer: (*) layer index t; layer_depth: dz (m);
+        diffracted: (*, 3) unit vectors, or their three components; layer: (*) layer index t;
+        layer_depth: dz (m);
         mu: attenuation coefficient (1/m).
     """
-    rho = (diffracted * odet).sum(-1)
+    from nbfunc.lattice import components
+
+    d = components(diffracted)
+    rho = d[0] * odet[0] + d[1] * odet[1] + d[2] * odet[2]
     attenuation = layer_depth * mu / rho
     return torch.exp(-layer * attenuation) - torch.exp(-(layer + 1) * attenuation)

@@ -18,7 +18,9 @@ def sincg(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
     nanoBragg special-cases only ``x = 0`` (value ``n``). Within 1e-10 rad of another multiple
     of pi, where ``sin(x)`` is pure rounding error, the limit is used instead (for whole ``n``
-    it is ``+-n``), so exact Bragg conditions give the peak value and finite gradients.
+    it is ``+-n``), so exact Bragg conditions give the peak value and finite gradients. There
+    the limit is multiplied by ``1 - (n^2 - 1) d^2/6`` (``d = x - k pi``), which leaves the value
+    unchanged to rounding and gives the correct second derivative ``-n (n^2 - 1)/3`` in x.
 
     Args:
         x: (*) phase (rad), typically ``pi*h``; n: number of cells (broadcast).
@@ -27,10 +29,12 @@ def sincg(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     tensor(5.)
     """
     k = torch.round(x / math.pi)
-    near = torch.abs(x - k * math.pi) < 1e-10
+    d = x - k * math.pi
+    near = torch.abs(d) < 1e-10
     safe_x = torch.where(near, 0.5, x)
     limit = n * torch.cos(n * k * math.pi) * torch.cos(k * math.pi)
-    return torch.where(near, limit, torch.sin(n * safe_x) / torch.sin(safe_x))
+    near_value = limit * (1.0 - (n * n - 1.0) * (d * d) / 6.0)
+    return torch.where(near, near_value, torch.sin(n * safe_x) / torch.sin(safe_x))
 
 
 def sinc3(x: torch.Tensor) -> torch.Tensor:
@@ -46,39 +50,63 @@ def sinc3(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, 1.0 - x2 / 10.0 + x2 * x2 / 280.0, exact)
 
 
-def square_lattice(hkl: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
+Components = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def components(v: torch.Tensor | Components) -> Components:
+    """The three components of a vector given as a (*, 3) tensor or as a tuple of (*) tensors.
+
+    The renderer passes tuples: elementwise code over contiguous (*) tensors vectorises far
+    better than code over a trailing axis of length 3.
+    """
+    return tuple(v.unbind(-1)) if isinstance(v, torch.Tensor) else tuple(v)
+
+
+def square_lattice(hkl: torch.Tensor | Components, n_cells: torch.Tensor) -> torch.Tensor:
     """Parallelepiped crystal: product of ``sincg(pi h, Na)`` over the three axes.
 
     As nanoBragg, an axis with N <= 1 contributes a factor 1.
 
     Args:
-        hkl: (*, 3) fractional Miller indices; n_cells: (3,) Na, Nb, Nc.
+        hkl: (*, 3) fractional Miller indices (or their three components); n_cells: (3,).
     """
-    terms = sincg(math.pi * hkl, n_cells)
-    terms = torch.where(n_cells > 1, terms, 1.0)
-    return terms.prod(-1)
+    result = None
+    for x, n in zip(components(hkl), n_cells.unbind(-1)):
+        term = torch.where(n > 1, sincg(math.pi * x, n), 1.0)
+        result = term if result is None else result * term
+    return result
 
 
-def round_lattice(dhkl: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
+def round_lattice(dhkl: torch.Tensor | Components, n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
     """Ellipsoidal crystal: ``Na Nb Nc 0.7236 sinc3(pi sqrt(fudge sum((dh N)^2)))``.
 
     Args:
-        dhkl: (*, 3) distance to the nearest integer indices, ``h - h0``.
+        dhkl: (*, 3) distance to the nearest integer indices, ``h - h0`` (or its components).
     """
-    r2 = ((dhkl * n_cells) ** 2).sum(-1) * fudge
+    na, nb, nc = n_cells.unbind(-1)
+    dh, dk, dl = components(dhkl)
+    r2 = ((dh * na) ** 2 + (dk * nb) ** 2 + (dl * nc) ** 2) * fudge
     positive = r2 > 0
     radius = torch.where(positive, torch.sqrt(torch.where(positive, r2, 1.0)), 0.0)
-    return n_cells.prod(-1) * ROUND_NORM * sinc3(math.pi * radius)
+    # at r2 = 0 the series of sinc3(pi sqrt(r2)) in r2 (exactly 1 there) keeps the second
+    # derivatives that the square root would lose
+    at_zero = 1.0 - r2 * (math.pi**2 / 10.0) + r2 * r2 * (math.pi**4 / 280.0)
+    return na * nb * nc * ROUND_NORM * torch.where(positive, sinc3(math.pi * radius), at_zero)
 
 
-def reciprocal_distance_sq(dhkl: torch.Tensor, recip: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
+def reciprocal_distance_sq(dhkl: torch.Tensor | Components, recip: torch.Tensor,
+                           n_cells: torch.Tensor) -> torch.Tensor:
     """``|dh a* + dk b* + dl c*|^2 (Na Nb Nc)^2`` with a*, b*, c* in 1/Angstrom (nanoBragg's units).
 
     Args:
-        dhkl: (*, 3); recip: (3, 3) rows a*, b*, c*; n_cells: (3,).
+        dhkl: (*, 3) or components; recip: (3, 3) rows a*, b*, c*; n_cells: (3,).
     """
-    d = dhkl @ recip
-    return (d * d).sum(-1) * n_cells.prod(-1) ** 2
+    dh, dk, dl = components(dhkl)
+    total = 0.0
+    for axis in range(3):
+        d = dh * recip[..., 0, axis] + dk * recip[..., 1, axis] + dl * recip[..., 2, axis]
+        total = total + d * d
+    return total * n_cells.prod(-1) ** 2
 
 
 def gauss_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
@@ -92,21 +120,21 @@ def tophat_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torc
     return torch.where(inside, n_cells.prod(-1), torch.zeros_like(rad_star_sq))
 
 
-def lattice_factor(shape: str, hkl: torch.Tensor, recip: torch.Tensor, n_cells: torch.Tensor,
-                   fudge: torch.Tensor) -> torch.Tensor:
+def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tensor,
+                   n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
     """F_latt for a crystal ``shape`` in {"square", "round", "gauss", "tophat"}.
 
     Nearest indices are ``ceil(h - 1/2)`` as in nanoBragg.
 
     Args:
-        hkl: (*, 3) fractional indices; recip: (3, 3) reciprocal cell (1/Angstrom);
-        n_cells: (3,) Na, Nb, Nc; fudge: scalar.
+        hkl: (*, 3) fractional indices or their three components; recip: (3, 3) reciprocal
+        cell (1/Angstrom); n_cells: (3,) Na, Nb, Nc; fudge: scalar.
     Returns:
         (*) lattice factor (dimensionless).
     """
     if shape == "square":
         return square_lattice(hkl, n_cells)
-    dhkl = hkl - torch.ceil(hkl - 0.5)
+    dhkl = tuple(x - torch.ceil(x - 0.5) for x in components(hkl))
     if shape == "round":
         return round_lattice(dhkl, n_cells, fudge)
     rad = reciprocal_distance_sq(dhkl, recip, n_cells)

@@ -153,36 +153,51 @@ def water_background(water: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor
 # --------------------------------------------------------------------------------------------
 # The chunk kernel
 # --------------------------------------------------------------------------------------------
-def _paths(plan: Plan, start: int, stop: int, device) -> tuple[torch.Tensor, ...]:
-    """Layer, slow and fast sub-pixel and source indices of paths ``start..stop-1``, each (1, E)."""
+class Paths(NamedTuple):
+    """A block of paths (layer, sub-pixel, source), each field with leading shape (1, E).
+
+    layer, sub_s, sub_f: float indices; incident: (1, E, 3) unit vectors; wavelength: (1, E) m.
+    """
+
+    layer: torch.Tensor
+    sub_s: torch.Tensor
+    sub_f: torch.Tensor
+    incident: torch.Tensor
+    wavelength: torch.Tensor
+
+
+def path_block(setup: Setup, plan: Plan, start: int, stop: int) -> Paths:
+    """Paths ``start..stop-1`` in nanoBragg's order (layer, slow sub-pixel, fast sub-pixel, source)."""
+    device, dtype = setup.incident.device, setup.incident.dtype
     e = torch.arange(start, stop, device=device)
     os2 = plan.oversample**2
     src = e % plan.n_sources
     sub = (e // plan.n_sources) % os2
     layer = e // (plan.n_sources * os2)
-    return tuple(x[None] for x in (layer, sub // plan.oversample, sub % plan.oversample, src))
+    as_float = lambda x: x.to(dtype)[None]
+    return Paths(as_float(layer), as_float(sub // plan.oversample), as_float(sub % plan.oversample),
+                 setup.incident[src][None], setup.wavelengths[src][None])
 
 
-def path_rays(setup: Setup, plan: Plan, fpix, spix, layer, sub_s, sub_f, src):
+def path_rays(setup: Setup, plan: Plan, fpix, spix, paths: Paths):
     """Per (pixel, path): diffracted direction, path length, incident direction, q, cut.
 
+    Vectors are tuples of three (P, E) component tensors.
+
     Args:
-        fpix, spix: (P, 1) pixel indices; layer, sub_s, sub_f, src: (1, E) path indices.
+        fpix, spix: (P, 1) float pixel indices; paths: a block of E paths.
     Returns:
-        diffracted (P, E, 3) unit vectors, airpath (P, E) in m, incident (1, E, 3),
-        q (P, E, 3) in 1/m, culled (P, E) bool (beyond the resolution cut).
+        diffracted unit vector, airpath (P, E) in m, incident (1, E) components, q in 1/m,
+        culled (P, E) bool (beyond the resolution cut).
     """
-    f = setup.frame
-    dtype = f.pix0.dtype
-    depth = layer.to(dtype) * setup.layer_depth
-    pos = subpixel_positions(f, fpix.to(dtype), spix.to(dtype), sub_f.to(dtype), sub_s.to(dtype),
-                             depth, plan.oversample, plan.curved)
-    airpath = torch.linalg.vector_norm(pos, dim=-1)
-    diffracted = pos / airpath[..., None]
-    incident = setup.incident[src]
-    q = (diffracted - incident) / setup.wavelengths[src][..., None]
+    pos = subpixel_positions(setup.frame, fpix, spix, paths.sub_f, paths.sub_s,
+                             paths.layer * setup.layer_depth, plan.oversample, plan.curved)
+    airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
+    diffracted = tuple(x / airpath for x in pos)
+    incident = tuple(paths.incident[..., i] for i in range(3))
+    q = tuple((d - i) / paths.wavelength for d, i in zip(diffracted, incident))
     if plan.dmin > 0:
-        stol = 0.5 * torch.linalg.vector_norm(q, dim=-1)
+        stol = 0.5 * torch.sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2])
         culled = (stol > 0) & (plan.dmin * 2 * stol > 1)
     else:
         culled = torch.zeros_like(airpath, dtype=torch.bool)
@@ -194,38 +209,41 @@ def path_factors(setup: Setup, plan: Plan, diffracted, airpath, incident, layer)
     f = setup.frame
     omega = solid_angle(airpath, f.close_distance, f.pixel_size, plan.point_pixel)
     if plan.absorption:
-        capture = capture_fraction(diffracted, f.odet, layer.to(airpath.dtype), setup.layer_depth, setup.mu)
+        capture = capture_fraction(diffracted, f.odet, layer, setup.layer_depth, setup.mu)
     else:
         capture = torch.ones_like(airpath)
     if plan.polarization:
-        polar = polarization_factor(incident.expand(diffracted.shape), diffracted, setup.polar_axis, setup.kahn)
+        d = torch.stack(diffracted, -1)
+        i = torch.stack(incident, -1).expand(d.shape)
+        polar = polarization_factor(i, d, setup.polar_axis, setup.kahn)
     else:
         polar = torch.ones_like(airpath)
     return omega, capture, polar
 
 
-def miller_indices(q: torch.Tensor, orient: torch.Tensor) -> torch.Tensor:
+def miller_indices(q, orient: torch.Tensor):
     """Fractional indices ``h = a.q, k = b.q, l = c.q`` for every orientation.
 
     Args:
-        q: (P, E, 3) scattering vectors (1/m); orient: (O, 3, 3) rows a, b, c (m).
+        q: three (P, E) components of the scattering vector (1/m); orient: (O, 3, 3) rows
+            a, b, c (m).
     Returns:
-        (P, E, O, 3) dimensionless.
+        (h, k, l), each (P, E, O), dimensionless.
     """
-    q = q[:, :, None, None, :]
-    return q[..., 0] * orient[..., 0] + q[..., 1] * orient[..., 1] + q[..., 2] * orient[..., 2]
+    qx, qy, qz = (x[..., None] for x in q)
+    return tuple(qx * orient[:, i, 0] + qy * orient[:, i, 1] + qz * orient[:, i, 2] for i in range(3))
 
 
 def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     """F_cell with nanoBragg's interpolation switch-off.
 
     Args:
-        hkl: (P, E, O, 3); counted: (P, E, O) evaluations that reach the F_cell code;
-        disabled_in: 0-d bool, interpolation already switched off by an earlier chunk.
+        hkl: (h, k, l), each (P, E, O); counted: (P, E, O) evaluations that reach the F_cell
+            code; disabled_in: 0-d bool, interpolation already switched off by an earlier chunk.
     Returns:
         (F_cell (P, E, O), disabled_out 0-d bool).
     """
-    h0 = torch.ceil(hkl - 0.5)
+    h0 = tuple(torch.ceil(x - 0.5) for x in hkl)
     nearest = nearest_f(h0, setup.fhkl, plan.hkl_origin, setup.default_f)
     if not plan.interpolate:
         return nearest, disabled_in
@@ -238,7 +256,7 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 
 def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor | None,
-                 fpix, spix, layer, sub_s, sub_f, src, disabled_in, seen_in,
+                 fpix, spix, paths: Paths, disabled_in, seen_in,
                  plan: Plan, omega_col: int, capture_col: int):
     """Accumulate one chunk: a tile of pixels, a block of paths, all orientations.
 
@@ -252,10 +270,10 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
         dict with ``A``, ``B`` (P,) (the chunk's map ``I <- A I + B``), ``polar_found``,
         ``polar_first`` (P,), optional ``omega``/``capture`` (P,), ``disabled``, ``seen``.
     """
-    diffracted, airpath, incident, q, culled = path_rays(setup, plan, fpix, spix, layer, sub_s, sub_f, src)
+    diffracted, airpath, incident, q, culled = path_rays(setup, plan, fpix, spix, paths)
     per_path = plan.ordered or plan.dmin > 0
     if per_path:
-        omega, capture, polar = path_factors(setup, plan, diffracted, airpath, incident, layer)
+        omega, capture, polar = path_factors(setup, plan, diffracted, airpath, incident, paths.layer)
     alive = ~culled
     hkl = miller_indices(q, orient)
     seen = seen_in
@@ -263,7 +281,7 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
         flat = alive.reshape(-1).to(torch.int32)
         first = ((torch.cumsum(flat, 0) - flat).reshape(alive.shape) == 0) & alive & ~seen_in
         hkl_first = miller_indices(q, orient_first)
-        hkl = torch.where(first[..., None, None], hkl_first, hkl)
+        hkl = tuple(torch.where(first[..., None], a, b) for a, b in zip(hkl_first, hkl))
         seen = seen_in | alive.any()
     n_cells = setup.n_cells
     f_latt = lattice_factor(plan.shape, hkl, setup.recip, n_cells, setup.fudge)
@@ -300,8 +318,9 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
     cols = [c for c in (omega_col, capture_col) if c >= 0]
     if cols:
         pick = lambda x: x[:, cols]
-        omega_c, capture_c, polar_c = path_factors(setup, plan, pick(diffracted), pick(airpath),
-                                                   incident[:, cols], layer[:, cols])
+        omega_c, capture_c, polar_c = path_factors(
+            setup, plan, tuple(pick(x) for x in diffracted), pick(airpath),
+            tuple(pick(x) for x in incident), paths.layer[:, cols])
         if omega_col >= 0:
             out["omega"], out["polar_first"] = omega_c[:, 0], polar_c[:, 0]
             out["polar_found"] = torch.ones_like(out["omega"], dtype=torch.bool)
@@ -363,17 +382,18 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel):
         pad = plan.tile - idx.shape[0]
         if pad:
             idx = torch.cat([idx, idx[-1:].expand(pad)])
-        fpix, spix = (idx % plan.fpixels)[:, None], (idx // plan.fpixels)[:, None]
+        fpix = (idx % plan.fpixels)[:, None].to(dtype)
+        spix = (idx // plan.fpixels)[:, None].to(dtype)
         intensity = background.expand(idx.shape)
         polar_found = torch.zeros(idx.shape, dtype=torch.bool, device=device)
         polar_first = torch.zeros(idx.shape, dtype=dtype, device=device)
         omega_first = capture_last = None
         for e0 in range(0, plan.n_paths, plan.block):
             e1 = min(e0 + plan.block, plan.n_paths)
-            paths = _paths(plan, e0, e1, device)
+            paths = path_block(setup, plan, e0, e1)
             omega_col = 0 if e0 == 0 else -1
             capture_col = capture_path - e0 if e0 <= capture_path < e1 else -1
-            out = kernel(setup, orient, first_orient, fpix, spix, *paths, disabled, seen,
+            out = kernel(setup, orient, first_orient, fpix, spix, paths, disabled, seen,
                          plan=plan, omega_col=omega_col, capture_col=capture_col)
             disabled, seen = out["disabled"], out["seen"]
             intensity = intensity * out["A"] + out["B"]

@@ -8,35 +8,43 @@ from __future__ import annotations
 
 import torch
 
+from nbfunc.lattice import Components, components
 
-def nearest_f(h0: torch.Tensor, fhkl: torch.Tensor, origin: tuple[int, int, int],
+
+def _flat_index(idx: Components, shape) -> torch.Tensor:
+    return (idx[0] * shape[1] + idx[1]) * shape[2] + idx[2]
+
+
+def nearest_f(h0: torch.Tensor | Components, fhkl: torch.Tensor, origin: tuple[int, int, int],
               default_f: torch.Tensor) -> torch.Tensor:
-    """F at integer indices ``h0`` (*, 3), or ``default_F`` outside the grid.
+    """F at integer indices ``h0``, or ``default_F`` outside the grid.
 
     Args:
-        h0: (*, 3) integer-valued floating tensor of nearest indices.
+        h0: (*, 3) integer-valued floating tensor of nearest indices, or its components.
         fhkl: (nh, nk, nl) grid (e); origin: (h_min, k_min, l_min).
     """
+    h0 = components(h0)
     if fhkl.numel() == 0:
-        return default_f.expand(h0.shape[:-1])
-    idx = h0.long() - torch.tensor(origin, device=h0.device)
-    size = torch.tensor(fhkl.shape, device=h0.device)
-    inside = ((idx >= 0) & (idx < size)).all(-1)
-    idx = torch.where(inside[..., None], idx, 0)
-    flat = (idx[..., 0] * fhkl.shape[1] + idx[..., 1]) * fhkl.shape[2] + idx[..., 2]
+        return default_f.expand(h0[0].shape)
+    idx = [x.long() - o for x, o in zip(h0, origin)]
+    inside = (idx[0] >= 0) & (idx[0] < fhkl.shape[0]) & (idx[1] >= 0) & (idx[1] < fhkl.shape[1]) \
+        & (idx[2] >= 0) & (idx[2] < fhkl.shape[2])
+    flat = torch.where(inside, _flat_index(idx, fhkl.shape), 0)
     values = fhkl.reshape(-1)[flat.reshape(-1)].reshape(flat.shape)
     return torch.where(inside, values, default_f)
 
 
-def interpolation_out_of_range(hkl: torch.Tensor, grid_shape: tuple[int, int, int],
+def interpolation_out_of_range(hkl: torch.Tensor | Components, grid_shape: tuple[int, int, int],
                                origin: tuple[int, int, int]) -> torch.Tensor:
     """True where the 4-point neighbourhood of ``hkl`` (*, 3) leaves the grid.
 
     nanoBragg's test: ``h - h_min + 3 > h_range`` or ``h - 2 < h_min`` on any axis.
     """
-    lo = torch.tensor(origin, dtype=hkl.dtype, device=hkl.device)
-    rng = torch.tensor(grid_shape, dtype=hkl.dtype, device=hkl.device)
-    return ((hkl - lo + 3 > rng) | (hkl - 2 < lo)).any(-1)
+    out = None
+    for x, lo, n in zip(components(hkl), origin, grid_shape):
+        bad = (x - lo + 3 > n) | (x - 2 < lo)
+        out = bad if out is None else out | bad
+    return out
 
 
 def lagrange_weights(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,16 +64,16 @@ def lagrange_weights(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return base, torch.stack([w0, w1, w2, w3], -1)
 
 
-def tricubic_f(hkl: torch.Tensor, fhkl: torch.Tensor, origin: tuple[int, int, int]) -> torch.Tensor:
-    """Tricubic Lagrange interpolation of the grid at fractional ``hkl`` (*, 3).
+def tricubic_f(hkl: torch.Tensor | Components, fhkl: torch.Tensor, origin: tuple[int, int, int]) -> torch.Tensor:
+    """Tricubic Lagrange interpolation of the grid at fractional ``hkl`` (*, 3) or components.
 
     Indices are clamped into the grid, so points whose neighbourhood is out of range give a
     finite but meaningless value; callers select another F there (see
     `interpolation_out_of_range`).
     """
     nh, nk, nl = fhkl.shape
-    bases, weights = zip(*(lagrange_weights(hkl[..., i]) for i in range(3)))
-    offs = torch.arange(4, device=hkl.device)
+    bases, weights = zip(*(lagrange_weights(x) for x in components(hkl)))
+    offs = torch.arange(4, device=fhkl.device)
     idx = [(b.long()[..., None] - o + offs).clamp(0, n - 1)
            for b, o, n in zip(bases, origin, (nh, nk, nl))]
     flat = ((idx[0][..., :, None, None] * nk + idx[1][..., None, :, None]) * nl
