@@ -9,7 +9,9 @@ whose tensor inputs require grad while autograd is recording, run the eager func
 transform or autograd differentiates or batches the same pure code, so results are identical.
 (Compiled graphs support neither double backward, which gradgradcheck and Hessians need, nor,
 in torch 2.13, every backward of this kernel: inductor fails or returns wrong gradients for
-some leaves.) Compiling a transformed function is left to the caller. A compile that fails is reported with a
+some leaves.) Do not wrap nbfunc functions in ``torch.compile`` yourself
+(``torch.compile(torch.func.grad(loss))``): dynamo stops at the pydantic tree, falls back to
+eager and, in torch 2.13, then skips nbfunc's own compiled kernel for the rest of the process. A compile that fails is reported with a
 warning that names the function and the error, and that function then runs eagerly; it is
 never swallowed silently. ``NANOBRAGG_COMPILE_STRICT=1`` turns that warning into an error.
 """
@@ -77,11 +79,11 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwar
     def wrapper(*args, **kwargs):
         if state["failed"] or in_functorch_transform():
             return fn(*args, **kwargs)
-        if state["compiled"] is None:
-            state["compiled"] = torch.compile(fn, **options)
         if _needs_grad(pytree.tree_leaves((args, kwargs))):
             return fn(*args, **kwargs)
         try:
+            if state["compiled"] is None:
+                state["compiled"] = torch.compile(fn, **options)
             return state["compiled"](*args, **kwargs)
         except Exception as err:  # reported, then eager for the rest of the process
             if COMPILE_STRICT:

@@ -1,0 +1,190 @@
+"""The compile wrapper: compiled equals eager, failures are reported, flags are validated.
+
+One compiled render is made, on the 6 x 6 base tree (the first compile of the kernel takes
+5-20 s on CPU; ``test_vmap.py`` reuses it); it is skipped when ``NANOBRAGG_DISABLE_COMPILE=1``.
+The compiled carry path is compared with the C program's images in ``tests/parity``. The
+wrapper's logic (failure warning, strict mode, eager under transforms and autograd) is tested
+with a stand-in for ``torch.compile`` in both modes.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import nbfunc
+import nbfunc.compile as nbcompile
+import nbfunc.render
+from _transforms_support import assert_close_scaled, eager_mode, leaves_dict, poisson_nll
+
+needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
+                                   reason="NANOBRAGG_DISABLE_COMPILE=1: nothing is compiled")
+
+
+# --------------------------------------------------------------------------------------------
+# compiled equals eager
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Eager image, eager gradient of a Poisson loss, and the target of the loss."""
+    with eager_mode():
+        image = nbfunc.simulate(tiny)
+    target = (image * 1.1).detach()
+    grad = torch.func.grad(lambda p: poisson_nll(nbfunc.simulate(p), target))(tiny)
+    return image, grad, target
+
+
+def test_wrappers_expose_the_eager_function():
+    def square(x):
+        return x * x
+
+    wrapped = nbcompile.compiled(square)
+    assert wrapped.eager is square
+    kernels = [v for v in vars(nbfunc.render).values() if callable(v) and hasattr(v, "eager")]
+    assert kernels, "nbfunc.render should render through a nbfunc.compile.compiled kernel"
+
+
+@pytest.mark.slow
+@needs_compile
+def test_compiled_simulate_equals_eager(tiny, reference):
+    image, _, _ = reference
+    with torch.no_grad():
+        compiled = nbfunc.simulate(tiny)
+    assert_close_scaled(compiled, image, 1e-10, "image")
+    assert not torch.equal(compiled, torch.zeros_like(compiled))
+
+
+def test_autograd_through_the_wrapper_equals_transform_gradient(tiny, reference):
+    """torch.autograd through `simulate` (the wrapper runs the eager kernel when inputs require
+    grad) equals torch.func.grad."""
+    _, grad, target = reference
+    leaves, spec = pytree.tree_flatten(tiny)
+    live = [leaf.detach().clone().requires_grad_(leaf.numel() > 0) for leaf in leaves]
+    image = nbfunc.simulate(pytree.tree_unflatten(live, spec))
+    wrt = [leaf for leaf in live if leaf.requires_grad]
+    grads = iter(torch.autograd.grad(poisson_nll(image, target), wrt, allow_unused=True))
+    for (path, g), leaf in zip(leaves_dict(grad).items(), live):
+        if leaf.requires_grad:
+            got = next(grads)
+            got = torch.zeros_like(leaf) if got is None else got
+            assert_close_scaled(got, g, 1e-10, path, atol=1e-300)
+
+
+# --------------------------------------------------------------------------------------------
+# wrapper logic, with a stand-in for torch.compile
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def wrapper_on(monkeypatch):
+    """Make `compiled` wrap functions even under NANOBRAGG_DISABLE_COMPILE=1; not strict."""
+    monkeypatch.setattr(nbcompile, "COMPILE_DISABLED", False)
+    monkeypatch.setattr(nbcompile, "COMPILE_STRICT", False)
+    calls = []
+
+    def broken_compile(fn, **options):
+        calls.append(options)
+
+        def run(*args, **kwargs):
+            raise RuntimeError("backend exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    return calls
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_compile_failure_is_a_runtime_warning_then_eager(wrapper_on):
+    f = nbcompile.compiled(_double)
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed for _double \(RuntimeError: "
+                                            r"backend exploded\); running it eagerly"):
+        assert torch.equal(f(x), 2 * x)
+    assert wrapper_on == [{"dynamic": False}]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(f(x), 2 * x)      # eager from now on, no second warning
+    assert len(wrapper_on) == 1
+
+
+def test_strict_mode_raises(wrapper_on, monkeypatch):
+    monkeypatch.setattr(nbcompile, "COMPILE_STRICT", True)
+    f = nbcompile.compiled(_double)
+    with pytest.raises(nbcompile.CompileError, match="_double: backend exploded"):
+        f(torch.ones(2))
+
+
+def test_inputs_that_require_grad_run_the_eager_function(wrapper_on):
+    f = nbcompile.compiled(_double)
+    x = torch.arange(3.0, requires_grad=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = f(x)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert torch.equal(g, torch.full((3,), 2.0))
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="backend exploded"):
+        f(x)                                 # without autograd the compiled function runs
+
+
+def test_transforms_run_the_eager_function(wrapper_on):
+    f = nbcompile.compiled(_double)
+    x = torch.arange(3.0)
+    assert torch.equal(torch.func.vmap(f)(x), 2 * x)
+    assert torch.equal(torch.func.grad(lambda t: f(t).sum())(x), torch.full((3,), 2.0))
+    assert wrapper_on == []     # torch.compile never reached
+
+
+def test_compile_error_at_wrap_time_is_reported(monkeypatch):
+    monkeypatch.setattr(nbcompile, "COMPILE_DISABLED", False)
+    monkeypatch.setattr(nbcompile, "COMPILE_STRICT", False)
+
+    def unavailable(fn, **options):
+        raise RuntimeError("torch.compile is not supported on this platform")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    f = nbcompile.compiled(_double)
+    with pytest.warns(RuntimeWarning, match="not supported on this platform"):
+        assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+
+
+# --------------------------------------------------------------------------------------------
+# environment flags
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["NANOBRAGG_DISABLE_COMPILE", "NANOBRAGG_COMPILE_STRICT"])
+@pytest.mark.parametrize("raw, value", [("1", True), ("true", True), (" YES ", True), ("on", True),
+                                        ("0", False), ("false", False), ("No", False), ("", False)])
+def test_flag_spellings(monkeypatch, name, raw, value):
+    monkeypatch.setenv(name, raw)
+    assert nbcompile._read_flag(name, not value) is value
+
+
+@pytest.mark.parametrize("name", ["NANOBRAGG_DISABLE_COMPILE", "NANOBRAGG_COMPILE_STRICT"])
+def test_flag_unset_gives_default(monkeypatch, name):
+    monkeypatch.delenv(name, raising=False)
+    assert nbcompile._read_flag(name, True) is True
+    assert nbcompile._read_flag(name, False) is False
+
+
+@pytest.mark.parametrize("name", ["NANOBRAGG_DISABLE_COMPILE", "NANOBRAGG_COMPILE_STRICT"])
+@pytest.mark.parametrize("raw", ["2", "maybe", "enable", "-1"])
+def test_unknown_flag_values_are_rejected(monkeypatch, name, raw):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ValueError, match=rf"{name}='{raw}' is not understood; use 1 \(on\) or 0 \(off\)"):
+        nbcompile._read_flag(name, False)
+
+
+def test_unknown_flag_value_stops_the_import():
+    env = {**os.environ, "NANOBRAGG_DISABLE_COMPILE": "maybe"}
+    run = subprocess.run([sys.executable, "-c", "import nbfunc"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0
+    assert "NANOBRAGG_DISABLE_COMPILE='maybe' is not understood" in run.stderr

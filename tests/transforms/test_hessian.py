@@ -1,0 +1,108 @@
+"""Second derivatives: ``torch.func.hessian`` of a Poisson loss and grad of grad."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nbfunc
+from _transforms_support import assert_close_scaled, eager_mode, leaf_step, poisson_nll
+
+f64 = lambda x: torch.tensor(x, dtype=torch.float64)
+SELECTED = ("detector.distance", "crystal.cell_a", "crystal.misset", "beam.wavelength")
+
+
+@pytest.fixture(scope="module")
+def problem(tiny):
+    """A target image from a slightly different crystal, and the loss of a dict of leaves."""
+    with torch.no_grad(), eager_mode():
+        target = nbfunc.simulate(nbfunc.replace_leaves(tiny, {"crystal.cell_a": f64(50.3)}))
+
+    def loss(leaves: dict) -> torch.Tensor:
+        return poisson_nll(nbfunc.simulate(nbfunc.replace_leaves(tiny, leaves)), target)
+
+    start = {path: nbfunc.tree.get_leaf(tiny, path) for path in SELECTED}
+    return loss, start, target
+
+
+def as_matrix(hessian: dict, leaves: dict) -> torch.Tensor:
+    """Assemble the dict-of-dicts Hessian into one (n, n) matrix in the order of ``leaves``."""
+    rows = []
+    for a, va in leaves.items():
+        row = [hessian[a][b].reshape(va.numel(), vb.numel()) for b, vb in leaves.items()]
+        rows.append(torch.cat(row, 1))
+    return torch.cat(rows, 0)
+
+
+def test_hessian_of_selected_leaves_is_symmetric(problem):
+    loss, start, _ = problem
+    hessian = torch.func.hessian(loss)(start)
+    assert set(hessian) == set(SELECTED)
+    assert hessian["crystal.misset"]["detector.distance"].shape == (3,)
+    assert hessian["crystal.misset"]["crystal.misset"].shape == (3, 3)
+    matrix = as_matrix(hessian, start)
+    assert matrix.shape == (6, 6)
+    assert torch.isfinite(matrix).all()
+    # leaves have different units: compare in units scaled by each leaf's step
+    scale = torch.cat([leaf_step(v).reshape(-1) for v in start.values()]) / 1e-6
+    scaled = matrix * scale[:, None] * scale[None, :]
+    assert_close_scaled(scaled, scaled.T, 1e-9, "symmetry")
+
+
+def test_hessian_matches_jacrev_of_grad_and_finite_differences(problem, eager):
+    loss, start, _ = problem
+    hessian = torch.func.hessian(loss)(start)
+    mixed = torch.func.jacrev(torch.func.grad(loss))(start)
+    for a in start:
+        for b in start:
+            assert_close_scaled(mixed[a][b], hessian[a][b], 1e-8, f"{a}, {b}", atol=1e-300)
+    grad = torch.func.grad(loss)
+    for b in ("detector.distance", "crystal.misset"):
+        value = start[b].reshape(-1)
+        steps = leaf_step(value)
+        for j in range(value.numel()):
+            delta = torch.zeros_like(value)
+            delta[j] = steps[j]
+            plus = grad({**start, b: (value + delta).reshape(start[b].shape)})
+            minus = grad({**start, b: (value - delta).reshape(start[b].shape)})
+            for a in start:
+                numeric = (plus[a] - minus[a]) / (2 * steps[j])
+                column = hessian[a][b].reshape(start[a].shape + (-1,))[..., j]
+                assert_close_scaled(column, numeric, 1e-5, f"d2/d{a} d{b}[{j}]",
+                                    atol=1e-8 * float(column.abs().max()))
+
+
+def test_hessian_of_a_subtree(tiny, eager):
+    """The beam sub-tree as the argument: the Hessian is a Beam of Beams."""
+    target = nbfunc.simulate(nbfunc.replace_leaves(tiny, {"beam.wavelength": f64(1.002)})).detach()
+
+    def loss(beam: nbfunc.Beam) -> torch.Tensor:
+        return poisson_nll(nbfunc.simulate(tiny.model_copy(update={"beam": beam})), target)
+
+    hessian = torch.func.hessian(loss)(tiny.beam)
+    assert isinstance(hessian, nbfunc.Beam)
+    assert isinstance(hessian.wavelength, nbfunc.Beam)
+    assert isinstance(hessian.sources.hdivrange, nbfunc.Beam)
+    ww = hessian.wavelength.wavelength
+    assert ww.shape == () and ww > 0        # a minimum in wavelength near the target
+    cross = (hessian.wavelength.kahn_factor, hessian.kahn_factor.wavelength)
+    torch.testing.assert_close(cross[0], cross[1], rtol=1e-9, atol=0)
+    cross = (hessian.wavelength.fluence, hessian.fluence.wavelength)
+    torch.testing.assert_close(cross[0], cross[1], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("path", ["detector.distance", "crystal.cell_b", "crystal.Na", "beam.wavelength"])
+def test_grad_of_grad_equals_finite_difference_of_grad(tiny, path, eager):
+    """d2 image_sum / d x2 for one scalar leaf: ``grad(grad(f))`` against central differences of ``grad(f)``."""
+
+    def total(x):
+        return nbfunc.simulate(nbfunc.replace_leaves(tiny, {path: x})).sum()
+
+    x0 = nbfunc.tree.get_leaf(tiny, path)
+    second = torch.func.grad(torch.func.grad(total))(x0)
+    step = leaf_step(x0)
+    first = torch.func.grad(total)
+    numeric = (first(x0 + step) - first(x0 - step)) / (2 * step)
+    assert torch.isfinite(second)
+    assert_close_scaled(second, numeric, 1e-5, path)
+    autograd_second = torch.autograd.functional.hessian(total, x0)
+    torch.testing.assert_close(autograd_second, second, rtol=1e-9, atol=0)
