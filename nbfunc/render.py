@@ -352,7 +352,7 @@ def _carry_orientations(real, phi_rot, phi, carry: torch.Tensor):
     return torch.stack(steps), state
 
 
-def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel):
+def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None):
     plan, pixel_list = make_plan(p)
     setup, real, phi_rot, mosaic_rot = prepare(p)
     fluence = p.beam.fluence
@@ -377,6 +377,7 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel):
     n_pix = len(pixel_list)
     capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
     values = []
+    n_chunks, done = math.ceil(n_pix / plan.tile) * math.ceil(plan.n_paths / plan.block), 0
     for start in range(0, n_pix, plan.tile):
         idx = pixels[start:start + plan.tile]
         pad = plan.tile - idx.shape[0]
@@ -396,6 +397,9 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel):
             out = kernel(setup, orient, first_orient, fpix, spix, paths, disabled, seen,
                          plan=plan, omega_col=omega_col, capture_col=capture_col)
             disabled, seen = out["disabled"], out["seen"]
+            done += 1
+            if progress is not None:
+                progress(done, n_chunks)
             intensity = intensity * out["A"] + out["B"]
             polar_first = torch.where(polar_found, polar_first, out["polar_first"])
             polar_found = polar_found | out["polar_found"]
@@ -432,10 +436,11 @@ def simulate(p: Params) -> torch.Tensor:
     return _render(p, None)[0]
 
 
-def render_for_cli(p: Params, carry: PhiCarry, compile: bool) -> tuple[torch.Tensor, PhiCarry]:
+def render_for_cli(p: Params, carry: PhiCarry, compile: bool, progress=None) -> tuple[torch.Tensor, PhiCarry]:
     """`simulate_with_carry`, optionally without compilation (the command line renders small
-    images eagerly because a compile would cost more than it saves)."""
-    return _render(p, carry, _compiled_kernel if compile else chunk_kernel)
+    images eagerly because a compile would cost more than it saves), calling
+    ``progress(done, total)`` after every chunk when given."""
+    return _render(p, carry, _compiled_kernel if compile else chunk_kernel, progress)
 
 
 def evaluation_count(p: Params) -> int:

@@ -147,7 +147,7 @@ class CFlags:
     pgm_scale: float = 0.0
     write_pgm: bool = True
     calculate_noise: bool = True
-    seed: int | None = None  # None: C uses -time(); we require an explicit seed for noise
+    seed: int | None = None  # None: the clock, as C's seed = -time(0)
     progress_meter: bool = True
     printout: bool = False
     printout_pixel: tuple[int, int] = (-1, -1)  # fpixel, spixel

@@ -10,16 +10,17 @@ Every quantity the physics needs ends up in the tree; what only the command line
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 from nbfunc.cli.cflags import CFlags
-from nbfunc.cli.flags import find_header_files, parse_flags
+from nbfunc.cli.flags import FlagError, find_header_files, parse_flags
 from nbfunc.crystal import oriented_cell
 from nbfunc.detector import detector_frame
 from nbfunc.io.errors import NbfuncInputError
@@ -267,6 +268,155 @@ def cell_from_matrix(recip: np.ndarray) -> tuple[tuple[float, ...], np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
+# bad input: one line naming the flag or file, before any tensor is built
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def reading(flag: str, hint: str = ""):
+    """Prefix the one-line error of a file reader with the flag that named the file."""
+    try:
+        yield
+    except NbfuncInputError as err:
+        raise NbfuncInputError(f"{flag} {err}{hint}".strip()) from err
+
+
+def header_origins(before: CFlags, after: CFlags, flag: str, name: str) -> dict[str, str]:
+    """C variables an SMV header changed -> where they came from (for error messages)."""
+    return {fd.name: f"{flag} {name} (its header)" for fd in fields(CFlags)
+            if fd.name != "warnings" and getattr(before, fd.name) != getattr(after, fd.name)}
+
+
+_POSITIVE = (
+    # C variable, flag, what, scale to the flag's unit, unit
+    ("pixel_size", "-pixel", "pixel size", 1e3, "mm"),
+    ("distance", "-distance", "detector distance", 1e3, "mm"),
+    ("close_distance", "-close_distance", "close distance", 1e3, "mm"),
+    ("lambda0", "-lambda/-energy", "wavelength", 1e10, "Angstrom"),
+)
+
+
+def check_physical(f: CFlags, start: CFlags, origins: dict[str, str]) -> None:
+    """Reject values that have no physical meaning and that C would divide by or render.
+
+    Flag values are range-checked as they are read (`nbfunc.cli.flags`); this catches what
+    came from an -img/-mask header and the combinations of flags.
+    Raises:
+        FlagError: naming the flag, or the header file, that gave the value.
+    """
+    for name, flag, what, scale, unit in _POSITIVE:
+        value = getattr(f, name)
+        if name == "close_distance" and math.isnan(value):
+            continue
+        if not (math.isfinite(value) and value > 0):
+            source = origins.get(name) if value == getattr(start, name) else None
+            fix = f"; give {flag.split('/')[0]} to override it" if source else ""
+            raise FlagError(f"{source or flag}: {what} is {value * scale:g} {unit}, expected a "
+                            f"value greater than 0{fix}")
+    if f.flux != 0.0 and f.exposure > 0.0 and f.beamsize == 0.0:
+        raise FlagError("-beamsize 0 with -flux: fluence = flux*exposure/beamsize^2 would be "
+                        "infinite; give -beamsize in mm (greater than 0) or -fluence")
+
+
+def check_vectors(f: CFlags, vectors: dict) -> None:
+    """Zero-length axes of the CUSTOM convention (named conventions replace every vector)."""
+    if f.beam_convention != "CUSTOM":
+        return
+    flags = {"beam": ("-beam_vector", f.beam_vector), "fdet": ("-fdet_vector", f.fdet_vector),
+             "sdet": ("-sdet_vector", f.sdet_vector), "polar": ("-polar_vector", f.polar_vector),
+             "spindle": ("-spindle_axis", f.spindle_vector),
+             "twotheta_axis": ("-twotheta_axis", f.twotheta_axis)}
+    for key, (flag, given) in flags.items():
+        if not any(vectors[key]):
+            shown = " ".join(f"{x:g}" for x in given)
+            raise FlagError(f"{flag} {shown} is a zero-length vector; expected a direction "
+                            "(x y z, not all 0)")
+    normal = np.cross(vectors["fdet"], vectors["sdet"])
+    if float(np.linalg.norm(normal)) < 1e-12:
+        raise FlagError("-fdet_vector and -sdet_vector are parallel, so the pixels do not span "
+                        "a plane; give perpendicular fast and slow axes")
+
+
+def cell_from_flags(f: CFlags) -> tuple[float, ...]:
+    """(a, b, c in Angstrom, alpha, beta, gamma in deg) of -cell, with C's defaults.
+
+    As in C, b and c default to a, and angles of 0 to 90 degrees.
+    Raises:
+        FlagError: a is not positive, or the angles enclose no volume.
+    """
+    if not f.cell_a > 0:
+        raise FlagError(f"-cell expects a cell edge a greater than 0 Angstrom, got {f.cell_a:g}")
+    b = f.cell_b if f.cell_b > 0 else f.cell_a
+    c = f.cell_c if f.cell_c > 0 else f.cell_a
+    angles = [x if x > 0 else math.pi / 2 for x in (f.alpha, f.beta, f.gamma)]
+    s = sum(angles) / 2
+    skew = math.sin(s) * math.sin(s - angles[0]) * math.sin(s - angles[1]) * math.sin(s - angles[2])
+    degrees = tuple(math.degrees(x) for x in angles)
+    if max(degrees) >= 180.0 or not skew > 0:
+        shown = " ".join(f"{x:g}" for x in degrees)
+        raise FlagError(f"-cell angles alpha beta gamma = {shown} deg enclose no volume; expected "
+                        "each below 180, each smaller than the sum of the other two, and a sum "
+                        "below 360")
+    return (f.cell_a, b, c) + degrees
+
+
+_TREE_PATHS = {"Beam": "beam", "SourceGrid": "beam.sources", "SourceList": "beam.sources",
+               "Detector": "detector", "Crystal": "crystal", "Sampling": "sampling", "Params": ""}
+
+_TREE_FLAGS = {
+    "detector.distance": "-distance/-close_distance", "detector.pixel_size": "-pixel",
+    "detector.fpixels": "-detpixels_f", "detector.spixels": "-detpixels_s",
+    "detector.beam_center_f": "-Xbeam/-Ybeam/-ORGX/-Xclose",
+    "detector.beam_center_s": "-Xbeam/-Ybeam/-ORGY/-Yclose",
+    "detector.rotx": "-detector_rotx", "detector.roty": "-detector_roty",
+    "detector.rotz": "-detector_rotz", "detector.twotheta": "-twotheta",
+    "detector.thickness": "-detector_thick", "detector.mu": "-detector_abs",
+    "detector.thicksteps": "-detector_thicksteps", "detector.fdet_vector": "-fdet_vector",
+    "detector.sdet_vector": "-sdet_vector", "detector.odet_vector": "-odet_vector",
+    "detector.twotheta_axis": "-twotheta_axis",
+    "beam.wavelength": "-lambda/-energy", "beam.kahn_factor": "-polar",
+    "beam.fluence": "-fluence/-flux", "beam.beam_vector": "-beam_vector",
+    "beam.polar_vector": "-polar_vector", "beam.sources.dispersion": "-dispersion",
+    "beam.sources.hdivrange": "-hdivrange/-divergence",
+    "beam.sources.vdivrange": "-vdivrange/-divergence",
+    "crystal.misset": "-misset", "crystal.Na": "-Na/-N", "crystal.Nb": "-Nb/-N",
+    "crystal.Nc": "-Nc/-N", "crystal.fudge": "-fudge", "crystal.mosaic_spread": "-mosaic",
+    "crystal.phi_start": "-phi", "crystal.phi_step": "-phistep/-osc",
+    "crystal.default_F": "-default_F", "crystal.fhkl": "-hkl", "crystal.water_size": "-water",
+    "crystal.spindle_axis": "-spindle_axis", "crystal.phisteps": "-phisteps",
+    "crystal.mosaic_domains": "-mosaic_dom", "sampling.oversample": "-oversample",
+    "sampling.dmin": "-dmin", "sampling.chunk": "-chunk", "sampling.mask": "-mask",
+    "sampling.roi": "-roi",
+}
+_MODEL_FLAGS = {"SourceGrid": "-divergence/-dispersion", "SourceList": "-sourcefile",
+                "Params": "-roi/-mask"}
+
+
+def tree_error(err, cell_flag: str) -> FlagError:
+    """A pydantic ValidationError of the parameter tree as one line naming the flag."""
+    first = err.errors()[0]
+    group = _TREE_PATHS.get(err.title, err.title.lower())
+    field_name = str(first["loc"][0]) if first["loc"] else ""
+    where = ".".join(x for x in (group, field_name) if x)
+    if where.startswith("crystal.cell_") or where == "crystal":
+        flag = cell_flag
+    else:
+        flag = _TREE_FLAGS.get(where) or _MODEL_FLAGS.get(err.title) or "the flags"
+    message = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return FlagError(f"{flag}: {message}{more} [{where or 'params'} in the parameter tree]")
+
+
+@contextlib.contextmanager
+def building_tree(cell_flag: str):
+    """Turn validation errors raised while the tree is built into `tree_error` lines."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as err:
+        raise tree_error(err, cell_flag) from None
+
+
+# --------------------------------------------------------------------------------------------
 # main entry
 # --------------------------------------------------------------------------------------------
 def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = None) -> tuple[Params, RunInfo]:
@@ -282,16 +432,21 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     Raises:
         nbfunc.cli.flags.FlagError, NbfuncInputError: bad flags, values or files.
     """
-    base = cwd or os.getcwd()
-    path = lambda name: name if os.path.isabs(name) else os.path.join(base, name)
+    path = lambda name: name if cwd is None or os.path.isabs(name) else os.path.join(cwd, name)
     img_file, mask_file = find_header_files(argv)
-    start, mask = CFlags(), None
+    start, mask, origins = CFlags(), None, {}
     if mask_file is not None:
-        start, mask_data = apply_smv_header(start, path(mask_file), is_mask=True)
-        mask = mask_data != 0
+        with reading("-mask"):
+            header, mask_data = apply_smv_header(start, path(mask_file), is_mask=True)
+        origins.update(header_origins(start, header, "-mask", mask_file))
+        start, mask = header, mask_data != 0
     if img_file is not None:
-        start, _ = apply_smv_header(start, path(img_file), is_mask=False)
+        with reading("-img"):
+            header, _ = apply_smv_header(start, path(img_file), is_mask=False)
+        origins.update(header_origins(start, header, "-img", img_file))
+        start = header
     f = parse_flags(list(argv), start)
+    check_physical(f, start, origins)
     info = RunInfo(flags=f, warnings=list(f.warnings))
     warn = info.warnings
 
@@ -303,8 +458,11 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     fpixels = math.ceil(f.detsize_f / f.pixel_size - 0.5)
     spixels = math.ceil(f.detsize_s / f.pixel_size - 0.5)
     if fpixels <= 0 or spixels <= 0:
-        raise NbfuncInputError(f"detector has {fpixels}x{spixels} pixels; give -detpixels N "
-                               "(N > 0) or -detsize larger than -pixel")
+        raise FlagError(f"-detpixels/-detsize: the detector has {fpixels}x{spixels} pixels; give "
+                        "-detpixels N (N > 0) or a -detsize larger than -pixel")
+    if fpixels * spixels > 2**31 - 1:
+        raise FlagError(f"-detpixels/-detsize: {fpixels}x{spixels} pixels are more than a C int "
+                        "can count (2147483647); give a smaller detector, or -roi to render part")
     if mask is not None and mask.shape != (spixels, fpixels):
         raise NbfuncInputError(f"-mask {mask_file}: {mask.shape[1]}x{mask.shape[0]} pixels but the "
                                f"detector has {fpixels}x{spixels}; give a mask of the detector's size")
@@ -321,11 +479,15 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
             f.sample_z = f.beamsize
 
     conv = resolve_convention(f)
+    check_vectors(f, conv["vectors"])
     roi = list(f.roi)
     roi[0] = 0 if roi[0] < 0 else roi[0]
     roi[1] = fpixels if roi[1] < 0 else roi[1]
     roi[2] = 0 if roi[2] < 0 else roi[2]
     roi[3] = spixels if roi[3] < 0 else roi[3]
+    if roi[0] > roi[1] or roi[2] > roi[3]:
+        raise FlagError(f"-roi {' '.join(str(x) for x in f.roi)} is empty; expected xmin xmax ymin "
+                        "ymax with xmin <= xmax and ymin <= ymax (pixel indices, inclusive)")
 
     # sampling rules
     phisteps, osc, phistep = phi_steps(f)
@@ -349,18 +511,18 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
 
     # cell and orientation
     base_orientation = np.eye(3)
+    cell_flag = "-cell" if f.mat_file is None else f"-mat {f.mat_file}"
     if f.mat_file is not None:
         from nbfunc.io.matrix import read_mosflm_matrix
 
-        recip = read_mosflm_matrix(path(f.mat_file)) * (1e-10 / f.lambda0)
-        cell, base_orientation = cell_from_matrix(recip)
+        with reading("-mat"):
+            recip = read_mosflm_matrix(path(f.mat_file)) * (1e-10 / f.lambda0)
+        with building_tree(cell_flag):
+            cell, base_orientation = cell_from_matrix(recip)
         if f.user_cell:
             warn.append("-cell and -mat both given: using the cell and orientation of the -mat file")
-    elif f.user_cell and f.cell_a > 0:
-        b = f.cell_b if f.cell_b > 0 else f.cell_a
-        c = f.cell_c if f.cell_c > 0 else f.cell_a
-        angles = [x if x > 0 else math.pi / 2 for x in (f.alpha, f.beta, f.gamma)]
-        cell = (f.cell_a, b, c) + tuple(math.degrees(x) for x in angles)
+    elif f.user_cell:
+        cell = cell_from_flags(f)
     else:
         raise NbfuncInputError("no unit cell: give -cell a b c alpha beta gamma (Angstrom, deg) "
                                "or -mat FILE with a MOSFLM orientation matrix")
@@ -382,7 +544,8 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
                        cell_beta=cell[4], cell_gamma=cell[5],
                        misset=[math.degrees(x) for x in misset],
                        base_orientation=tuple(tuple(float(x) for x in row) for row in base_orientation))
-    crystal0 = Crystal(**cell_kwargs)
+    with building_tree(cell_flag):
+        crystal0 = Crystal(**cell_kwargs)
     real, _ = oriented_cell(crystal0)
     lengths = torch.linalg.vector_norm(real, dim=-1).tolist()
     n_cells = [f.Na, f.Nb, f.Nc]
@@ -396,11 +559,14 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
 
     grid = None
     if f.hkl_file is not None:
-        grid = read_hkl(path(f.hkl_file), f.default_F)
+        with reading("-hkl"):
+            grid = read_hkl(path(f.hkl_file), f.default_F)
         warn.extend(grid.warnings)
         info.hkl_from_file = True
     elif os.path.exists(path(f.dump_file)):
-        grid = read_fdump(path(f.dump_file))
+        with reading("", " (nbfunc, like nanoBragg, reads the Fdump.bin an earlier -hkl run "
+                         "left in the working directory when no -hkl is given)"):
+            grid = read_fdump(path(f.dump_file))
         info.notes.append(f"reading Fs from {f.dump_file}")
     elif f.default_F == 0.0:
         raise NbfuncInputError("no structure factors: give -hkl FILE, or -default_F F (> 0) for "
@@ -414,18 +580,20 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     close_given = not math.isnan(f.close_distance)
     centre = (conv["fbeam"], conv["sbeam"]) if pivot == "beam" else (conv["fclose"], conv["sclose"])
     v = conv["vectors"]
-    detector = Detector(
-        distance=(f.close_distance if close_given else f.distance) * 1e3,
-        distance_kind="close" if close_given else "beam",
-        beam_center_f=centre[0] * 1e3, beam_center_s=centre[1] * 1e3,
-        rotx=math.degrees(f.detector_rotx), roty=math.degrees(f.detector_roty),
-        rotz=math.degrees(f.detector_rotz), twotheta=math.degrees(f.detector_twotheta),
-        pixel_size=f.pixel_size * 1e3, fpixels=fpixels, spixels=spixels, pivot=pivot,
-        fdet_vector=v["fdet"], sdet_vector=v["sdet"], odet_vector=v["odet"],
-        twotheta_axis=v["twotheta_axis"], curved=f.curved_detector, point_pixel=f.point_pixel,
-        thicksteps=thick[0], thickness=thick[1] * 1e3,
-        thick_step_fraction=(thick[2] / thick[1]) if thick[1] > 0 else 0.0,
-        mu=max(mu, 0.0) * 1e-3, absorption=thick[1] != 0.0)
+    with building_tree(cell_flag):
+        detector = Detector(
+            distance=(f.close_distance if close_given else f.distance) * 1e3,
+            distance_kind="close" if close_given else "beam",
+            beam_center_f=centre[0] * 1e3, beam_center_s=centre[1] * 1e3,
+            rotx=math.degrees(f.detector_rotx), roty=math.degrees(f.detector_roty),
+            rotz=math.degrees(f.detector_rotz), twotheta=math.degrees(f.detector_twotheta),
+            pixel_size=f.pixel_size * 1e3, fpixels=fpixels, spixels=spixels, pivot=pivot,
+            fdet_vector=v["fdet"], sdet_vector=v["sdet"], odet_vector=v["odet"],
+            twotheta_axis=v["twotheta_axis"], curved=f.curved_detector,
+            point_pixel=f.point_pixel,
+            thicksteps=thick[0], thickness=thick[1] * 1e3,
+            thick_step_fraction=(thick[2] / thick[1]) if thick[1] > 0 else 0.0,
+            mu=max(mu, 0.0) * 1e-3, absorption=thick[1] != 0.0)
     frame = detector_frame(detector, v["beam"])
 
     # automatic oversampling
@@ -442,35 +610,43 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     if f.source_file is not None:
         from nbfunc.io.sources import apply_source_defaults, read_source_file
 
-        cols = read_source_file(path(f.source_file))
+        with reading("-sourcefile"):
+            cols = read_source_file(path(f.source_file))
         directions, _, wavelengths = apply_source_defaults(cols, np.array(v["beam"]), f.lambda0)
-        sources = SourceList(directions=directions, wavelengths=np.asarray(wavelengths) * 1e10)
+        with building_tree(cell_flag):
+            sources = SourceList(directions=directions, wavelengths=np.asarray(wavelengths) * 1e10)
     else:
         hf, vf, df = divergence_fractions(f, hdiv, vdiv, disp)
-        sources = SourceGrid(dispersion=disp[1], hdivrange=hdiv[1] * 1e3, vdivrange=vdiv[1] * 1e3,
-                             hdiv_fracs=hf, vdiv_fracs=vf, disp_fracs=df)
-    beam = Beam(wavelength=f.lambda0 * 1e10, kahn_factor=f.polarization, fluence=f.fluence,
-                sources=sources, beam_vector=v["beam"], polar_vector=v["polar"],
-                polarization=not f.nopolar)
+        with building_tree(cell_flag):
+            sources = SourceGrid(dispersion=disp[1], hdivrange=hdiv[1] * 1e3,
+                                 vdivrange=vdiv[1] * 1e3, hdiv_fracs=hf, vdiv_fracs=vf,
+                                 disp_fracs=df)
 
     fhkl = torch.zeros(0, 0, 0, dtype=torch.float64)
     origin = (0, 0, 0)
     if grid is not None:
         fhkl = torch.as_tensor(np.asarray(grid.F, dtype=np.float64))
         origin = (int(grid.h_min), int(grid.k_min), int(grid.l_min))
-    crystal = Crystal(**cell_kwargs, Na=n_cells[0], Nb=n_cells[1], Nc=n_cells[2], fudge=f.fudge,
-                      mosaic_spread=math.degrees(spread), phi_start=math.degrees(f.phi0),
-                      phi_step=math.degrees(phistep), default_F=f.default_F, fhkl=fhkl,
-                      water_size=f.water_size * 1e6, hkl_origin=origin, shape=f.xtal_shape.lower(),
-                      interpolate=bool(interpolate), spindle_axis=v["spindle"], phisteps=phisteps,
-                      mosaic_domains=domains, mosaic_seed=f.mosaic_seed)
-    sampling = Sampling(oversample=oversample, oversample_thick=f.oversample_thick,
-                        oversample_polar=f.oversample_polar, oversample_omega=f.oversample_omega,
-                        roi=tuple(roi), mask=None if mask is None else torch.from_numpy(mask),
-                        dmin=f.dmin * 1e10, chunk=getattr(f, "chunk", 0))
+    with building_tree(cell_flag):
+        beam = Beam(wavelength=f.lambda0 * 1e10, kahn_factor=f.polarization, fluence=f.fluence,
+                    sources=sources, beam_vector=v["beam"], polar_vector=v["polar"],
+                    polarization=not f.nopolar)
+        crystal = Crystal(
+            **cell_kwargs, Na=n_cells[0], Nb=n_cells[1], Nc=n_cells[2], fudge=f.fudge,
+            mosaic_spread=math.degrees(spread), phi_start=math.degrees(f.phi0),
+            phi_step=math.degrees(phistep), default_F=f.default_F, fhkl=fhkl,
+            water_size=f.water_size * 1e6, hkl_origin=origin, shape=f.xtal_shape.lower(),
+            interpolate=bool(interpolate), spindle_axis=v["spindle"], phisteps=phisteps,
+            mosaic_domains=domains, mosaic_seed=f.mosaic_seed)
+        sampling = Sampling(
+            oversample=oversample, oversample_thick=f.oversample_thick,
+            oversample_polar=f.oversample_polar, oversample_omega=f.oversample_omega,
+            roi=tuple(roi), mask=None if mask is None else torch.from_numpy(mask),
+            dmin=f.dmin * 1e10, chunk=getattr(f, "chunk", 0))
+        params = Params(beam=beam, detector=detector, crystal=crystal, sampling=sampling)
     if dtype is None:
         dtype = torch.float32 if f.dtype == "float32" else torch.float64
-    params = Params(beam=beam, detector=detector, crystal=crystal, sampling=sampling).to(dtype=dtype)
+    params = params.to(dtype=dtype)
 
     info.oversample, info.roi, info.mask = oversample, tuple(roi), mask
     info.header = _header_values(f, conv, frame, fpixels, spixels, osc)

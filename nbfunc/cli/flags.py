@@ -11,7 +11,9 @@ Differences from the C program, so that nbfunc is a safe drop-in:
 
 * the values a flag reads are not themselves tested as flags, so negative numbers are values;
 * unknown flags, stray arguments, missing values, non-numeric, NaN or infinite numbers raise
-  `FlagError` (C ignores them, reads 0, or crashes);
+  `FlagError` (C ignores them, reads 0, or crashes), and so do values without physical meaning:
+  lengths and wavelengths that must be positive, pixel counts below 1, negative sizes, ranges,
+  spreads and fluxes (C divides by zero, or reads a negative value as "not given");
 * where C silently ignores or overrides a flag, its behaviour is kept and a one-line warning is
   added to `CFlags.warnings`;
 * ``-h``/``-help``/``--help`` raise `HelpRequested`; ``-dtype``, ``-chunk`` and ``-device`` are
@@ -140,6 +142,7 @@ class Numbers:
     integer: bool = False
     nonzero: bool = False
     nonnegative: bool = False
+    positive: bool = False
     meta: str = ""
 
     def strict(self, label: str, args: Sequence[str]) -> tuple | None:
@@ -151,6 +154,8 @@ class Numbers:
             raise FlagError(f"{label} expects {self.expect} other than zero, got {_quoted(args[:self.count])}")
         if self.nonnegative and any(v < 0 for v in values):
             raise FlagError(f"{label} expects {self.expect} of at least 0, got {_quoted(args[:self.count])}")
+        if self.positive and any(v <= 0 for v in values):
+            raise FlagError(f"{label} expects {self.expect} greater than 0, got {_quoted(args[:self.count])}")
         return values
 
     def c_read(self, args: Sequence[str]) -> tuple | None:
@@ -267,7 +272,10 @@ class Attenuation:
             raise _missing(label, self.expect, args)
         if "inf" in args[0]:
             return ("inf",)
-        return (_strict_float(label, self.expect, args[0]),)
+        value = _strict_float(label, self.expect, args[0])
+        if value < 0:
+            raise FlagError(f"{label} expects {self.expect}, got {args[0]!r} (a negative depth)")
+        return (value,)
 
     def c_read(self, args: Sequence[str]) -> tuple | None:
         if not args:
@@ -328,6 +336,12 @@ def _h(names, match, values, apply, help, **kw) -> Handler:
 
 
 _MM = Numbers(1, "a length in mm", meta="mm")
+_MM_POS = Numbers(1, "a length in mm", positive=True, meta="mm")
+_SIZE = Numbers(1, "a length in mm", nonnegative=True, meta="mm")
+_SPREAD = Numbers(1, "an angle in degrees", nonnegative=True, meta="deg")
+_RANGE = Numbers(1, "an angle in mrad", nonnegative=True, meta="mrad")
+_CELLS = Numbers(1, "a count", integer=True, nonnegative=True, meta="int")
+_PIXELS = Numbers(1, "a pixel count", integer=True, positive=True, meta="int")
 _DEG = Numbers(1, "an angle in degrees", meta="deg")
 _MRAD = Numbers(1, "an angle in mrad", meta="mrad")
 _NUM = Numbers(1, "a number", meta="number")
@@ -336,6 +350,11 @@ _SEED = Numbers(1, "an integer seed", integer=True, meta="int")
 _VEC = Numbers(3, "3 numbers (x y z)", meta="x y z")
 _FILE = Text("a file name", meta="file")
 _OFF = Switch()
+
+
+def _at_least_zero(expect: str, meta: str) -> Numbers:
+    """One number that must be at least 0 (a size, range, spread, fluence or time)."""
+    return Numbers(1, expect, nonnegative=True, meta=meta)
 
 
 def _vector(field: str) -> Callable[[tuple], dict]:
@@ -384,10 +403,10 @@ _DEVICE = re.compile(r"[a-z]+(:\d+)?")
 # In nanoBragg's order; -mask (read only by the first loop) and nbfunc's flags come last.
 HANDLERS: tuple[Handler, ...] = (
     # crystal size in unit cells
-    _h("-Na", _sub("-Na"), _COUNT, lambda v: {"Na": float(v[0])}, "unit cells along a", stop=True),
-    _h("-Nb", _sub("-Nb"), _COUNT, lambda v: {"Nb": float(v[0])}, "unit cells along b", stop=True),
-    _h("-Nc", _sub("-Nc"), _COUNT, lambda v: {"Nc": float(v[0])}, "unit cells along c", stop=True),
-    _h("-N", _exact("-N"), _COUNT, lambda v: {"Na": float(v[0]), "Nb": float(v[0]), "Nc": float(v[0])},
+    _h("-Na", _sub("-Na"), _CELLS, lambda v: {"Na": float(v[0])}, "unit cells along a", stop=True),
+    _h("-Nb", _sub("-Nb"), _CELLS, lambda v: {"Nb": float(v[0])}, "unit cells along b", stop=True),
+    _h("-Nc", _sub("-Nc"), _CELLS, lambda v: {"Nc": float(v[0])}, "unit cells along c", stop=True),
+    _h("-N", _exact("-N"), _CELLS, lambda v: {"Na": float(v[0]), "Nb": float(v[0]), "Nc": float(v[0])},
        "unit cells along a, b and c", stop=True),
     # unit cell and orientation
     _h("-cell", _sub("-cell"), Cell(), _cell, "direct cell (Angstrom, degrees)",
@@ -395,19 +414,19 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-misset", _sub("-misset"), Misset(), _misset, "misset angles about x y z, or random",
        stop=lambda v: v == ("random",)),
     # crystal size in mm
-    _h(("-samplesize", "-sample_size"), _sub("-samplesize", "-sample_size"), _MM, _xyz, "crystal size x=y=z"),
-    _h(("-sample_thick", "-sample_x"), _sub("-sample_thick", "-sample_x"), _MM,
+    _h(("-samplesize", "-sample_size"), _sub("-samplesize", "-sample_size"), _SIZE, _xyz, "crystal size x=y=z"),
+    _h(("-sample_thick", "-sample_x"), _sub("-sample_thick", "-sample_x"), _SIZE,
        lambda v: {"sample_x": v[0] / 1000}, "crystal size along x"),
-    _h(("-sample_width", "-sample_y", "-width"), _sub("-sample_width", "-sample_y", "-width"), _MM,
+    _h(("-sample_width", "-sample_y", "-width"), _sub("-sample_width", "-sample_y", "-width"), _SIZE,
        lambda v: {"sample_y": v[0] / 1000}, "crystal size along y"),
-    _h(("-sample_height", "-sample_z", "-height"), _sub("-sample_heigh", "-sample_z", "-heigh"), _MM,
+    _h(("-sample_height", "-sample_z", "-height"), _sub("-sample_heigh", "-sample_z", "-heigh"), _SIZE,
        lambda v: {"sample_z": v[0] / 1000}, "crystal size along z"),
-    _h(("-xtalsize", "-xtal_size"), _sub("-xtalsize", "-xtal_size"), _MM, _xyz, "crystal size x=y=z"),
-    _h(("-xtal_thick", "-xtal_x"), _sub("-xtal_thick", "-xtal_x"), _MM,
+    _h(("-xtalsize", "-xtal_size"), _sub("-xtalsize", "-xtal_size"), _SIZE, _xyz, "crystal size x=y=z"),
+    _h(("-xtal_thick", "-xtal_x"), _sub("-xtal_thick", "-xtal_x"), _SIZE,
        lambda v: {"sample_x": v[0] / 1000}, "crystal size along x"),
-    _h(("-xtal_width", "-xtal_y", "-width"), _sub("-xtal_width", "-xtal_y", "-width"), _MM,
+    _h(("-xtal_width", "-xtal_y", "-width"), _sub("-xtal_width", "-xtal_y", "-width"), _SIZE,
        lambda v: {"sample_y": v[0] / 1000}, "crystal size along y"),
-    _h(("-xtal_height", "-xtal_z", "-height"), _sub("-xtal_heigh", "-xtal_z", "-heigh"), _MM,
+    _h(("-xtal_height", "-xtal_z", "-height"), _sub("-xtal_heigh", "-xtal_z", "-heigh"), _SIZE,
        lambda v: {"sample_z": v[0] / 1000}, "crystal size along z"),
     _h(("-density", "-sample_density"), _sub("-density", "-sample_den"),
        Numbers(1, "a density in g/cm^3", meta="g/cm^3"), lambda v: {"density": v[0] * 1e6}, "crystal density"),
@@ -445,14 +464,14 @@ HANDLERS: tuple[Handler, ...] = (
        lambda v: {"beam_convention": "CUSTOM", "pix0_given": True, "pix0_vector": (v[0], v[1], v[2])},
        "switches to CUSTOM (values unused)"),
     # detector placement
-    _h("-distance", _sub("-distance"), _MM, lambda v: {"distance": v[0] / 1000.0, "detector_pivot": "BEAM"},
+    _h("-distance", _sub("-distance"), _MM_POS, lambda v: {"distance": v[0] / 1000.0, "detector_pivot": "BEAM"},
        "sample to detector along the beam (pivot BEAM)"),
-    _h("-close_distance", _sub("-close_distance"), _MM,
+    _h("-close_distance", _sub("-close_distance"), _MM_POS,
        lambda v: {"close_distance": v[0] / 1000.0, "detector_pivot": "SAMPLE"},
        "sample to detector plane (pivot SAMPLE)"),
     _h(("-detector_abs", "-detector_absorb"), _sub("-detector_abs"), Attenuation(), _attenuation,
        "sensor attenuation depth"),
-    _h("-detector_thick", _sub_len("-detector_thick", 15), Numbers(1, "a thickness in um", meta="um"),
+    _h("-detector_thick", _sub_len("-detector_thick", 15), _at_least_zero("a thickness in um", "um"),
        lambda v: {"detector_thick": v[0] * 1e-6}, "sensor thickness"),
     _h("-detector_thicksteps", _sub("-detector_thicksteps"), _COUNT,
        lambda v: {"detector_thicksteps": v[0]}, "sensor layers"),
@@ -463,19 +482,19 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-detector_roty", _sub("-detector_roty"), _DEG, lambda v: {"detector_roty": v[0] / RTD}, "rotation about y"),
     _h("-detector_rotz", _sub("-detector_rotz"), _DEG, lambda v: {"detector_rotz": v[0] / RTD}, "rotation about z"),
     # detector size
-    _h("-detsize", _sub_len("-detsize", 8), _MM,
+    _h("-detsize", _sub_len("-detsize", 8), _MM_POS,
        lambda v: {"detsize_f": v[0] / 1000.0, "detsize_s": v[0] / 1000.0}, "square detector side"),
-    _h("-detsize_f", _sub("-detsize_f"), _MM, lambda v: {"detsize_f": v[0] / 1000.0}, "detector size, fast"),
-    _h("-detsize_s", _sub("-detsize_s"), _MM, lambda v: {"detsize_s": v[0] / 1000.0}, "detector size, slow"),
-    _h("-detpixels", _sub_len("-detpixels", 10), _COUNT,
+    _h("-detsize_f", _sub("-detsize_f"), _MM_POS, lambda v: {"detsize_f": v[0] / 1000.0}, "detector size, fast"),
+    _h("-detsize_s", _sub("-detsize_s"), _MM_POS, lambda v: {"detsize_s": v[0] / 1000.0}, "detector size, slow"),
+    _h("-detpixels", _sub_len("-detpixels", 10), _PIXELS,
        lambda v: {"fpixels": v[0], "spixels": v[0]}, "square detector in pixels"),
-    _h(("-detpixels_f", "-detpixels_x"), _sub("-detpixels_f", "-detpixels_x"), _COUNT,
+    _h(("-detpixels_f", "-detpixels_x"), _sub("-detpixels_f", "-detpixels_x"), _PIXELS,
        lambda v: {"fpixels": v[0]}, "pixels along fast"),
-    _h(("-detpixels_s", "-detpixels_y"), _sub("-detpixels_s", "-detpixels_y"), _COUNT,
+    _h(("-detpixels_s", "-detpixels_y"), _sub("-detpixels_s", "-detpixels_y"), _PIXELS,
        lambda v: {"spixels": v[0]}, "pixels along slow"),
     _h("-curved_det", _sub("-curved_det"), Switch(needs_next=True), lambda v: {"curved_detector": True},
        "spherical detector"),
-    _h("-pixel", _sub("-pixel"), _MM, lambda v: {"pixel_size": v[0] / 1000.0}, "pixel size"),
+    _h("-pixel", _sub("-pixel"), _MM_POS, lambda v: {"pixel_size": v[0] / 1000.0}, "pixel size"),
     _h("-point_pixel", _sub("-point_pixel"), _OFF, lambda v: {"point_pixel": True}, "1/R^2 solid angle"),
     # polarization and sub-pixel sampling
     _h("-polar", _sub_len("-polar", 6), Numbers(1, "a Kahn factor", meta="0..1"),
@@ -492,31 +511,31 @@ HANDLERS: tuple[Handler, ...] = (
        Numbers(4, "4 pixel indices (xmin xmax ymin ymax)", integer=True, meta="xmin xmax ymin ymax"),
        lambda v: {"roi": (v[0], v[1], v[2], v[3])}, "render only this pixel range"),
     # beam
-    _h(("-lambda", "-wave"), _sub("-lambda", "-wave"), Numbers(1, "a wavelength in Angstrom", meta="A"),
+    _h(("-lambda", "-wave"), _sub("-lambda", "-wave"), Numbers(1, "a wavelength in Angstrom", positive=True, meta="A"),
        lambda v: {"lambda0": v[0] / 1.0e10}, "wavelength"),
-    _h("-energy", _sub("-energy"), Numbers(1, "a photon energy in eV", nonzero=True, meta="eV"),
+    _h("-energy", _sub("-energy"), Numbers(1, "a photon energy in eV", positive=True, meta="eV"),
        lambda v: {"lambda0": (12398.42 / v[0]) / 1.0e10}, "photon energy"),
-    _h("-fluence", _sub("-fluence"), Numbers(1, "a fluence in photons/m^2", meta="photons/m^2"),
+    _h("-fluence", _sub("-fluence"), _at_least_zero("a fluence in photons/m^2", "photons/m^2"),
        lambda v: {"fluence": v[0]}, "fluence"),
-    _h("-flux", _sub("-flux"), Numbers(1, "a flux in photons/s", meta="photons/s"), lambda v: {"flux": v[0]}, "flux"),
-    _h("-exposure", _sub("-exposure"), Numbers(1, "a time in s", meta="s"), lambda v: {"exposure": v[0]}, "exposure"),
-    _h("-beamsize", _sub("-beamsize"), _MM, lambda v: {"beamsize": v[0] / 1000}, "beam size"),
+    _h("-flux", _sub("-flux"), _at_least_zero("a flux in photons/s", "photons/s"), lambda v: {"flux": v[0]}, "flux"),
+    _h("-exposure", _sub("-exposure"), _at_least_zero("a time in s", "s"), lambda v: {"exposure": v[0]}, "exposure"),
+    _h("-beamsize", _sub("-beamsize"), _SIZE, lambda v: {"beamsize": v[0] / 1000}, "beam size"),
     # mosaicity, spectrum, divergence
     _h(("-mosaic", "-mosaici", "-mosaic_spread"),
-       lambda t: ("-mosaic" in t and len(t) == 7) or "-mosaici" in t or "-mosaic_spr" in t, _DEG,
+       lambda t: ("-mosaic" in t and len(t) == 7) or "-mosaici" in t or "-mosaic_spr" in t, _SPREAD,
        lambda v: {"mosaic_spread": v[0] / RTD}, "mosaic spread"),
     _h(("-mosaic_dom", "-mosaic_domains"), _sub("-mosaic_dom"), _COUNT,
        lambda v: {"mosaic_domains": v[0]}, "mosaic domains"),
-    _h("-dispersion", _sub("-dispersion"), Numbers(1, "a spectral width in percent", meta="%"),
+    _h("-dispersion", _sub("-dispersion"), _at_least_zero("a spectral width in percent", "%"),
        lambda v: {"dispersion": v[0] / 100.0}, "spectral width"),
     _h("-dispsteps", _sub("-dispsteps"), _COUNT, lambda v: {"dispsteps": v[0]}, "wavelength steps"),
-    _h("-divergence", _sub("-divergence"), _MRAD,
+    _h("-divergence", _sub("-divergence"), _RANGE,
        lambda v: {"hdivrange": v[0] / 1000.0, "vdivrange": v[0] / 1000.0}, "divergence range, h and v"),
-    _h("-hdivrange", _sub("-hdivrange"), _MRAD, lambda v: {"hdivrange": v[0] / 1000.0}, "horizontal range"),
-    _h("-vdivrange", _sub("-vdivrange"), _MRAD, lambda v: {"vdivrange": v[0] / 1000.0}, "vertical range"),
-    _h("-hdivstep", _sub_len("-hdivstep", 9), _MRAD, lambda v: {"hdivstep": v[0] / 1000.0}, "horizontal step"),
+    _h("-hdivrange", _sub("-hdivrange"), _RANGE, lambda v: {"hdivrange": v[0] / 1000.0}, "horizontal range"),
+    _h("-vdivrange", _sub("-vdivrange"), _RANGE, lambda v: {"vdivrange": v[0] / 1000.0}, "vertical range"),
+    _h("-hdivstep", _sub_len("-hdivstep", 9), _RANGE, lambda v: {"hdivstep": v[0] / 1000.0}, "horizontal step"),
     _h("-hdivsteps", _sub("-hdivsteps"), _COUNT, lambda v: {"hdivsteps": v[0]}, "horizontal steps"),
-    _h("-vdivstep", _sub_len("-vdivstep", 9), _MRAD, lambda v: {"vdivstep": v[0] / 1000.0}, "vertical step"),
+    _h("-vdivstep", _sub_len("-vdivstep", 9), _RANGE, lambda v: {"vdivstep": v[0] / 1000.0}, "vertical step"),
     _h("-vdivsteps", _sub("-vdivsteps"), _COUNT, lambda v: {"vdivsteps": v[0]}, "vertical steps"),
     _h("-divsteps", _sub("-divsteps"), _COUNT, lambda v: {"hdivsteps": v[0], "vdivsteps": v[0]},
        "divergence steps, h and v"),
@@ -526,10 +545,10 @@ HANDLERS: tuple[Handler, ...] = (
        lambda v: {"adc_offset": v[0]}, "ADC offset"),
     # spindle
     _h("-phi", _sub_len("-phi", 4), _DEG, lambda v: {"phi0": v[0] / RTD}, "starting phi"),
-    _h("-osc", _sub("-osc"), _DEG, lambda v: {"osc": v[0] / RTD}, "oscillation range"),
-    _h("-phistep", _sub_len("-phistep", 8), _DEG, lambda v: {"phistep": v[0] / RTD}, "phi step"),
+    _h("-osc", _sub("-osc"), _SPREAD, lambda v: {"osc": v[0] / RTD}, "oscillation range"),
+    _h("-phistep", _sub_len("-phistep", 8), _SPREAD, lambda v: {"phistep": v[0] / RTD}, "phi step"),
     _h("-phisteps", _sub("-phisteps"), _COUNT, lambda v: {"phisteps": v[0]}, "phi steps"),
-    _h("-dmin", _sub("-dmin"), Numbers(1, "a resolution in Angstrom", meta="A"), lambda v: {"dmin": v[0] * 1e-10},
+    _h("-dmin", _sub("-dmin"), _at_least_zero("a resolution in Angstrom", "A"), lambda v: {"dmin": v[0] * 1e-10},
        "resolution cutoff"),
     # input files
     _h("-mat", _sub("-mat"), _FILE, lambda v: {"mat_file": v[0]}, "MOSFLM orientation matrix"),
@@ -569,7 +588,7 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-gauss_xtal", _sub("-gauss_xtal"), _OFF, lambda v: {"xtal_shape": "GAUSS"}, "Gaussian spots"),
     _h(("-tophat_spots", "-binary_spots"), _sub("-binary_spots", "-tophat_spots"), _OFF,
        lambda v: {"xtal_shape": "TOPHAT"}, "top-hat spots"),
-    _h("-fudge", _sub("-fudge"), _NUM, lambda v: {"fudge": v[0]}, "spot-shape scale"),
+    _h("-fudge", _sub("-fudge"), Numbers(1, "a number", positive=True, meta="number"), lambda v: {"fudge": v[0]}, "spot-shape scale"),
     _h("-printout_pixel", _sub("-printout_pixel"),
        Numbers(2, "2 pixel indices (fast slow)", integer=True, meta="fast slow"),
        lambda v: {"printout_pixel": (v[0], v[1])}, "print only this pixel"),
@@ -577,7 +596,7 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-seed", _sub("-seed"), _SEED, lambda v: {"seed": -v[0]}, "noise seed"),
     _h("-mosaic_seed", _sub("-mosaic_seed"), _SEED, lambda v: {"mosaic_seed": -v[0]}, "mosaic seed"),
     _h("-misset_seed", _sub("-misset_seed"), _SEED, lambda v: {"misset_seed": -v[0]}, "random misset seed"),
-    _h("-water", _sub("-water"), Numbers(1, "a size in um", meta="um"), lambda v: {"water_size": v[0] / 1e6},
+    _h("-water", _sub("-water"), _at_least_zero("a size in um", "um"), lambda v: {"water_size": v[0] / 1e6},
        "water background thickness"),
     # C's first loop only
     _h("-mask", _sub("-mask"), _FILE, lambda v: {"mask_file": v[0]}, "SMV mask (0 skips a pixel)"),
@@ -587,7 +606,7 @@ HANDLERS: tuple[Handler, ...] = (
        lambda v: {"dtype": v[0]}, "floating-point precision (nbfunc)", nbfunc=True),
     _h("-chunk", _exact("-chunk"),
        Numbers(1, "a pixel count (0 = automatic)", integer=True, nonnegative=True, meta="int"),
-       lambda v: {"chunk": v[0]}, "pixels per evaluation chunk (nbfunc)", nbfunc=True),
+       lambda v: {"chunk": v[0]}, "evaluations per chunk, 0 automatic (nbfunc)", nbfunc=True),
     _h("-device", _exact("-device"), Text("a torch device such as 'cpu' or 'cuda:0'", _DEVICE.fullmatch, meta="device"),
        lambda v: {"device": v[0]}, "torch device (nbfunc)", nbfunc=True),
 )

@@ -1,99 +1,138 @@
 """``python -m nbfunc`` / ``nbfunc``: nanoBragg's command line on the functional core.
 
-The run: flags -> (`Params`, `RunInfo`) -> `simulate` -> outputs written as the C program
-writes them (float image, SMV int and noise images, PGM, Fdump.bin), each atomically. Bad
-input exits with status 2 and one line on stderr naming the flag or file; nothing is written.
+The run: flags -> (`Params`, `RunInfo`) -> render -> statistics -> outputs written as the C
+program writes them (float image, SMV int and noise images, PGM, Fdump.bin), all or nothing,
+with the C program's statistics lines on stdout. Bad input exits with status 2 and one line
+``nbfunc: error: ...`` on stderr naming the flag or file; nothing is written.
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-USAGE = """usage: nbfunc [nanoBragg flags] (e.g. -cell a b c al be ga -default_F F -N n -lambda A
-       -distance mm -detpixels n -pixel mm -floatfile out.bin). Every flag of the C program
-       nanoBragg is accepted with its meaning; see docs/cli.md. nbfunc extensions:
-       -dtype float32|float64 (default float64), -chunk N (evaluations held at once),
-       -device cpu|cuda."""
-
+HELP_HEADER = """usage: nbfunc [nanoBragg flags]   e.g.
+  nbfunc -cell 50 50 50 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 100 \\
+         -detpixels 256 -pixel 0.1 -floatfile out.bin -intfile out.img -seed 1
+Every flag of the C program nanoBragg is accepted with its meaning and units (docs/cli.md).
+Structure factors come from -hkl FILE, a Fdump.bin left by an earlier -hkl run, or -default_F;
+the cell from -cell or -mat FILE. Outputs: -floatfile -intfile -noisefile -pgmfile (written by
+default under C's names; -nonoise, -nopgm to skip), -scale, -adc. Conventions: -mosflm -xds
+-adxv -denzo -dials, or custom vectors. nbfunc extensions: -dtype, -chunk, -device.
+"""
 
 COMPILE_THRESHOLD = 200_000_000
 """Evaluations above which the command line compiles the kernel: below it an eager render
 (about 7 M evaluations/s in float64 on one core pair) is faster than a cold compile (~20 s)."""
 
 
+def help_text() -> str:
+    """The -h/--help text: an example, then every flag with its values and meaning."""
+    from nbfunc.cli.flags import usage
+
+    return HELP_HEADER + "\n" + usage().split("\n", 1)[1]
+
+
 def _fail(message: str) -> int:
-    print(f"nbfunc: error: {message}", file=sys.stderr)
+    """One line on stderr, exit status 2."""
+    line = " ".join(message.split()) if message else "bad input"
+    print(f"nbfunc: error: {line}", file=sys.stderr)
     return 2
 
 
-def image_statistics(image: np.ndarray, roi: tuple[int, int, int, int], mask: np.ndarray | None) -> dict:
-    """max_I, mean, rms and rmsd over the rendered pixels, as the C program reports them.
+def _derive(argv: list[str]):
+    """`derive`, with every bad-input exception turned into (None, message)."""
+    from nbfunc.cli.derive import derive
+    from nbfunc.io.errors import NbfuncInputError
 
-    mean and rms use the ROI pixels that are not masked; rmsd uses every ROI pixel (the C
-    program's second pass does not skip masked pixels). Pixel values are float32.
-    """
-    x0, x1, y0, y1 = roi
-    sel = np.zeros(image.shape, dtype=bool)
-    sel[y0:y1 + 1, x0:x1 + 1] = True
-    rendered = sel & (mask if mask is not None else True)
-    values = image[rendered].astype(np.float64)
-    n = max(values.size, 1)
-    mean = values.sum() / n
-    rms = math.sqrt((values**2).sum() / (max(values.size, 2) - 1))
-    roi_values = image[sel].astype(np.float64)
-    rmsd = math.sqrt(((roi_values - mean) ** 2).sum() / (max(roi_values.size, 2) - 1))
-    max_i = float(values.max()) if values.size and values.max() > 0 else 0.0
-    where = np.argwhere(rendered & (image == max_i))[0] if max_i > 0 else (0, 0)
-    return {"max_I": max_i, "max_pixel": (int(where[1]), int(where[0])), "mean": mean,
-            "rms": rms, "rmsd": rmsd, "sum": float(values.sum()), "n": int(values.size)}
+    try:
+        return derive(argv), None
+    except (NbfuncInputError, ValueError) as err:
+        return None, str(err).splitlines()[0] if str(err) else type(err).__name__
+    except ArithmeticError as err:
+        return None, (f"these flags give an undefined geometry ({type(err).__name__}: {err}); "
+                      "check for lengths, cells or vectors of zero")
+
+
+def _to_device(params, device: str):
+    try:
+        return params.to(device=device), None
+    except (RuntimeError, AssertionError) as err:
+        return None, (f"-device {device}: not usable here ({str(err).splitlines()[0]}); "
+                      "use -device cpu")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """MemoryError, or torch's allocation failure (RuntimeError on CPU, OutOfMemoryError on GPU)."""
+    text = str(err)
+    return (isinstance(err, MemoryError) or "can't allocate memory" in text
+            or "out of memory" in text)
+
+
+def _render(params, info):
+    """Render with the phi carry (C parity), with a progress meter when one is wanted."""
+    from nbfunc.cli import progress
+    from nbfunc.render import initial_carry, make_plan
+
+    plan, pixels = make_plan(params)
+    chunks = progress.chunk_count(plan, len(pixels))
+    report = None
+    if progress.wanted(info.flags.progress_meter, sys.stderr, chunks):
+        report = progress.meter(sys.stderr, progress.is_terminal(sys.stderr))
+    compile = len(pixels) * plan.n_paths * plan.n_orient >= COMPILE_THRESHOLD
+    image, _ = progress.render_with_progress(params, initial_carry(params), compile, report)
+    return image.detach().to("cpu", torch.float64).numpy().astype(np.float32)
 
 
 def run(argv: list[str]) -> int:
-    """Run the nanoBragg command line ``argv`` (without the program name); return the exit status."""
-    from nbfunc.cli.derive import derive
-    from nbfunc.cli.flags import FlagError, HelpRequested
+    """Run the nanoBragg command line ``argv`` (no program name); return the exit status."""
     from nbfunc.cli import outputs
+    from nbfunc.cli.flags import HelpRequested
     from nbfunc.io.errors import NbfuncInputError
-    from nbfunc.render import evaluation_count, initial_carry, render_for_cli
 
     if not argv:
-        print(USAGE)
-        return 2
+        print(HELP_HEADER + "Run nbfunc -h for every flag.")
+        return _fail("no flags given; nanoBragg needs at least a cell (-cell or -mat) and "
+                     "structure factors (-hkl or -default_F)")
     try:
-        params, info = derive(argv)
+        derived, message = _derive(argv)
     except HelpRequested:
-        print(USAGE)
+        print(help_text())
         return 0
-    except (FlagError, NbfuncInputError, ValueError) as err:
-        return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    if message is not None:
+        return _fail(message)
+    params, info = derived
     f = info.flags
-    for line in info.warnings:
-        print(f"WARNING: {line}")
-    device = getattr(f, "device", "cpu")
     try:
         outputs.check_writable(outputs.planned_outputs(f))
     except NbfuncInputError as err:
         return _fail(str(err))
-    if device != "cpu":
-        params = params.to(device=device)
+    if f.device != "cpu":
+        params, message = _to_device(params, f.device)
+        if message is not None:
+            return _fail(message)
+    for line in info.warnings:
+        print(f"WARNING: {line}")
     outputs.print_summary(params, info)
     start = time.perf_counter()
-    image, _ = render_for_cli(params, initial_carry(params),
-                              compile=evaluation_count(params) >= COMPILE_THRESHOLD)
-    image = image.detach().to("cpu", torch.float64).numpy()
-    elapsed = time.perf_counter() - start
-    float_image = image.astype(np.float32)
-    stats = image_statistics(float_image, info.roi, info.mask)
     try:
-        outputs.write_all(float_image, stats, info)
+        float_image = _render(params, info)
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        return _fail(f"out of memory while rendering ({str(err).splitlines()[0][:120]}); give a "
+                     "smaller -chunk, a -roi, or a smaller detector")
+    elapsed = time.perf_counter() - start
+    stats = outputs.image_statistics(float_image, info.roi, info.mask, f.pixel_size,
+                                     info.oversample)
+    try:
+        lines = outputs.write_all(float_image, stats, info)
     except NbfuncInputError as err:
         return _fail(str(err))
-    outputs.print_statistics(stats, info, elapsed)
+    print("\n".join(lines))
+    print(f"rendered {stats['n']} pixels in {elapsed:.3f} s")
     return 0
 
 

@@ -1,22 +1,34 @@
 """Files and messages of a command-line run, as the C program writes and prints them.
 
 nanoBragg writes the float image, the SMV int image and (unless -nopgm/-nonoise) a PGM and a
-noise image on every run, under default names when no flag names them. nbfunc does the same,
-atomically: every file is first written next to its destination and renamed into place only
-after all of them were written.
+noise image on every run, under default names when no flag names them, and ``Fdump.bin``
+after reading an -hkl file. nbfunc writes the same files, all or nothing: every file is first
+written to a temporary file next to its destination, and only when all of them are complete
+are they renamed into place. If a rename fails, the files already renamed are rolled back to
+their previous contents, so an earlier run's output is never left half overwritten.
+
+The statistics follow the C program's main(): float32 pixels summed in double, in raster
+order; ``max_I`` is reported at the position (m) of the last sub-pixel of the brightest pixel.
 """
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import tempfile
 import time
+from fractions import Fraction
 
 import numpy as np
 
 from nbfunc.io.errors import NbfuncInputError
 
+OPTIONAL = ("fdump",)
+"""Outputs whose failure is a warning, not an error (the C program only warns for Fdump.bin)."""
+
 
 def planned_outputs(f) -> dict[str, str]:
-    """Output kind -> file name for this run (C defaults included)."""
+    """Output kind -> file name for this run (C defaults included), in the C program's order."""
     out = {"float": f.float_file, "int": f.int_file}
     if f.write_pgm:
         out["pgm"] = f.pgm_file
@@ -26,15 +38,89 @@ def planned_outputs(f) -> dict[str, str]:
 
 
 def check_writable(files: dict[str, str]) -> None:
-    """Fail before any work when an output directory does not exist or is not writable."""
+    """Fail before any work when an output cannot be created where it is asked for.
+
+    Raises:
+        NbfuncInputError: the folder is missing or read-only, or the name is a folder.
+    """
+    flags = {"float": "-floatfile", "int": "-intfile", "pgm": "-pgmfile", "noise": "-noisefile"}
     for kind, name in files.items():
+        flag = flags.get(kind, kind)
+        if not name:
+            raise NbfuncInputError(f"{flag} '': expected a file name for the {kind} image")
         folder = os.path.dirname(os.path.abspath(name))
         if not os.path.isdir(folder):
-            raise NbfuncInputError(f"cannot write {kind} image {name}: directory {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise NbfuncInputError(f"cannot write {kind} image {name}: directory {folder} is not writable")
+            raise NbfuncInputError(f"{flag} {name}: cannot write the {kind} image, folder {folder} "
+                                   "does not exist; give a path in an existing folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise NbfuncInputError(f"{flag} {name}: cannot write the {kind} image, folder {folder} "
+                                   "is not writable; give a path in a writable folder")
+        if os.path.isdir(name):
+            raise NbfuncInputError(f"{flag} {name}: is a folder, expected a file name")
 
 
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+def _c_sum(values: np.ndarray) -> float:
+    """Sum in double precision, left to right, as the C loop accumulates it."""
+    return float(np.cumsum(values, dtype=np.float64)[-1]) if values.size else 0.0
+
+
+def _fma(a: float, b: float, c: float) -> float:
+    """``a*b + c`` rounded once, as the reference C build computes ``Fdet`` (contracted to a
+    fused multiply-add: case pu21 prints 0.0129062 where two roundings give 0.0129063)."""
+    return float(Fraction(a) * Fraction(b) + Fraction(c))
+
+
+def image_statistics(image: np.ndarray, roi: tuple[int, int, int, int], mask: np.ndarray | None,
+                     pixel_size: float, oversample: int) -> dict:
+    """The C program's statistics of the rendered image.
+
+    mean = sum(I)/n and rms = sqrt(sum(I*I)/(n-1)) over the rendered pixels (ROI and not
+    masked; I*I is a float32 product as in C); rmsd = sqrt(sum((I - mean)^2)/(m-1)) over all
+    m ROI pixels (the C program's second pass does not test the mask). max_I is the first
+    pixel in raster order above all earlier ones (0 when no pixel is positive), reported at
+    ``(Fdet, Sdet)`` of its last sub-pixel, ``(p/o)*(i*o + o - 1) + (p/o)/2`` in metres
+    (``p`` pixel size, ``o`` oversample, ``i`` pixel index).
+
+    Args:
+        image: (slow, fast) float32 photons per pixel.
+        roi: (xmin, xmax, ymin, ymax) inclusive pixel indices.
+        mask: (slow, fast) bool, True where rendered; None for no mask.
+        pixel_size: m. oversample: sub-pixels per pixel edge.
+    """
+    x0, x1, y0, y1 = roi
+    in_roi = np.zeros(image.shape, dtype=bool)
+    in_roi[y0:y1 + 1, x0:x1 + 1] = True
+    rendered = in_roi & mask if mask is not None else in_roi
+    values = image[rendered].astype(np.float32)
+    n = values.size
+    mean = _c_sum(values) / max(n, 1)
+    rms = math.sqrt(_c_sum(values * values) / (max(n, 2) - 1))
+    deviations = image[in_roi].astype(np.float64) - mean
+    rmsd = math.sqrt(_c_sum(deviations * deviations) / (max(deviations.size, 2) - 1))
+    max_i, pixel, at = 0.0, (0, 0), (0.0, 0.0)
+    if n and float(values.max()) > 0.0:
+        first = int(np.argmax(values))
+        slow, fast = (int(i) for i in np.argwhere(rendered)[first])
+        sub = pixel_size / oversample
+        max_i, pixel = float(values[first]), (fast, slow)
+        at = (_fma(sub, fast * oversample + oversample - 1, sub / 2.0),
+              _fma(sub, slow * oversample + oversample - 1, sub / 2.0))
+    return {"max_I": max_i, "max_pixel": pixel, "max_at": at, "mean": mean, "rms": rms,
+            "rmsd": rmsd, "sum": _c_sum(values), "n": n}
+
+
+def statistics_lines(stats: dict) -> list[str]:
+    """``max_I = %g  at %g %g`` and ``mean= %g rms= %g rmsd= %g``, as the C program prints them."""
+    return [f"max_I = {stats['max_I']:g}  at {stats['max_at'][0]:g} {stats['max_at'][1]:g}",
+            f"mean= {stats['mean']:g} rms= {stats['rms']:g} rmsd= {stats['rmsd']:g}"]
+
+
+# --------------------------------------------------------------------------------------------
+# encoding and writing
+# --------------------------------------------------------------------------------------------
 def smv_fields(info, noise: bool = False):
     """SMV header values of this run (`nbfunc.io.smv.SMVHeaderFields`)."""
     from nbfunc.io.smv import smv_fields_from_geometry
@@ -42,71 +128,153 @@ def smv_fields(info, noise: bool = False):
     return smv_fields_from_geometry(**info.header["smv"], noise_image=noise)
 
 
-def write_all(float_image: np.ndarray, stats: dict, info) -> None:
-    """Write every output of the run; all or nothing.
+def encode_outputs(float_image: np.ndarray, stats: dict, info) -> tuple[dict, dict, list[str]]:
+    """The bytes of every output and the lines the C program prints while writing them.
 
     Args:
         float_image: (slow, fast) float32 photons per pixel.
-        stats: from `nbfunc.cli.main.image_statistics`.
+        stats: from `image_statistics`.
+    Returns:
+        (kind -> file name, kind -> bytes, printed lines in the C program's order).
     """
     from nbfunc.crng import poisson_noise
+    from nbfunc.io.hkl import fdump_bytes
     from nbfunc.io.pgm import pgm_bytes
     from nbfunc.io.smv import auto_int_scale, int_image, smv_header
 
     f = info.flags
-    files = planned_outputs(f)
-    payload: dict[str, bytes] = {"float": float_image.astype("<f4").tobytes()}
+    files, payload, lines = {}, {}, []
+    if info.hkl_from_file and info.hkl_grid is not None:
+        files["fdump"], payload["fdump"] = f.dump_file, fdump_bytes(info.hkl_grid)
+        lines.append(f"writing dump file for next time: {f.dump_file}")
+    files.update(planned_outputs(f))
+    payload["float"] = float_image.astype("<f4").tobytes()
+    lines.append(f"writing {f.float_file} as {float_image.size} 4-byte floats")
+    lines.extend(statistics_lines(stats))
     scale = f.intfile_scale if f.intfile_scale > 0 else auto_int_scale(stats["max_I"])
-    info.notes.append(f"intfile_scale = {scale:g}")
-    payload["int"] = (smv_header(smv_fields(info))
-                      + int_image(float_image, scale, f.adc_offset, info.roi).astype("<u2").tobytes())
+    lines.append(f"intfile_scale = {scale:g}")
+    counts = int_image(float_image, scale, f.adc_offset, info.roi)
+    payload["int"] = smv_header(smv_fields(info)) + counts.astype("<u2").tobytes()
+    lines.append(f"writing {f.int_file} as 2-byte integers")
     if "pgm" in files:
         pgm_scale = f.pgm_scale
         if pgm_scale <= 0:
             pgm_scale = 250.0 / (5.0 * stats["rmsd"]) if stats["rmsd"] > 0 else scale
-        info.notes.append(f"pgm_scale = {pgm_scale:g}")
+        lines.append(f"pgm_scale = {pgm_scale:g}")
         payload["pgm"] = pgm_bytes(float_image, pgm_scale, info.roi)
+        lines.append(f"writing {f.pgm_file} as 1-byte integers")
     if "noise" in files:
         seed = f.seed
         if seed is None:
             seed = -int(time.time())
-            info.notes.append(f"noise seed from the clock: -seed {-seed}")
+            lines.append(f"noise seed from the clock: -seed {-seed}")
         noise, photons, overloads = poisson_noise(float_image, seed, info.roi, f.adc_offset)
-        info.notes.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
+        lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
         payload["noise"] = smv_header(smv_fields(info, noise=True)) + noise.astype("<u2").tobytes()
-    if info.hkl_from_file and info.hkl_grid is not None:
-        files["fdump"] = f.dump_file
-        payload["fdump"] = None
-    _commit(files, payload, info)
+        lines.append(f"writing {f.noise_file} as 2-byte integers")
+    return files, payload, lines
 
 
-def _commit(files: dict[str, str], payload: dict, info) -> None:
-    """Write each payload to a temporary file, then rename them all into place."""
-    from nbfunc.io.hkl import write_fdump
+def write_all(float_image: np.ndarray, stats: dict, info) -> list[str]:
+    """Write every output of the run, all or nothing; return the lines to print.
 
-    staged = []
+    Raises:
+        NbfuncInputError: an output could not be written (nothing was changed on disk).
+    """
+    files, payload, lines = encode_outputs(float_image, stats, info)
+    if "fdump" in commit(files, payload):
+        lines[0] = f"WARNING: unable to open dump file: {files['fdump']}"
+    return lines
+
+
+def _stage(name: str, data: bytes) -> str:
+    """Write ``data`` to a new hidden temporary file next to ``name``; return its path."""
+    folder, base = os.path.split(os.path.abspath(name))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".nbfunc-tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _keep_copy(name: str) -> str | None:
+    """A hidden hard link (or copy) of an existing ``name``, to restore it on failure."""
+    if not os.path.isfile(name):
+        return None
+    folder, base = os.path.split(os.path.abspath(name))
+    fd, backup = tempfile.mkstemp(prefix=f".{base}.", suffix=".nbfunc-old", dir=folder)
+    os.close(fd)
+    try:
+        os.unlink(backup)
+        os.link(name, backup)
+    except OSError:
+        shutil.copy2(name, backup)
+    return backup
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def commit(files: dict[str, str], payload: dict[str, bytes]) -> list[str]:
+    """Stage every payload next to its destination, then rename all of them into place.
+
+    On any failure the staged files are removed and the destinations already replaced get
+    their previous content back (or are removed when they did not exist), then the error is
+    raised. Outputs listed in `OPTIONAL` that cannot be staged are skipped instead.
+
+    Returns:
+        the kinds that were skipped.
+    Raises:
+        NbfuncInputError: for an OSError; any other exception is re-raised after the cleanup.
+    """
+    staged, skipped, backups, placed = [], [], {}, []
+    current = ""
     try:
         for kind, name in files.items():
-            tmp = f"{name}.nbfunc-tmp-{os.getpid()}"
-            if kind == "fdump":
-                try:
-                    write_fdump(tmp, info.hkl_grid)
-                except (OSError, NbfuncInputError):
-                    info.notes.append(f"WARNING: unable to write dump file {name}")
-                    continue
-            else:
-                with open(tmp, "wb") as handle:
-                    handle.write(payload[kind])
-            staged.append((tmp, name))
+            current = name
+            try:
+                staged.append((_stage(name, payload[kind]), name))
+            except OSError:
+                if kind not in OPTIONAL:
+                    raise
+                skipped.append(kind)
         for tmp, name in staged:
+            current = name
+            if name not in backups:
+                backups[name] = _keep_copy(name)
             os.replace(tmp, name)
-    except OSError as err:
+            placed.append(name)
+    except BaseException as err:
         for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise NbfuncInputError(f"cannot write {err.filename}: {err.strerror}") from err
+            _remove(tmp)
+        for name in dict.fromkeys(placed):
+            if backups.get(name):
+                os.replace(backups.pop(name), name)
+            else:
+                _remove(name)
+        for backup in backups.values():
+            if backup:
+                _remove(backup)
+        if isinstance(err, OSError):
+            raise NbfuncInputError(f"cannot write {current}: {err.strerror or err}; no output "
+                                   "was written") from err
+        raise
+    for backup in backups.values():
+        if backup:
+            _remove(backup)
+    return skipped
 
 
+# --------------------------------------------------------------------------------------------
+# messages
+# --------------------------------------------------------------------------------------------
 def print_summary(params, info) -> None:
     """Short geometry summary: convention, pivot, beam centre, sources, domains, steps."""
     h, p = info.header, params
@@ -120,12 +288,3 @@ def print_summary(params, info) -> None:
     for line in info.notes:
         print(f"  {line}")
     info.notes.clear()
-
-
-def print_statistics(stats: dict, info, seconds: float) -> None:
-    """The statistics line the C program prints, and what was written."""
-    for line in info.notes:
-        print(line)
-    print(f"max_I = {stats['max_I']:g}  at pixel {stats['max_pixel'][0]} {stats['max_pixel'][1]}")
-    print(f"mean= {stats['mean']:g} rms= {stats['rms']:g} rmsd= {stats['rmsd']:g}")
-    print(f"rendered {stats['n']} pixels in {seconds:.3f} s")

@@ -1,0 +1,207 @@
+"""Tests for nbfunc.cli.outputs: the C program's statistics, all-or-nothing writing, Fdump.bin."""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from nbfunc.cli import main, outputs
+from nbfunc.io.hkl import read_hkl
+
+SMALL = ["-cell", "20", "20", "20", "90", "90", "90", "-N", "2", "-detpixels", "12",
+         "-pixel", "0.5", "-distance", "50", "-oversample", "1", "-seed", "7", "-noprogress"]
+DEFAULT_NAMES = ("floatimage.bin", "intimage.img", "image.pgm", "noiseimage.img")
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+class TestImageStatistics:
+    def test_known_values(self):
+        image = np.array([[1, 2], [3, 4]], dtype=np.float32)
+        s = outputs.image_statistics(image, (0, 1, 0, 1), None, 1e-4, 1)
+        assert s["mean"] == 2.5 and s["n"] == 4 and s["sum"] == 10.0
+        assert s["rms"] == pytest.approx(math.sqrt(30 / 3))
+        assert s["rmsd"] == pytest.approx(math.sqrt(5 / 3))
+        assert s["max_I"] == 4.0 and s["max_pixel"] == (1, 1)
+
+    def test_mask_leaves_rmsd_over_the_whole_roi(self):
+        """mean and rms skip masked pixels; the C program's rmsd pass does not."""
+        image = np.array([[1, 2], [3, 100]], dtype=np.float32)
+        mask = np.array([[True, True], [True, False]])
+        s = outputs.image_statistics(image, (0, 1, 0, 1), mask, 1e-4, 1)
+        assert s["mean"] == 2.0 and s["n"] == 3
+        assert s["rms"] == pytest.approx(math.sqrt(14 / 2))
+        assert s["rmsd"] == pytest.approx(math.sqrt((1 + 0 + 1 + 98**2) / 3))
+        assert s["max_I"] == 3.0
+
+    def test_roi_limits_every_figure(self):
+        image = np.arange(16, dtype=np.float32).reshape(4, 4)
+        s = outputs.image_statistics(image, (1, 2, 1, 1), None, 1e-4, 1)
+        assert s["n"] == 2 and s["mean"] == 5.5 and s["max_pixel"] == (2, 1)
+
+    def test_max_is_the_first_in_raster_order_at_its_last_sub_pixel(self):
+        image = np.zeros((3, 4), dtype=np.float32)
+        image[1, 2] = image[2, 0] = 5.0
+        s = outputs.image_statistics(image, (0, 4, 0, 3), None, 3e-4, 3)
+        assert s["max_pixel"] == (2, 1)
+        sub = 3e-4 / 3
+        assert s["max_at"] == pytest.approx((sub * (2 * 3 + 2) + sub / 2, sub * (1 * 3 + 2) + sub / 2))
+
+    def test_no_positive_pixel_reports_zero_at_the_origin(self):
+        s = outputs.image_statistics(np.full((2, 2), -1.0, np.float32), (0, 1, 0, 1), None, 1e-4, 2)
+        assert s["max_I"] == 0.0 and s["max_at"] == (0.0, 0.0)
+        assert outputs.statistics_lines(s)[0] == "max_I = 0  at 0 0"
+
+    def test_squares_are_float32_products_summed_in_double(self):
+        x = np.float32(1.0000001)
+        s = outputs.image_statistics(np.array([[x, x]], np.float32), (0, 1, 0, 0), None, 1e-4, 1)
+        assert s["rms"] == math.sqrt(2 * float(np.float32(x * x)))
+
+    def test_lines_use_c_formats(self):
+        s = {"max_I": 1225.3272705078125, "max_at": (0.01195, 0.01195), "mean": 29.26196688,
+             "rms": 92.95517, "rmsd": 88.228213}
+        assert outputs.statistics_lines(s) == ["max_I = 1225.33  at 0.01195 0.01195",
+                                               "mean= 29.262 rms= 92.9552 rmsd= 88.2282"]
+
+
+# --------------------------------------------------------------------------------------------
+# all-or-nothing writing
+# --------------------------------------------------------------------------------------------
+def _earlier_run(folder) -> dict[str, bytes]:
+    """Outputs of an earlier run, under the default names."""
+    old = {}
+    for name in DEFAULT_NAMES:
+        old[name] = f"output of an earlier run: {name}".encode()
+        (folder / name).write_bytes(old[name])
+    return old
+
+
+def _assert_untouched(folder, old):
+    assert sorted(os.listdir(folder)) == sorted(old)
+    for name, data in old.items():
+        assert (folder / name).read_bytes() == data
+
+
+def test_all_outputs_written_under_c_default_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main.run(SMALL + ["-default_F", "10"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(DEFAULT_NAMES)
+    assert (tmp_path / "floatimage.bin").stat().st_size == 4 * 144
+    assert (tmp_path / "intimage.img").stat().st_size == 512 + 2 * 144
+
+
+def test_failed_rename_restores_earlier_outputs(tmp_path, monkeypatch, capsys):
+    """A rename failing after the first one leaves the earlier outputs, and no temporary file."""
+    monkeypatch.chdir(tmp_path)
+    old = _earlier_run(tmp_path)
+    real, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", failing_replace)
+    assert main.run(SMALL + ["-default_F", "10"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["nbfunc: error: cannot write image.pgm: No space left on device; no output was "
+                   "written"]
+    _assert_untouched(tmp_path, old)
+
+
+def test_failure_while_staging_leaves_nothing_new(tmp_path, monkeypatch):
+    """An exception in the middle of writing: no new file, no temporary, earlier files intact."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "floatimage.bin").write_bytes(b"earlier")
+    real, count = outputs._stage, []
+
+    def stage_then_fail(name, data):
+        count.append(name)
+        if len(count) == 3:
+            raise RuntimeError("simulated crash while writing")
+        return real(name, data)
+
+    monkeypatch.setattr(outputs, "_stage", stage_then_fail)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main.run(SMALL + ["-default_F", "10"])
+    assert os.listdir(tmp_path) == ["floatimage.bin"]
+    assert (tmp_path / "floatimage.bin").read_bytes() == b"earlier"
+
+
+def test_partial_write_is_removed(tmp_path, monkeypatch, capsys):
+    """A write that stops half way (disk full) leaves no partial file behind."""
+    monkeypatch.chdir(tmp_path)
+    old = _earlier_run(tmp_path)
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    assert main.run(SMALL + ["-default_F", "10"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    _assert_untouched(tmp_path, old)
+
+
+def test_same_name_for_two_outputs_keeps_the_last_written(tmp_path, monkeypatch):
+    """As in C, a name given to two outputs holds the one written last (noise after int)."""
+    monkeypatch.chdir(tmp_path)
+    assert main.run(SMALL + ["-default_F", "10", "-intfile", "x.img", "-noisefile", "x.img",
+                             "-nopgm"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["floatimage.bin", "x.img"]
+    assert main.run(SMALL + ["-default_F", "10", "-intfile", "a.img", "-noisefile", "b.img",
+                             "-nopgm"]) == 0
+    assert (tmp_path / "x.img").read_bytes() == (tmp_path / "b.img").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Fdump.bin
+# --------------------------------------------------------------------------------------------
+HKL = "".join(f"{h} {k} {l} {1 + abs(h) + 2 * abs(k) + 3 * abs(l)}\n"
+              for h in range(-3, 4) for k in range(-2, 3) for l in range(-1, 3))
+
+
+def _parse_c_fdump(raw: bytes):
+    """Fdump.bin as the C program writes it: "%d %d %d %d %d %d\\n\\f", then doubles with one
+    padding slot per axis, h slowest."""
+    head, body = raw.split(b"\n\f", 1)
+    h0, h1, k0, k1, l0, l1 = (int(x) for x in head.split())
+    shape = (h1 - h0 + 2, k1 - k0 + 2, l1 - l0 + 2)
+    grid = np.frombuffer(body, dtype=np.float64).reshape(shape)
+    return (h0, h1, k0, k1, l0, l1), grid
+
+
+def test_hkl_run_writes_fdump_and_a_default_F_run_reuses_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "P1.hkl").write_text(HKL)
+    first = SMALL + ["-hkl", "P1.hkl", "-default_F", "0.5", "-floatfile", "first.bin"]
+    assert main.run(first) == 0
+    assert "writing dump file for next time: Fdump.bin" in capsys.readouterr().out
+
+    ranges, grid = _parse_c_fdump((tmp_path / "Fdump.bin").read_bytes())
+    assert ranges == (-3, 3, -2, 2, -1, 2)
+    assert grid[3 + 1, 2 - 1, 1 + 2] == 1 + 1 + 2 + 6          # F(1, -1, 2)
+    assert np.all(grid[-1] == 0) and np.all(grid[:, -1] == 0) and np.all(grid[:, :, -1] == 0)
+    expected = read_hkl(tmp_path / "P1.hkl", 0.5).F
+    assert np.array_equal(grid[:-1, :-1, :-1], expected)
+
+    assert main.run(SMALL + ["-default_F", "0.5", "-floatfile", "second.bin"]) == 0
+    assert "reading Fs from Fdump.bin" in capsys.readouterr().out
+    assert (tmp_path / "first.bin").read_bytes() == (tmp_path / "second.bin").read_bytes()
+
+    (tmp_path / "Fdump.bin").unlink()
+    assert main.run(SMALL + ["-default_F", "0.5", "-floatfile", "third.bin"]) == 0
+    assert (tmp_path / "third.bin").read_bytes() != (tmp_path / "first.bin").read_bytes()
