@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from nbfunc.lattice import components
 from nbfunc.params import SourceGrid, SourceList
 from nbfunc.rotation import rotate_axis
 from nbfunc.units import ANGSTROM, MRAD
@@ -42,7 +43,20 @@ def sources(beam) -> tuple[torch.Tensor, torch.Tensor]:
     return -_unit(towards), wavelengths.expand(vdiv.shape[:-1] + (n,))
 
 
-def polarization_factor(incident: torch.Tensor, diffracted: torch.Tensor, polar_axis: torch.Tensor,
+def _cross(u, v):
+    return (u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0])
+
+
+def _dot(u, v):
+    return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+
+
+def _normalised(u):
+    norm = torch.sqrt(_dot(u, u))
+    return tuple(x / norm for x in u)
+
+
+def polarization_factor(incident, diffracted, polar_axis: torch.Tensor,
                         kahn: torch.Tensor) -> torch.Tensor:
     """Kahn polarization factor ``(1 + cos^2 2theta - K cos(2psi) sin^2 2theta)/2``.
 
@@ -51,17 +65,19 @@ def polarization_factor(incident: torch.Tensor, diffracted: torch.Tensor, polar_
     (taken as 1 when the ray is along the beam, where sin^2 2theta = 0 anyway).
 
     Args:
-        incident, diffracted: (*, 3) unit vectors; polar_axis: (3,) polarization axis p;
-        kahn: Kahn factor K (dimensionless).
+        incident, diffracted: (*, 3) unit vectors, or each their three (*) components;
+        polar_axis: (3,) polarization axis p; kahn: Kahn factor K (dimensionless).
     Returns:
         (*) factor (dimensionless).
     """
-    cos2t = (incident * diffracted).sum(-1)
+    i, d = components(incident), components(diffracted)
+    p = tuple(polar_axis.unbind(-1))
+    cos2t = _dot(i, d)
     sin2t_sq = 1.0 - cos2t**2
-    b_in = _unit(torch.linalg.cross(polar_axis.expand(incident.shape), incident))
-    e_in = _unit(torch.linalg.cross(incident, b_in))
-    e_out = (diffracted * e_in).sum(-1)
-    b_out = (diffracted * b_in).sum(-1)
+    b_in = _normalised(_cross(p, i))
+    e_in = _normalised(_cross(i, b_in))
+    e_out = _dot(d, e_in)
+    b_out = _dot(d, b_in)
     r2 = e_out**2 + b_out**2
     safe = r2 > 1e-300
     cos2psi = torch.where(safe, (e_out**2 - b_out**2) / torch.where(safe, r2, 1.0), 1.0)

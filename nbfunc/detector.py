@@ -84,10 +84,10 @@ def subpixel_positions(frame: DetectorFrame, fpix: torch.Tensor, spix: torch.Ten
     ``z/distance`` (y, z: lab components of the flat position), as nanoBragg does.
 
     Args:
-        fpix, spix: (P, 1) pixel indices (float); sub_f, sub_s: (1, E) sub-pixel indices;
-        depth: (1, E) layer depth (m); all broadcast to (P, E).
+        fpix, spix: pixel indices (float) and sub_f, sub_s: sub-pixel indices, depth: layer
+        depth (m), all broadcasting together (the renderer uses (1, P) and (E, 1)).
     Returns:
-        (x, y, z), each (P, E), in metres.
+        (x, y, z), each of the broadcast shape, in metres.
     """
     step = frame.pixel_size / oversample
     fdet = step * (fpix * oversample + sub_f) + step / 2

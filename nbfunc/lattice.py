@@ -14,11 +14,12 @@ ROUND_NORM = 0.723601254558268
 
 
 def sincg(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Grating function ``sin(n x)/sin(x)``; at ``x = k pi`` its limit ``n cos(n k pi)/cos(k pi)``.
+    """Grating function ``sin(n x)/sin(x)``; at ``x = k pi`` its limit ``n (-1)^(k (n - 1))``.
 
     nanoBragg special-cases only ``x = 0`` (value ``n``). Within 1e-10 rad of another multiple
-    of pi, where ``sin(x)`` is pure rounding error, the limit is used instead (for whole ``n``
-    it is ``+-n``), so exact Bragg conditions give the peak value and finite gradients. There
+    of pi, where ``sin(x)`` is pure rounding error, the limit for whole ``n`` (``n`` rounded to
+    the nearest whole number for the sign; a non-whole ``n`` has a pole there) is used instead,
+    so exact Bragg conditions give the peak value and finite gradients. There
     the limit is multiplied by ``1 - (n^2 - 1) d^2/6`` (``d = x - k pi``), which leaves the value
     unchanged to rounding and gives the correct second derivative ``-n (n^2 - 1)/3`` in x.
 
@@ -32,7 +33,8 @@ def sincg(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     d = x - k * math.pi
     near = torch.abs(d) < 1e-10
     safe_x = torch.where(near, 0.5, x)
-    limit = n * torch.cos(n * k * math.pi) * torch.cos(k * math.pi)
+    odd = torch.remainder(k * (torch.round(n) - 1.0), 2.0)
+    limit = n * (1.0 - 2.0 * odd)
     near_value = limit * (1.0 - (n * n - 1.0) * (d * d) / 6.0)
     return torch.where(near, near_value, torch.sin(n * safe_x) / torch.sin(safe_x))
 

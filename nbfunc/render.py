@@ -3,7 +3,9 @@
 nanoBragg's loops, per pixel and in this order, are: sensor layer ``t``, sub-pixel ``(s, f)``,
 source, phi step, mosaic domain. Here the first four form the *path* axis ``E`` (a path is a
 ray from the sample to a sub-pixel at one depth, for one source) and the last two the
-*orientation* axis ``O``. A chunk evaluates a tile of ``P`` pixels times a block of paths
+*orientation* axis ``O``. Chunk tensors are laid out (E, P, O), pixels contiguous so that
+the compiled loops vectorise over pixels; order-dependent steps transpose to nanoBragg's
+raster order (P, E, O). A chunk evaluates a tile of ``P`` pixels times a block of paths
 times all orientations, so memory is bounded by ``sampling.chunk`` evaluations whatever the
 loop counts and the image size. Chunks are visited in nanoBragg's raster order, which makes
 the order-dependent behaviours of the C program exact:
@@ -93,11 +95,11 @@ class Plan:
         return self.thicksteps * self.oversample**2 * self.n_sources
 
 
-def make_plan(p: Params) -> tuple[Plan, tuple[int, ...]]:
+def make_plan(p: Params) -> tuple[Plan, torch.Tensor]:
     """Resolve loop counts and chunk sizes, and list the active pixels (ROI and mask) in raster order.
 
     Returns:
-        (plan, flat indices ``slow*fpixels + fast`` of the pixels to render).
+        (plan, (N,) int64 flat indices ``slow*fpixels + fast`` of the pixels to render).
     """
     det, cr, smp = p.detector, p.crystal, p.sampling
     fpx, spx = det.fpixels, det.spixels
@@ -106,7 +108,7 @@ def make_plan(p: Params) -> tuple[Plan, tuple[int, ...]]:
     keep[y0:y1 + 1, x0:x1 + 1] = True
     if smp.mask is not None:
         keep &= smp.mask.cpu().bool()
-    pixels = tuple(torch.nonzero(keep.reshape(-1))[:, 0].tolist())
+    pixels = torch.nonzero(keep.reshape(-1))[:, 0]
     n_orient = cr.phisteps * cr.mosaic_domains
     n_paths = det.thicksteps * smp.oversample**2 * p.beam.sources.n_sources
     budget = smp.chunk or DEFAULT_CHUNK
@@ -154,9 +156,9 @@ def water_background(water: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor
 # The chunk kernel
 # --------------------------------------------------------------------------------------------
 class Paths(NamedTuple):
-    """A block of paths (layer, sub-pixel, source), each field with leading shape (1, E).
+    """A block of paths (layer, sub-pixel, source), each field with leading shape (E, 1).
 
-    layer, sub_s, sub_f: float indices; incident: (1, E, 3) unit vectors; wavelength: (1, E) m.
+    layer, sub_s, sub_f: float indices; incident: (E, 1, 3) unit vectors; wavelength: (E, 1) m.
     """
 
     layer: torch.Tensor
@@ -174,21 +176,21 @@ def path_block(setup: Setup, plan: Plan, start: int, stop: int) -> Paths:
     src = e % plan.n_sources
     sub = (e // plan.n_sources) % os2
     layer = e // (plan.n_sources * os2)
-    as_float = lambda x: x.to(dtype)[None]
+    as_float = lambda x: x.to(dtype)[:, None]
     return Paths(as_float(layer), as_float(sub // plan.oversample), as_float(sub % plan.oversample),
-                 setup.incident[src][None], setup.wavelengths[src][None])
+                 setup.incident[src][:, None], setup.wavelengths[src][:, None])
 
 
 def path_rays(setup: Setup, plan: Plan, fpix, spix, paths: Paths):
     """Per (pixel, path): diffracted direction, path length, incident direction, q, cut.
 
-    Vectors are tuples of three (P, E) component tensors.
+    Vectors are tuples of three (E, P) component tensors.
 
     Args:
-        fpix, spix: (P, 1) float pixel indices; paths: a block of E paths.
+        fpix, spix: (1, P) float pixel indices; paths: a block of E paths.
     Returns:
-        diffracted unit vector, airpath (P, E) in m, incident (1, E) components, q in 1/m,
-        culled (P, E) bool (beyond the resolution cut).
+        diffracted unit vector, airpath (E, P) in m, incident (E, 1) components, q in 1/m,
+        culled (E, P) bool (beyond the resolution cut).
     """
     pos = subpixel_positions(setup.frame, fpix, spix, paths.sub_f, paths.sub_s,
                              paths.layer * setup.layer_depth, plan.oversample, plan.curved)
@@ -205,7 +207,7 @@ def path_rays(setup: Setup, plan: Plan, fpix, spix, paths: Paths):
 
 
 def path_factors(setup: Setup, plan: Plan, diffracted, airpath, incident, layer):
-    """Solid angle, sensor capture fraction and polarization of the given paths, each (P, E')."""
+    """Solid angle, sensor capture fraction and polarization of the given paths, each (E', P)."""
     f = setup.frame
     omega = solid_angle(airpath, f.close_distance, f.pixel_size, plan.point_pixel)
     if plan.absorption:
@@ -213,9 +215,7 @@ def path_factors(setup: Setup, plan: Plan, diffracted, airpath, incident, layer)
     else:
         capture = torch.ones_like(airpath)
     if plan.polarization:
-        d = torch.stack(diffracted, -1)
-        i = torch.stack(incident, -1).expand(d.shape)
-        polar = polarization_factor(i, d, setup.polar_axis, setup.kahn)
+        polar = polarization_factor(incident, diffracted, setup.polar_axis, setup.kahn)
     else:
         polar = torch.ones_like(airpath)
     return omega, capture, polar
@@ -225,31 +225,37 @@ def miller_indices(q, orient: torch.Tensor):
     """Fractional indices ``h = a.q, k = b.q, l = c.q`` for every orientation.
 
     Args:
-        q: three (P, E) components of the scattering vector (1/m); orient: (O, 3, 3) rows
+        q: three (E, P) components of the scattering vector (1/m); orient: (O, 3, 3) rows
             a, b, c (m).
     Returns:
-        (h, k, l), each (P, E, O), dimensionless.
+        (h, k, l), each (E, P, O), dimensionless.
     """
     qx, qy, qz = (x[..., None] for x in q)
     return tuple(qx * orient[:, i, 0] + qy * orient[:, i, 1] + qz * orient[:, i, 2] for i in range(3))
+
+
+def exclusive_count_raster(flags: torch.Tensor) -> torch.Tensor:
+    """How many of ``flags`` (E, P, ...) are set before each entry in raster order (P, E, ...)."""
+    raster = flags.transpose(0, 1)
+    flat = raster.reshape(-1).to(torch.int32)
+    return (torch.cumsum(flat, 0) - flat).reshape(raster.shape).transpose(0, 1)
 
 
 def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     """F_cell with nanoBragg's interpolation switch-off.
 
     Args:
-        hkl: (h, k, l), each (P, E, O); counted: (P, E, O) evaluations that reach the F_cell
+        hkl: (h, k, l), each (E, P, O); counted: (E, P, O) evaluations that reach the F_cell
             code; disabled_in: 0-d bool, interpolation already switched off by an earlier chunk.
     Returns:
-        (F_cell (P, E, O), disabled_out 0-d bool).
+        (F_cell (E, P, O), disabled_out 0-d bool).
     """
     h0 = tuple(torch.ceil(x - 0.5) for x in hkl)
     nearest = nearest_f(h0, setup.fhkl, plan.hkl_origin, setup.default_f)
     if not plan.interpolate:
         return nearest, disabled_in
     outside = interpolation_out_of_range(hkl, tuple(setup.fhkl.shape), plan.hkl_origin) & counted
-    flat = outside.reshape(-1).to(torch.int32)
-    earlier = (torch.cumsum(flat, 0) - flat).reshape(outside.shape) > 0
+    earlier = exclusive_count_raster(outside) > 0
     use_nearest = disabled_in | earlier | outside
     interpolated = tricubic_f(hkl, setup.fhkl, plan.hkl_origin)
     return torch.where(use_nearest, nearest, interpolated), disabled_in | outside.any()
@@ -278,8 +284,7 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
     hkl = miller_indices(q, orient)
     seen = seen_in
     if orient_first is not None:
-        flat = alive.reshape(-1).to(torch.int32)
-        first = ((torch.cumsum(flat, 0) - flat).reshape(alive.shape) == 0) & alive & ~seen_in
+        first = (exclusive_count_raster(alive) == 0) & alive & ~seen_in
         hkl_first = miller_indices(q, orient_first)
         hkl = tuple(torch.where(first[..., None], a, b) for a, b in zip(hkl_first, hkl))
         seen = seen_in | alive.any()
@@ -297,35 +302,39 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
             factor = factor * polar
         if plan.oversample_omega:
             factor = factor * omega
-        factor = torch.where(counted, factor[..., None], 1.0).flatten(1)
+        factor = torch.where(counted, factor[..., None], 1.0).transpose(0, 1).flatten(1)
         tail = torch.flip(torch.cumprod(torch.flip(factor, (1,)), 1), (1,))
         out["A"] = tail[:, 0]
-        out["B"] = (term.flatten(1) * tail).sum(1)
+        out["B"] = (term.transpose(0, 1).flatten(1) * tail).sum(1)
     else:
-        out["A"] = torch.ones_like(airpath[:, 0])
-        out["B"] = term.sum((1, 2))
+        out["A"] = torch.ones_like(airpath[0])
+        out["B"] = term.sum((0, 2))
     if per_path:
-        index = torch.argmax(alive.to(torch.int8), dim=1)
-        out["polar_found"] = alive.any(1)
-        out["polar_first"] = torch.gather(polar, 1, index[:, None])[:, 0]
+        index = torch.argmax(alive.to(torch.int8), dim=0)
+        out["polar_found"] = alive.any(0)
+        out["polar_first"] = torch.gather(polar, 0, index[None])[0]
         if omega_col >= 0:
-            out["omega"] = omega[:, omega_col]
+            out["omega"] = omega[omega_col]
         if capture_col >= 0:
-            out["capture"] = capture[:, capture_col]
+            out["capture"] = capture[capture_col]
         return out
     # without per-path factors only two columns matter: the first path (omega, polarization)
     # and the first sub-pixel of the last layer (capture fraction)
-    cols = [c for c in (omega_col, capture_col) if c >= 0]
+    if not plan.absorption:
+        if capture_col >= 0:
+            out["capture"] = torch.ones_like(out["A"])
+        capture_col = -1
+    cols = sorted({c for c in (omega_col, capture_col) if c >= 0})
     if cols:
-        pick = lambda x: x[:, cols]
+        pick = lambda x: x[cols]
         omega_c, capture_c, polar_c = path_factors(
             setup, plan, tuple(pick(x) for x in diffracted), pick(airpath),
-            tuple(pick(x) for x in incident), paths.layer[:, cols])
+            tuple(pick(x) for x in incident), paths.layer[cols])
         if omega_col >= 0:
-            out["omega"], out["polar_first"] = omega_c[:, 0], polar_c[:, 0]
+            out["omega"], out["polar_first"] = omega_c[cols.index(omega_col)], polar_c[cols.index(omega_col)]
             out["polar_found"] = torch.ones_like(out["omega"], dtype=torch.bool)
         if capture_col >= 0:
-            out["capture"] = capture_c[:, cols.index(capture_col)]
+            out["capture"] = capture_c[cols.index(capture_col)]
     if "polar_found" not in out:
         out["polar_found"] = torch.zeros_like(out["A"], dtype=torch.bool)
         out["polar_first"] = torch.zeros_like(out["A"])
@@ -373,7 +382,7 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     background = water_background(setup.water, fluence)
     disabled = torch.zeros((), dtype=torch.bool, device=device)
     seen = torch.zeros((), dtype=torch.bool, device=device)
-    pixels = torch.tensor(pixel_list, dtype=torch.long, device=device)
+    pixels = pixel_list.to(device)
     n_pix = len(pixel_list)
     capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
     values = []
@@ -383,8 +392,8 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
         pad = plan.tile - idx.shape[0]
         if pad:
             idx = torch.cat([idx, idx[-1:].expand(pad)])
-        fpix = (idx % plan.fpixels)[:, None].to(dtype)
-        spix = (idx // plan.fpixels)[:, None].to(dtype)
+        fpix = (idx % plan.fpixels)[None].to(dtype)
+        spix = (idx // plan.fpixels)[None].to(dtype)
         intensity = background.expand(idx.shape)
         polar_found = torch.zeros(idx.shape, dtype=torch.bool, device=device)
         polar_first = torch.zeros(idx.shape, dtype=dtype, device=device)
