@@ -234,11 +234,22 @@ def miller_indices(q, orient: torch.Tensor):
     return tuple(qx * orient[:, i, 0] + qy * orient[:, i, 1] + qz * orient[:, i, 2] for i in range(3))
 
 
-def exclusive_count_raster(flags: torch.Tensor) -> torch.Tensor:
-    """How many of ``flags`` (E, P, ...) are set before each entry in raster order (P, E, ...)."""
-    raster = flags.transpose(0, 1)
-    flat = raster.reshape(-1).to(torch.int32)
-    return (torch.cumsum(flat, 0) - flat).reshape(raster.shape).transpose(0, 1)
+def raster_rank(shape: torch.Size, device) -> torch.Tensor:
+    """Position of every entry of an (E, P, ...) chunk in nanoBragg's raster order (P, E, ...)."""
+    n_e, n_p, rest = shape[0], shape[1], shape[2:]
+    inner = 1
+    for n in rest:
+        inner *= n
+    e = torch.arange(n_e, device=device).reshape((n_e, 1) + (1,) * len(rest))
+    p = torch.arange(n_p, device=device).reshape((1, n_p) + (1,) * len(rest))
+    within = torch.arange(inner, device=device).reshape((1, 1) + tuple(rest))
+    return (p * n_e + e) * inner + within
+
+
+def first_in_raster(flags: torch.Tensor) -> torch.Tensor:
+    """Raster rank of the first set entry of ``flags`` (E, P, ...), or the entry count if none."""
+    rank = raster_rank(flags.shape, flags.device)
+    return torch.where(flags, rank, flags.numel()).amin(), rank
 
 
 def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
@@ -254,9 +265,12 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     nearest = nearest_f(h0, setup.fhkl, plan.hkl_origin, setup.default_f)
     if not plan.interpolate:
         return nearest, disabled_in
+    if min(setup.fhkl.shape) < 4:  # every neighbourhood is out of range: nearest from the start
+        counted_any = counted.any()
+        return nearest, disabled_in | counted_any
     outside = interpolation_out_of_range(hkl, tuple(setup.fhkl.shape), plan.hkl_origin) & counted
-    earlier = exclusive_count_raster(outside) > 0
-    use_nearest = disabled_in | earlier | outside
+    first_rank, rank = first_in_raster(outside)
+    use_nearest = disabled_in | (rank >= first_rank)
     interpolated = tricubic_f(hkl, setup.fhkl, plan.hkl_origin)
     return torch.where(use_nearest, nearest, interpolated), disabled_in | outside.any()
 
@@ -284,7 +298,8 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
     hkl = miller_indices(q, orient)
     seen = seen_in
     if orient_first is not None:
-        first = (exclusive_count_raster(alive) == 0) & alive & ~seen_in
+        first_rank, rank = first_in_raster(alive)
+        first = (rank == first_rank) & ~seen_in
         hkl_first = miller_indices(q, orient_first)
         hkl = tuple(torch.where(first[..., None], a, b) for a, b in zip(hkl_first, hkl))
         seen = seen_in | alive.any()

@@ -47,37 +47,40 @@ def interpolation_out_of_range(hkl: torch.Tensor | Components, grid_shape: tuple
     return out
 
 
-def lagrange_weights(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lagrange_weights(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Weights of the cubic Lagrange polynomial through ``floor(x) - 1 .. floor(x) + 2``.
 
     Args:
         x: (*) coordinate.
     Returns:
-        (first node index as a float tensor (*), weights (*, 4)).
+        (first node index as a float tensor (*), four weights, each (*)).
     """
     base = torch.floor(x) - 1
     u = x - base  # nodes at u = 0, 1, 2, 3
-    w0 = -(u - 1) * (u - 2) * (u - 3) / 6
-    w1 = u * (u - 2) * (u - 3) / 2
-    w2 = -u * (u - 1) * (u - 3) / 2
-    w3 = u * (u - 1) * (u - 2) / 6
-    return base, torch.stack([w0, w1, w2, w3], -1)
+    return base, (-(u - 1) * (u - 2) * (u - 3) / 6, u * (u - 2) * (u - 3) / 2,
+                  -u * (u - 1) * (u - 3) / 2, u * (u - 1) * (u - 2) / 6)
 
 
 def tricubic_f(hkl: torch.Tensor | Components, fhkl: torch.Tensor, origin: tuple[int, int, int]) -> torch.Tensor:
     """Tricubic Lagrange interpolation of the grid at fractional ``hkl`` (*, 3) or components.
 
-    Indices are clamped into the grid, so points whose neighbourhood is out of range give a
-    finite but meaningless value; callers select another F there (see
-    `interpolation_out_of_range`).
+    ``F = sum_ijk w_i(h) w_j(k) w_k(l) F[h0 - 1 + i, k0 - 1 + j, l0 - 1 + k]``: 64 gathers from
+    the flat grid at constant offsets of one start index, which the compiler fuses into one
+    loop. The start is clamped into the grid, so points whose neighbourhood is out of range
+    give a finite but meaningless value; callers select another F there (see
+    `interpolation_out_of_range`). Every grid axis must have at least 4 entries.
     """
     nh, nk, nl = fhkl.shape
     bases, weights = zip(*(lagrange_weights(x) for x in components(hkl)))
-    offs = torch.arange(4, device=fhkl.device)
-    idx = [(b.long()[..., None] - o + offs).clamp(0, n - 1)
-           for b, o, n in zip(bases, origin, (nh, nk, nl))]
-    flat = ((idx[0][..., :, None, None] * nk + idx[1][..., None, :, None]) * nl
-            + idx[2][..., None, None, :])
-    cube = fhkl.reshape(-1)[flat.reshape(-1)].reshape(flat.shape)
-    w = weights[0][..., :, None, None] * weights[1][..., None, :, None] * weights[2][..., None, None, :]
-    return (cube * w).sum((-1, -2, -3))
+    idx = [(b.long() - o).clamp(0, n - 4) for b, o, n in zip(bases, origin, (nh, nk, nl))]
+    start = (idx[0] * nk + idx[1]) * nl + idx[2]
+    flat = fhkl.reshape(-1)
+    total = None
+    for i in range(4):
+        for j in range(4):
+            wij = weights[0][i] * weights[1][j]
+            row = start + (i * nk + j) * nl
+            for k in range(4):
+                term = wij * weights[2][k] * flat[row + k]
+                total = term if total is None else total + term
+    return total

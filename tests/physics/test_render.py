@@ -107,3 +107,11 @@ def test_water_background_scales_with_fluence_squared():
     base = SMALL + " -water 50 -N 1 -default_F 0.0001"
     a, b = render(base + " -fluence 1e24"), render(base + " -fluence 2e24")
     assert torch.allclose(b / a, torch.full_like(a, 4.0), rtol=1e-6)
+
+
+def test_interpolation_on_a_grid_too_small_falls_back_to_nearest(tmp_path):
+    """No 4x4x4 neighbourhood fits a 3x3x3 grid: the C program switches to nearest at once."""
+    lines = [f"{h} {k} {l} {5 + h + 2 * k + 3 * l}" for h in range(-1, 2) for k in range(-1, 2) for l in range(-1, 2)]
+    (tmp_path / "small.hkl").write_text("\n".join(lines))
+    flags = f"{SMALL} -N 2 -default_F 1 -hkl {tmp_path / 'small.hkl'}"
+    assert torch.equal(render(flags + " -interpolate"), render(flags + " -nointerpolate"))
