@@ -42,7 +42,7 @@ class FitStatus:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FitResult:
     """A maximum-likelihood fit.
 
@@ -66,7 +66,7 @@ class FitResult:
     history: tuple[float, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Coordinates:
     """Internal coordinates ``z = scale * (u - origin)``, ``u = log theta`` where ``positive``."""
 

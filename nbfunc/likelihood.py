@@ -42,7 +42,7 @@ _UNITS = ("Angstrom", "mm", "deg", "mrad", "um", "e", "photons/m^2", "1/mm", "fr
 _ELEMENT = re.compile(r"^(?P<path>[^\[\]]+)\[(?P<index>\d+)\]$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tile:
     """A block of pixels: its expected counts as a function of ``theta``, and its data.
 
@@ -58,7 +58,7 @@ class Tile:
     include: torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Problem:
     """A Poisson likelihood of ``theta``, the free parameters, flattened to one vector.
 

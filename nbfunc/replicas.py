@@ -24,7 +24,7 @@ from nbfunc.params import Params
 from nbfunc.uncertainty import invert_information
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReplicaFits:
     """Fits of ``R`` replicas of ``n`` parameters.
 

@@ -68,7 +68,7 @@ class Degeneracy:
         return f"[{parts}] (eigenvalue {self.eigenvalue:.3g})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Uncertainty:
     """Uncertainty of ``n`` free parameters at ``values``.
 
@@ -101,7 +101,7 @@ class Uncertainty:
     degenerate: tuple[Degeneracy, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class InformationInverse:
     """`invert_information`'s result (see `Uncertainty` for the meaning of the fields).
 
