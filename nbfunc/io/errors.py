@@ -22,3 +22,16 @@ def file_error(path: str | os.PathLike, message: str, line: int | None = None) -
     """
     where = f"{os.fspath(path)}: line {line}: " if line is not None else f"{os.fspath(path)}: "
     return NbfuncInputError(where + " ".join(message.split()))
+
+
+def read_text(path: str | os.PathLike, what: str, hint: str) -> str:
+    """The whole text of ``path`` (universal newlines), or a one-line error naming it.
+
+    Args:
+        what: the kind of file, e.g. "HKL file"; hint: how to fix an unreadable path.
+    """
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise file_error(path, f"cannot read {what} ({exc.strerror}); {hint}") from exc

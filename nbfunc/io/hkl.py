@@ -9,6 +9,7 @@ where the extra last slot of each axis is 0 (``default_F`` only fills ``[0, rang
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nbfunc.io.atomic import atomic_write_bytes
-from nbfunc.io.errors import file_error
+from nbfunc.io.errors import file_error, read_text
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,7 @@ def _parse_hkl_line(path, lineno: int, text: str) -> tuple | None:
 
 def _read_entries(path) -> list:
     """All (lineno, h, k, l, F) entries of an HKL text file."""
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as handle:
-            lines = handle.readlines()
-    except OSError as exc:
-        raise file_error(
-            path, f"cannot read HKL file ({exc.strerror}); check the -hkl path"
-        ) from exc
+    lines = io.StringIO(read_text(path, "HKL file", "check the -hkl path")).readlines()
     entries = []
     for lineno, text in enumerate(lines, start=1):
         parsed = _parse_hkl_line(path, lineno, text)

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from nbfunc.io.errors import file_error
+from nbfunc.io.errors import file_error, read_text
 
 # One number as C's strtod reads it (after leading white space): decimal, hex, inf or nan.
 _C_NUMBER = re.compile(
@@ -80,13 +80,7 @@ def read_mosflm_matrix(path: str | os.PathLike) -> np.ndarray:
         NbfuncInputError: missing file, fewer than nine numbers, text that is not a number,
             non-finite values, or a singular matrix.
     """
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
-    except OSError as exc:
-        raise file_error(
-            path, f"cannot read matrix file ({exc.strerror}); check the -mat path"
-        ) from exc
+    text = read_text(path, "matrix file", "check the -mat path")
     values, stop = scan_c_doubles(text, 9)
     if stop is not None:
         line, token = stop
