@@ -4,16 +4,21 @@
 ``NANOBRAGG_DISABLE_COMPILE`` is read once, at import: ``1`` (or ``true``/``yes``) runs every
 function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected.
 
-Calls made inside a ``torch.func`` transform (vmap, jacfwd, jacrev, grad, hessian), and calls
-whose tensor inputs require grad while autograd is recording, run the eager function: the
-transform or autograd differentiates or batches the same pure code, so results are identical.
-(Compiled graphs support neither double backward, which gradgradcheck and Hessians need, nor,
-in torch 2.13, every backward of this kernel: inductor fails or returns wrong gradients for
-some leaves.) Do not wrap nbfunc functions in ``torch.compile`` yourself
+Calls made inside a ``torch.func`` transform (vmap, jacfwd, jacrev, grad, hessian) run the
+eager function: the transform differentiates or batches the same pure code, so results are
+identical. Under ordinary autograd the compiled function runs inside `_CompiledGrad`: first
+order gradients go through the compiled backward; a backward that must itself be
+differentiable (``create_graph=True``: grad-of-grad, gradgradcheck), which compiled graphs do
+not support, re-runs the eager function and differentiates that.
+
+Do not wrap nbfunc functions in ``torch.compile`` yourself
 (``torch.compile(torch.func.grad(loss))``): dynamo stops at the pydantic tree, falls back to
-eager and, in torch 2.13, then skips nbfunc's own compiled kernel for the rest of the process. A compile that fails is reported with a
-warning that names the function and the error, and that function then runs eagerly; it is
-never swallowed silently. ``NANOBRAGG_COMPILE_STRICT=1`` turns that warning into an error.
+eager and, in torch 2.13, then skips nbfunc's own compiled kernel for the rest of the process.
+
+A compile that fails is reported with a warning that names the function and the error, and
+that function then runs eagerly; it is never swallowed silently. A compiled backward that
+fails is reported the same way and replaced by the eager gradient.
+``NANOBRAGG_COMPILE_STRICT=1`` turns a failed compile into an error.
 """
 from __future__ import annotations
 
@@ -59,6 +64,83 @@ def _needs_grad(leaves) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
 
 
+def _tensors(values) -> list:
+    return [x for x in values if isinstance(x, torch.Tensor)]
+
+
+class _CompiledGrad(torch.autograd.Function):
+    """A compiled call under autograd whose backward also supports ``create_graph``.
+
+    First-order backward goes through the compiled graph. When the backward itself must be
+    differentiable (grad-of-grad, gradgradcheck), which compiled graphs do not support, or when
+    the compiled backward fails, the eager function is re-run and differentiated instead.
+    """
+
+    @staticmethod
+    def forward(ctx, run, *flat):
+        call, eager, name = run
+        detached = [x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+                    for x in flat]
+        with torch.enable_grad():
+            out = call(*detached)
+        ctx.run, ctx.flat_spec, ctx.graph = run, [isinstance(x, torch.Tensor) for x in flat], (detached, out)
+        ctx.non_tensors = [x for x in flat if not isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(*_tensors(flat))
+        results = tuple(o.detach() for o in out)
+        ctx.mark_non_differentiable(*[r for r in results if not r.is_floating_point()])
+        return results
+
+    @staticmethod
+    def backward(ctx, *grads):
+        call, eager, name = ctx.run
+        detached, out = ctx.graph
+        wanted = [i for i, x in enumerate(detached) if isinstance(x, torch.Tensor) and x.requires_grad]
+        if not torch.is_grad_enabled():
+            pairs = [(o, g) for o, g in zip(out, grads) if g is not None and o.requires_grad]
+            try:
+                with torch._functorch.config.patch(donated_buffer=False):
+                    got = torch.autograd.grad([o for o, _ in pairs], [detached[i] for i in wanted],
+                                              [g for _, g in pairs], retain_graph=True, allow_unused=True)
+                return (None,) + _scatter(got, wanted, len(detached))
+            except RuntimeError as err:
+                warnings.warn(f"compiled backward of {name} failed ({str(err).splitlines()[0]}); "
+                              "differentiating the eager function", RuntimeWarning)
+        saved, others = iter(ctx.saved_tensors), iter(ctx.non_tensors)
+        inputs = [next(saved) if is_tensor else next(others) for is_tensor in ctx.flat_spec]
+        # one differentiable alias per position, so that a tensor passed twice gets its two
+        # partial gradients separately (as the compiled path's per-position inputs do)
+        inputs = [x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in inputs]
+        with torch.enable_grad():
+            again = eager(*inputs)
+        pairs = [(o, g) for o, g in zip(again, grads) if g is not None and o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                  [g for _, g in pairs], create_graph=torch.is_grad_enabled(),
+                                  allow_unused=True)
+        return (None,) + _scatter(got, wanted, len(detached))
+
+
+def _flatten_output(out):
+    """Leaves of a function result in a canonical order (dict keys sorted: a compiled function
+    may build its result dict in another key order than the eager one)."""
+    if isinstance(out, dict):
+        keys = sorted(out)
+        return [out[k] for k in keys], ("dict", keys)
+    leaves, spec = pytree.tree_flatten(out)
+    return leaves, ("tree", spec)
+
+
+def _unflatten_output(leaves, spec):
+    kind, layout = spec
+    return dict(zip(layout, leaves)) if kind == "dict" else pytree.tree_unflatten(leaves, layout)
+
+
+def _scatter(values, positions, n) -> tuple:
+    out = [None] * n
+    for i, v in zip(positions, values):
+        out[i] = v
+    return tuple(out)
+
+
 def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwargs) -> Callable:
     """``fn`` compiled with torch.compile, unless compilation is disabled.
 
@@ -79,12 +161,27 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwar
     def wrapper(*args, **kwargs):
         if state["failed"] or in_functorch_transform():
             return fn(*args, **kwargs)
-        if _needs_grad(pytree.tree_leaves((args, kwargs))):
-            return fn(*args, **kwargs)
         try:
             if state["compiled"] is None:
                 state["compiled"] = torch.compile(fn, **options)
-            return state["compiled"](*args, **kwargs)
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            if not _needs_grad(flat):
+                return state["compiled"](*args, **kwargs)
+            holder = {}
+
+            def call(*leaves):
+                a, k = pytree.tree_unflatten(list(leaves), spec)
+                with torch._functorch.config.patch(donated_buffer=False):
+                    out = state["compiled"](*a, **k)
+                flat_out, holder["spec"] = _flatten_output(out)
+                return flat_out
+
+            def eager(*leaves):
+                a, k = pytree.tree_unflatten(list(leaves), spec)
+                return _flatten_output(fn(*a, **k))[0]
+
+            results = _CompiledGrad.apply((call, eager, fn.__qualname__), *flat)
+            return _unflatten_output(list(results), holder["spec"])
         except Exception as err:  # reported, then eager for the rest of the process
             if COMPILE_STRICT:
                 raise CompileError(f"torch.compile failed for {fn.__qualname__}: {err}") from err
