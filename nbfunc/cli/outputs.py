@@ -187,11 +187,18 @@ def write_all(float_image: np.ndarray, stats: dict, info) -> list[str]:
     return lines
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _stage(name: str, data: bytes) -> str:
     """Write ``data`` to a new hidden temporary file next to ``name``; return its path."""
     folder, base = os.path.split(os.path.abspath(name))
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".nbfunc-tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # the mode fopen would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
     except BaseException:

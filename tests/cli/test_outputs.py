@@ -205,3 +205,17 @@ def test_hkl_run_writes_fdump_and_a_default_F_run_reuses_it(tmp_path, monkeypatc
     (tmp_path / "Fdump.bin").unlink()
     assert main.run(SMALL + ["-default_F", "0.5", "-floatfile", "third.bin"]) == 0
     assert (tmp_path / "third.bin").read_bytes() != (tmp_path / "first.bin").read_bytes()
+
+
+def test_outputs_get_the_permissions_fopen_would_give(tmp_path, monkeypatch):
+    import os
+    from nbfunc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert main.run("-cell 50 50 50 90 90 90 -default_F 10 -N 2 -detpixels 8 -nonoise -nopgm".split()) == 0
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "floatimage.bin").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(tmp_path / "intimage.img").st_mode & 0o777) == oct(0o644)
