@@ -107,18 +107,17 @@ def mosaic_rotations(crystal) -> torch.Tensor:
     return axis_rotation_matrix(axes, spread[..., None] * scales)
 
 
-def orientation_matrices(real: torch.Tensor, phi_rot: torch.Tensor, mosaic_rot: torch.Tensor) -> torch.Tensor:
-    """Cell matrices for every (phi, mosaic) pair: ``U_m (R_p a)`` for each cell vector.
+def orientation_matrices(spindle_cells: torch.Tensor, mosaic_rot: torch.Tensor) -> torch.Tensor:
+    """Cell matrices for every (phi, mosaic) pair: ``U_m a_p`` for each spindle-rotated cell vector.
 
     Args:
-        real: (3, 3) rows a, b, c (m).
-        phi_rot: (phi, 3, 3) spindle rotations.
+        spindle_cells: (phi, 3, 3) rows a, b, c (m) after each phi step's spindle rotation
+            (``real @ R_p^T``, or the carried orientations of nanoBragg's phi=0 reuse).
         mosaic_rot: (mosaic, 3, 3) domain rotations.
     Returns:
-        (phi, mosaic, 3, 3) matrices whose rows are the rotated a, b, c (m).
+        (phi * mosaic, 3, 3) matrices whose rows are the rotated a, b, c (m), phi-major.
     """
-    rotated = real @ phi_rot.transpose(-1, -2)
-    return rotated[:, None] @ mosaic_rot.transpose(-1, -2)[None]
+    return (spindle_cells[:, None] @ mosaic_rot.transpose(-1, -2)[None]).reshape(-1, 3, 3)
 
 
 def mosaic_draws(domains: int, seed: int) -> tuple[tuple[tuple[float, float, float], ...], tuple[float, ...]]:

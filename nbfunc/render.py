@@ -77,7 +77,6 @@ class Plan:
     shape: str
     interpolate: bool
     hkl_origin: tuple[int, int, int]
-    has_hkl: bool
     ordered: bool
     oversample_thick: bool
     oversample_polar: bool
@@ -93,6 +92,14 @@ class Plan:
     @property
     def n_paths(self) -> int:
         return self.thicksteps * self.oversample**2 * self.n_sources
+
+    def evaluations(self, n_pixels: int) -> int:
+        """(pixel, layer, sub-pixel, source, phi, mosaic) evaluations for ``n_pixels`` pixels."""
+        return n_pixels * self.n_paths * self.n_orient
+
+    def chunks(self, n_pixels: int) -> int:
+        """Kernel calls (pixel tile x path block) for ``n_pixels`` pixels."""
+        return math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
 
 
 def make_plan(p: Params) -> tuple[Plan, torch.Tensor]:
@@ -119,10 +126,10 @@ def make_plan(p: Params) -> tuple[Plan, torch.Tensor]:
         tile, block = 1, max(1, budget // n_orient)
     ordered = smp.oversample_thick or smp.oversample_polar or smp.oversample_omega
     return Plan(fpx, spx, smp.oversample, det.thicksteps, p.beam.sources.n_sources, n_orient,
-                cr.shape, cr.interpolate and cr.fhkl.numel() > 0, cr.hkl_origin,
-                cr.fhkl.numel() > 0, ordered, smp.oversample_thick, smp.oversample_polar,
-                smp.oversample_omega, det.absorption, p.beam.polarization, det.curved,
-                det.point_pixel, smp.dmin * ANGSTROM, tile, block), pixels
+                cr.shape, cr.interpolate and cr.fhkl.numel() > 0, cr.hkl_origin, ordered,
+                smp.oversample_thick, smp.oversample_polar, smp.oversample_omega, det.absorption,
+                p.beam.polarization, det.curved, det.point_pixel, smp.dmin * ANGSTROM, tile,
+                block), pixels
 
 
 def prepare(p: Params) -> tuple[Setup, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -381,16 +388,15 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     setup, real, phi_rot, mosaic_rot = prepare(p)
     fluence = p.beam.fluence
     dtype, device = real.dtype, real.device
-    first_orient = None
+    first_orient = after = None
     if carry is None:
-        orient = orientation_matrices(real, phi_rot, mosaic_rot).reshape(-1, 3, 3)
+        orient = orientation_matrices(real @ phi_rot.transpose(-1, -2), mosaic_rot)
     else:
         phi = phi_angles(p.crystal)
         steps_first, after = _carry_orientations(real, phi_rot, phi, carry.orientation)
         steps_rest, _ = _carry_orientations(real, phi_rot, phi, after)
-        mos_t = mosaic_rot.transpose(-1, -2)[None]
-        first_orient = (steps_first[:, None] @ mos_t).reshape(-1, 3, 3)
-        orient = (steps_rest[:, None] @ mos_t).reshape(-1, 3, 3)
+        first_orient = orientation_matrices(steps_first, mosaic_rot)
+        orient = orientation_matrices(steps_rest, mosaic_rot)
 
     steps = plan.n_sources * plan.n_orient * plan.oversample**2
     scale = R_E_SQR * fluence / steps
@@ -401,7 +407,7 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     n_pix = len(pixel_list)
     capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
     values = []
-    n_chunks, done = math.ceil(n_pix / plan.tile) * math.ceil(plan.n_paths / plan.block), 0
+    n_chunks, done = plan.chunks(n_pix), 0
     for start in range(0, n_pix, plan.tile):
         idx = pixels[start:start + plan.tile]
         pad = plan.tile - idx.shape[0]
@@ -443,7 +449,6 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     image = image.reshape(plan.spixels, plan.fpixels)
     if carry is None:
         return image, None
-    _, after = _carry_orientations(real, phi_rot, phi_angles(p.crystal), carry.orientation)
     return image, PhiCarry(torch.where(seen, after, carry.orientation))
 
 
@@ -470,7 +475,7 @@ def render_for_cli(p: Params, carry: PhiCarry, compile: bool, progress=None) -> 
 def evaluation_count(p: Params) -> int:
     """Number of (pixel, layer, sub-pixel, source, phi, mosaic) evaluations of a render."""
     plan, pixels = make_plan(p)
-    return len(pixels) * plan.n_paths * plan.n_orient
+    return plan.evaluations(len(pixels))
 
 
 def initial_carry(p: Params) -> PhiCarry:

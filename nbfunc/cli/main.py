@@ -79,11 +79,11 @@ def _render(params, info):
     from nbfunc.render import initial_carry, make_plan
 
     plan, pixels = make_plan(params)
-    chunks = progress.chunk_count(plan, len(pixels))
+    chunks = plan.chunks(len(pixels))
     report = None
     if progress.wanted(info.flags.progress_meter, sys.stderr, chunks):
         report = progress.meter(sys.stderr, progress.is_terminal(sys.stderr))
-    compile = len(pixels) * plan.n_paths * plan.n_orient >= COMPILE_THRESHOLD
+    compile = plan.evaluations(len(pixels)) >= COMPILE_THRESHOLD
     image, _ = progress.render_with_progress(params, initial_carry(params), compile, report)
     return image.detach().to("cpu", torch.float64).numpy().astype(np.float32)
 

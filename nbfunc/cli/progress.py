@@ -8,7 +8,6 @@ The renderer calls ``progress(done, total)`` after every chunk (`nbfunc.render.r
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, TextIO
 
@@ -22,11 +21,6 @@ def is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def chunk_count(plan, n_pixels: int) -> int:
-    """Chunks (pixel tile x path block) the renderer evaluates for a `nbfunc.render.Plan`."""
-    return math.ceil(n_pixels / plan.tile) * math.ceil(plan.n_paths / plan.block)
 
 
 def wanted(enabled: bool, stream: TextIO, chunks: int) -> bool:
