@@ -111,11 +111,14 @@ def make_plan(p: Params) -> tuple[Plan, torch.Tensor]:
     det, cr, smp = p.detector, p.crystal, p.sampling
     fpx, spx = det.fpixels, det.spixels
     x0, x1, y0, y1 = smp.roi if smp.roi is not None else (0, fpx, 0, spx)
-    keep = torch.zeros(spx, fpx, dtype=torch.bool)
-    keep[y0:y1 + 1, x0:x1 + 1] = True
-    if smp.mask is not None:
-        keep &= smp.mask.cpu().bool()
-    pixels = torch.nonzero(keep.reshape(-1))[:, 0]
+    if smp.mask is None and x0 <= 0 and y0 <= 0 and x1 >= fpx - 1 and y1 >= spx - 1:
+        pixels = torch.arange(fpx * spx)
+    else:
+        keep = torch.zeros(spx, fpx, dtype=torch.bool)
+        keep[y0:y1 + 1, x0:x1 + 1] = True
+        if smp.mask is not None:
+            keep &= smp.mask.cpu().bool()
+        pixels = torch.nonzero(keep.reshape(-1))[:, 0]
     n_orient = cr.phisteps * cr.mosaic_domains
     n_paths = det.thicksteps * smp.oversample**2 * p.beam.sources.n_sources
     budget = smp.chunk or DEFAULT_CHUNK
@@ -282,39 +285,98 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     return torch.where(use_nearest, nearest, interpolated), disabled_in | outside.any()
 
 
+def pixel_values(plan: Plan, scale, intensity, capture_last, polar_found, polar_first, omega_first):
+    """Photons per pixel from the accumulated sum and the per-pixel "first/last" factors.
+
+    Args:
+        scale: 0-d ``r_e^2 fluence / steps`` (m^2 times photons/m^2, divided by the number
+            of sub-pixels x sources x orientations);
+        intensity: (P,) accumulated ``F^2 F_latt^2`` sum, background included;
+        capture_last, polar_first, omega_first: (P,) the factors found by the chunks
+            (omega in sr); polar_found: (P,) bool, a path passed the resolution cut.
+    Returns:
+        (P,) photons per pixel.
+    """
+    value = scale * intensity
+    if not plan.oversample_thick:
+        value = value * capture_last
+    if not plan.oversample_polar:
+        value = value * torch.where(polar_found, polar_first, 0.0)
+    if not plan.oversample_omega:
+        value = value * omega_first
+    return value
+
+
 def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor | None,
-                 fpix, spix, paths: Paths, disabled_in, seen_in,
-                 plan: Plan, omega_col: int, capture_col: int):
+                 pixel_index, paths: Paths, disabled_in, seen_in,
+                 plan: Plan, omega_col: int, capture_col: int, finish=None):
     """Accumulate one chunk: a tile of pixels, a block of paths, all orientations.
 
     Args:
         orient: (O, 3, 3) cell matrices (rows a, b, c in m) for every (phi, mosaic).
         orient_first: (O, 3, 3) the matrices for the first evaluation of a carry render, or None.
+        pixel_index: (1, P) int64 flat pixel indices ``slow * fpixels + fast``.
         disabled_in, seen_in: 0-d bool states carried between chunks in raster order.
         omega_col, capture_col: path columns holding the "first omega" and "last capture"
             values, or -1 when this block does not contain them.
+        finish: ``(scale, background)`` 0-d tensors when this block holds every path of its
+            pixels: the kernel then also applies `pixel_values` (fused into the same loops).
     Returns:
         dict with ``A``, ``B`` (P,) (the chunk's map ``I <- A I + B``), ``polar_found``,
-        ``polar_first`` (P,), optional ``omega``/``capture`` (P,), ``disabled``, ``seen``.
+        ``polar_first`` (P,), optional ``omega``/``capture`` (P,), ``disabled``, ``seen``;
+        with ``finish``, only ``value`` (P,) photons per pixel, ``disabled`` and ``seen``.
     """
+    # row and column by float64 arithmetic, exact below 2^52 (int64 division does not vectorise)
+    flat = pixel_index.to(torch.float64)
+    rows = torch.floor((flat + 0.5) * (1.0 / plan.fpixels))
+    fpix = (flat - rows * plan.fpixels).to(setup.incident.dtype)
+    spix = rows.to(setup.incident.dtype)
+    out = _chunk_sums(setup, orient, orient_first, fpix, spix, paths, disabled_in, seen_in,
+                      plan, omega_col, capture_col)
+    if finish is None:
+        return out
+    scale, background = finish
+    value = pixel_values(plan, scale, background * out["A"] + out["B"], out["capture"],
+                         out["polar_found"], out["polar_first"], out["omega"])
+    return {"value": value, "disabled": out["disabled"], "seen": out["seen"]}
+
+
+def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, disabled_in,
+                seen_in, plan: Plan, omega_col: int, capture_col: int):
     diffracted, airpath, incident, q, culled = path_rays(setup, plan, fpix, spix, paths)
     per_path = plan.ordered or plan.dmin > 0
     if per_path:
         omega, capture, polar = path_factors(setup, plan, diffracted, airpath, incident, paths.layer)
     alive = ~culled
+    # with a single orientation the orientation axis is dropped, so that every (E, P) step
+    # of the chunk runs in one fused loop
+    single = orient.shape[0] == 1
+    per_orient = (lambda x: x) if single else (lambda x: x[..., None])
     hkl = miller_indices(q, orient)
+    if single:
+        hkl = tuple(x[..., 0] for x in hkl)
     seen = seen_in
     if orient_first is not None:
         first_rank, rank = first_in_raster(alive)
         first = (rank == first_rank) & ~seen_in
         hkl_first = miller_indices(q, orient_first)
-        hkl = tuple(torch.where(first[..., None], a, b) for a, b in zip(hkl_first, hkl))
+        if single:
+            hkl_first = tuple(x[..., 0] for x in hkl_first)
+        hkl = tuple(torch.where(per_orient(first), a, b) for a, b in zip(hkl_first, hkl))
         seen = seen_in | alive.any()
     n_cells = setup.n_cells
     f_latt = lattice_factor(plan.shape, hkl, setup.recip, n_cells, setup.fudge)
-    counted = alive[..., None] & ((f_latt != 0) | (setup.water != 0))
+    # nanoBragg skips an evaluation whose F_latt is 0 (without water background): the skip
+    # matters for the interpolation switch-off and the oversample_* factors; otherwise the
+    # term is 0 anyway and the (slow) boolean mask is left out
+    if plan.interpolate or plan.ordered or plan.dmin > 0:
+        counted = per_orient(alive) & ((f_latt != 0) | (setup.water != 0))
+    else:
+        counted = None
     f_cell, disabled = structure_factor(setup, plan, hkl, counted, disabled_in)
-    term = torch.where(counted, (f_cell * f_latt) ** 2, 0.0)
+    term = (f_cell * f_latt) ** 2
+    if counted is not None:
+        term = torch.where(counted, term, 0.0)
     out = {"disabled": disabled, "seen": seen}
     if plan.ordered:
         factor = torch.ones_like(omega)
@@ -324,13 +386,13 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
             factor = factor * polar
         if plan.oversample_omega:
             factor = factor * omega
-        factor = torch.where(counted, factor[..., None], 1.0).transpose(0, 1).flatten(1)
+        factor = torch.where(counted, per_orient(factor), 1.0).transpose(0, 1).flatten(1)
         tail = torch.flip(torch.cumprod(torch.flip(factor, (1,)), 1), (1,))
         out["A"] = tail[:, 0]
         out["B"] = (term.transpose(0, 1).flatten(1) * tail).sum(1)
     else:
         out["A"] = torch.ones_like(airpath[0])
-        out["B"] = term.sum((0, 2))
+        out["B"] = term.sum(0) if single else term.sum((0, 2))
     if per_path:
         index = torch.argmax(alive.to(torch.int8), dim=0)
         out["polar_found"] = alive.any(0)
@@ -403,49 +465,59 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     background = water_background(setup.water, fluence)
     disabled = torch.zeros((), dtype=torch.bool, device=device)
     seen = torch.zeros((), dtype=torch.bool, device=device)
-    pixels = pixel_list.to(device)
     n_pix = len(pixel_list)
+    pixels = pixel_list.to(device)
     capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
+    single_block = plan.block >= plan.n_paths
+    finish = (torch.as_tensor(scale, dtype=dtype, device=device),
+              torch.as_tensor(background, dtype=dtype, device=device))
     values = []
     n_chunks, done = plan.chunks(n_pix), 0
     for start in range(0, n_pix, plan.tile):
         idx = pixels[start:start + plan.tile]
         pad = plan.tile - idx.shape[0]
-        if pad:
+        if pad:  # the last tile keeps the common shape (no recompilation)
             idx = torch.cat([idx, idx[-1:].expand(pad)])
-        fpix = (idx % plan.fpixels)[None].to(dtype)
-        spix = (idx // plan.fpixels)[None].to(dtype)
-        intensity = background.expand(idx.shape)
-        polar_found = torch.zeros(idx.shape, dtype=torch.bool, device=device)
-        polar_first = torch.zeros(idx.shape, dtype=dtype, device=device)
-        omega_first = capture_last = None
-        for e0 in range(0, plan.n_paths, plan.block):
-            e1 = min(e0 + plan.block, plan.n_paths)
-            paths = path_block(setup, plan, e0, e1)
-            omega_col = 0 if e0 == 0 else -1
-            capture_col = capture_path - e0 if e0 <= capture_path < e1 else -1
-            out = kernel(setup, orient, first_orient, fpix, spix, paths, disabled, seen,
-                         plan=plan, omega_col=omega_col, capture_col=capture_col)
+        idx = idx[None]
+        if single_block:
+            out = kernel(setup, orient, first_orient, idx, path_block(setup, plan, 0, plan.n_paths),
+                         disabled, seen, plan=plan, omega_col=0, capture_col=capture_path,
+                         finish=finish)
             disabled, seen = out["disabled"], out["seen"]
             done += 1
             if progress is not None:
                 progress(done, n_chunks)
-            intensity = intensity * out["A"] + out["B"]
-            polar_first = torch.where(polar_found, polar_first, out["polar_first"])
-            polar_found = polar_found | out["polar_found"]
-            omega_first = out.get("omega", omega_first)
-            capture_last = out.get("capture", capture_last)
-        value = scale * intensity
-        if not plan.oversample_thick:
-            value = value * capture_last
-        if not plan.oversample_polar:
-            value = value * torch.where(polar_found, polar_first, 0.0)
-        if not plan.oversample_omega:
-            value = value * omega_first
+            value = out["value"]
+        else:
+            intensity = finish[1].expand(idx.shape[1:])
+            polar_found = torch.zeros(idx.shape[1:], dtype=torch.bool, device=device)
+            polar_first = torch.zeros(idx.shape[1:], dtype=dtype, device=device)
+            omega_first = capture_last = None
+            for e0 in range(0, plan.n_paths, plan.block):
+                e1 = min(e0 + plan.block, plan.n_paths)
+                capture_col = capture_path - e0 if e0 <= capture_path < e1 else -1
+                out = kernel(setup, orient, first_orient, idx, path_block(setup, plan, e0, e1),
+                             disabled, seen, plan=plan, omega_col=0 if e0 == 0 else -1,
+                             capture_col=capture_col)
+                disabled, seen = out["disabled"], out["seen"]
+                done += 1
+                if progress is not None:
+                    progress(done, n_chunks)
+                intensity = intensity * out["A"] + out["B"]
+                polar_first = torch.where(polar_found, polar_first, out["polar_first"])
+                polar_found = polar_found | out["polar_found"]
+                omega_first = out.get("omega", omega_first)
+                capture_last = out.get("capture", capture_last)
+            value = pixel_values(plan, finish[0], intensity, capture_last, polar_found,
+                                 polar_first, omega_first)
         values.append(value[:value.shape[0] - pad] if pad else value)
-    image = torch.zeros(plan.spixels * plan.fpixels, dtype=dtype, device=device)
-    if values:
-        image = image.index_put((pixels,), torch.cat(values))
+    n_all = plan.spixels * plan.fpixels
+    if n_pix == n_all:  # every pixel, in raster order
+        image = torch.cat(values)
+    else:
+        image = torch.zeros(n_all, dtype=dtype, device=device)
+        if values:
+            image = image.index_put((pixels,), torch.cat(values))
     image = image.reshape(plan.spixels, plan.fpixels)
     if carry is None:
         return image, None

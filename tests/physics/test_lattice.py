@@ -1,31 +1,109 @@
 import math
 
+import mpmath
 import pytest
 import torch
 
-from nbfunc.lattice import lattice_factor, sinc3, sincg
+from nbfunc.lattice import _SERIES_LIMIT, grating, lattice_factor, sinc3, sinpi_reduced
 
 D = torch.float64
 
 
-class TestSincg:
-    def test_zero_gives_n(self):
-        assert sincg(torch.tensor(0.0, dtype=D), torch.tensor(7.0, dtype=D)) == 7.0
+def mp_grating(h: float, n: int) -> float:
+    """sin(n pi h)/sin(pi h) in 50-digit arithmetic (h taken exactly as the double given)."""
+    with mpmath.workdps(50):
+        x = mpmath.mpf(h)
+        if x == mpmath.nint(x):
+            return float(n * (-1) ** (int(mpmath.nint(x)) * (n - 1)))
+        return float(mpmath.sin(n * mpmath.pi * x) / mpmath.sin(mpmath.pi * x))
 
-    def test_peak_at_integer_h_is_n(self):
-        h = torch.tensor([1.0, 2.0, -3.0], dtype=D)
-        assert torch.allclose(sincg(math.pi * h, torch.tensor(5.0, dtype=D)).abs(), torch.full((3,), 5.0, dtype=D))
+
+class TestGrating:
+    def test_zero_gives_n(self):
+        assert grating(torch.tensor(0.0, dtype=D), torch.tensor(7.0, dtype=D)) == 7.0
+
+    @pytest.mark.parametrize("n", [4, 5])
+    def test_peak_at_integer_h_is_n_with_the_limit_sign(self, n):
+        h = torch.tensor([1.0, 2.0, -3.0, 40.0], dtype=D)
+        expected = torch.tensor([n * (-1) ** (int(k) * (n - 1)) for k in h], dtype=D)
+        assert torch.equal(grating(h, torch.tensor(float(n), dtype=D)), expected)
 
     def test_matches_sum_of_phases(self):
-        x, n = torch.tensor(0.37, dtype=D), 6
-        direct = sum(torch.exp(1j * (2 * j - (n - 1)) * x) for j in range(n)).real
-        assert torch.allclose(sincg(x, torch.tensor(float(n), dtype=D)), direct)
+        h, n = torch.tensor(0.37 / math.pi, dtype=D), 6
+        direct = sum(torch.exp(1j * math.pi * (2 * j - (n - 1)) * h) for j in range(n)).real
+        assert torch.allclose(grating(h, torch.tensor(float(n), dtype=D)), direct, rtol=1e-14)
+
+    @pytest.mark.parametrize("n", [2, 5, 37, 100])
+    def test_float64_matches_high_precision(self, n):
+        gen = torch.Generator().manual_seed(n)
+        h = torch.cat([(torch.rand(400, generator=gen, dtype=D) - 0.5) * 80,
+                       torch.tensor([3.0 + 1e-12, 3.0 - 1e-9, -7.0 + 1e-6, 12.0 + 0.002, 2.5, 1e-300], dtype=D)])
+        got = grating(h, torch.tensor(float(n), dtype=D))
+        exact = torch.tensor([mp_grating(float(x), n) for x in h], dtype=D)
+        # relative to the peak height n: the values are differences of O(n) quantities
+        assert (got - exact).abs().max() < 1e-12 * n
+
+    @pytest.mark.parametrize("n", [5, 37])
+    def test_float32_matches_float64(self, n):
+        h = ((torch.rand(20000, generator=torch.Generator().manual_seed(1), dtype=D) - 0.5) * 60).float()
+        got = grating(h, torch.tensor(float(n))).double()
+        ref = grating(h.double(), torch.tensor(float(n), dtype=D))
+        assert (got - ref).abs().max() < 1e-5 * n
+
+    def test_c_formula_agrees_away_from_integers(self):
+        h = torch.linspace(-30.3, 30.7, 10001, dtype=D)
+        h = h[(h - h.round()).abs() > 0.01]     # near integers the C formula divides rounding errors
+        c = torch.sin(5 * math.pi * h) / torch.sin(math.pi * h)     # nanoBragg's sincg(pi h, 5)
+        assert torch.allclose(grating(h, torch.tensor(5.0, dtype=D)), c, rtol=0, atol=1e-11)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_series_and_quotient_meet_at_the_switch(self, dtype):
+        n = 5.0
+        limit = _SERIES_LIMIT[dtype] / n
+        h = torch.tensor([3 + limit * (1 - 1e-6), 3 + limit * (1 + 1e-6)], dtype=D)
+        values = grating(h.to(dtype), torch.tensor(n, dtype=dtype)).double()
+        exact = torch.tensor([mp_grating(float(x), 5) for x in h.to(dtype).double()], dtype=D)
+        tol = 1e-14 if dtype == torch.float64 else 1e-6
+        assert torch.allclose(values, exact, rtol=tol, atol=0)
+
+    def test_one_cell_is_exactly_one(self):
+        h = torch.linspace(-3, 3, 10001, dtype=D)
+        assert torch.equal(grating(h, torch.tensor(1.0, dtype=D)), torch.ones_like(h))
+
+    def test_axes_with_n_at_most_one_contribute_one(self):
+        hkl = torch.tensor([[0.3, 0.7, 2.2]], dtype=D)
+        n = torch.tensor([0.0, 1.0, 5.0], dtype=D)
+        f = lattice_factor("square", hkl, torch.eye(3, dtype=D), n, torch.tensor(1.0, dtype=D))
+        assert torch.allclose(f, grating(hkl[:, 2], n[2]))
 
     def test_finite_gradient_at_zero(self):
-        x = torch.tensor(0.0, dtype=D, requires_grad=True)
+        h = torch.tensor(0.0, dtype=D, requires_grad=True)
         n = torch.tensor(4.0, dtype=D, requires_grad=True)
-        sincg(x, n).backward()
-        assert torch.isfinite(x.grad) and torch.isfinite(n.grad)
+        grating(h, n).backward()
+        assert torch.isfinite(h.grad) and torch.isfinite(n.grad)
+
+    @pytest.mark.parametrize("d", [0.0, 1e-12, 1e-8, 1e-5, 1e-3, 0.01, 0.2])
+    def test_derivatives_near_a_peak(self, d):
+        # d/dh and d2/dh2 of sin(n pi h)/sin(pi h) at h = 1 + d, against 50-digit arithmetic
+        n = 5
+        h = torch.tensor(1.0 + d, dtype=D)
+        with mpmath.workdps(50):
+            x = mpmath.mpf(float(h))
+            exact = [float(mpmath.diff(lambda t: mpmath.sin(n * mpmath.pi * t) / mpmath.sin(mpmath.pi * t), x, k))
+                     if d else float(v) for k, v in ((1, 0.0), (2, -n * (n * n - 1) / 3 * math.pi**2))]
+        first = torch.func.grad(lambda t: grating(t, torch.tensor(5.0, dtype=D)))
+        second = torch.func.grad(first)
+        scale = [n * math.pi**2 * n * n, n * math.pi**2 * n * n]     # size of the derivatives near the peak
+        assert abs(float(first(h)) - exact[0]) < 1e-9 * scale[0]
+        assert abs(float(second(h)) - exact[1]) < 1e-9 * scale[1]
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_sinpi_polynomial_is_accurate(self, dtype):
+        g = torch.linspace(-0.5, 0.5, 100001, dtype=D)
+        exact = torch.sin(math.pi * g)
+        got = sinpi_reduced(g.to(dtype)).double()
+        ulp = torch.finfo(dtype).eps
+        assert (got - exact).abs().max() < 2 * ulp
 
 
 class TestSinc3:

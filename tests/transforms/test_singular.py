@@ -2,7 +2,7 @@
 
 The geometry puts the centre of pixel (0, 0) exactly on the direct beam: the beam centre is
 half a pixel from the detector origin, so the diffracted ray equals the beam bit for bit,
-q = 0 and h = k = l = 0 for any cell (``sincg(0)``, ``sinc3(0)``, 2theta = 0).
+q = 0 and h = k = l = 0 for any cell (``grating(0)``, ``sinc3(0)``, 2theta = 0).
 """
 from __future__ import annotations
 
@@ -165,14 +165,13 @@ def test_zero_thickness_sensor_gives_finite_gradients(eager):
     assert grad.detector.thickness > 0      # a thicker sensor captures more photons
 
 
-@pytest.mark.xfail(strict=True, reason="sin(n x)/sin(x) loses its derivative to rounding for "
-                   "1e-10 < |x - k pi| < ~1e-6 (reported; needs argument reduction in sincg)")
-def test_derivative_just_off_an_integer_index_is_accurate():
-    n = f64(5.0)
-    from nbfunc.lattice import sincg
+@pytest.mark.parametrize("d", [1e-12, 1e-8, 1e-6])
+def test_derivative_just_off_an_integer_index_is_accurate(d):
+    from nbfunc.lattice import grating
 
-    d = 1e-8
-    x = f64(math.pi + d)
-    grad = torch.func.grad(lambda t: sincg(t, n))(x)
-    exact = -n * (n * n - 1) / 3 * d        # sincg'(pi + d) to O(d^3) for n = 5
-    assert abs(float(grad - exact)) < 1e-3
+    n = f64(5.0)
+    h = f64(1.0 + d)
+    grad = torch.func.grad(lambda t: grating(t, n))(h)
+    d = float(h) - 1.0                                  # the offset as stored (exact)
+    exact = -n * (n * n - 1) / 3 * math.pi**2 * d      # d/dh at 1 + d, to O(d^3), for n = 5
+    assert abs(float(grad - exact)) < 1e-9 * abs(float(exact))
