@@ -4,9 +4,14 @@
 ``NANOBRAGG_DISABLE_COMPILE`` is read once, at import: ``1`` (or ``true``/``yes``) runs every
 function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected.
 
-Calls made inside a ``torch.func`` transform (vmap, jacfwd, jacrev, grad, hessian) run the
-eager function: the transform differentiates or batches the same pure code, so results are
-identical. Under ordinary autograd the compiled function runs inside `_CompiledGrad`: first
+Calls made inside a ``torch.func`` transform (jacfwd, jacrev, grad, hessian, or vmap mixed with
+them) run the eager function: the transform differentiates or batches the same pure code, so
+results are identical. Inside a plain ``vmap`` (one vmap level, nothing requiring a gradient)
+the call goes through the custom operator ``nbfunc::vmapped_call``, whose batching rule runs
+the compiled function once per batch member and stacks the results: everything around the
+kernel stays batched, and the kernel itself runs compiled. torch.compile cannot run while a
+functorch transform is active on the calling thread, so the members run on a helper thread
+(the caller waits for it). Under ordinary autograd the compiled function runs inside `_CompiledGrad`: first
 order gradients go through the compiled backward; a backward that must itself be
 differentiable (``create_graph=True``: grad-of-grad, gradgradcheck), which compiled graphs do
 not support, re-runs the eager function and differentiates that.
@@ -22,7 +27,9 @@ fails is reported the same way and replaced by the eager gradient.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import itertools
 import os
 import warnings
 from typing import Callable
@@ -58,6 +65,76 @@ class CompileError(RuntimeError):
 def in_functorch_transform() -> bool:
     """True while running inside vmap/grad/jacfwd/jacrev (a functorch interpreter is active)."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def single_vmap_level() -> bool:
+    """True when exactly one functorch transform is active and it is vmap."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    levels = retrieve_all_functorch_interpreters()
+    return len(levels) == 1 and levels[0].key() == torch._C._functorch.TransformType.Vmap
+
+
+def _underlying_requires_grad(x: torch.Tensor) -> bool:
+    functorch = torch._C._functorch
+    while functorch.is_batchedtensor(x):
+        x = functorch.get_unwrapped(x)
+    return x.requires_grad
+
+
+_PENDING: dict[int, dict] = {}
+_KEYS = itertools.count()
+_HELPER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbfunc-vmap")
+
+
+@torch.library.custom_op("nbfunc::vmapped_call", mutates_args=())
+def _vmapped_call(key: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A registered call (see `_vmap_members`) with no batched input: run it once."""
+    return [t.clone() for t in _run_members(key, tensors, None, None)]
+
+
+def _run_members(key: int, tensors, in_dims, batch_size):
+    """Run the registered compiled call for every batch member on the helper thread.
+
+    Returns the flat outputs, stacked along a new leading axis when ``batch_size`` is given.
+    """
+    entry = _PENDING[key]
+    flat, positions, spec, call = entry["flat"], entry["positions"], entry["spec"], entry["call"]
+
+    def member(b):
+        leaves = list(flat)
+        for i, t, d in zip(positions, tensors, in_dims or [None] * len(tensors)):
+            leaves[i] = t if d is None else t.select(d, b)
+        a, k = pytree.tree_unflatten(leaves, spec)
+        out, entry["out_spec"] = _flatten_output(call(*a, **k))
+        return out
+
+    def run():
+        with torch.no_grad():
+            if batch_size is None:
+                return member(None)
+            results = [member(b) for b in range(batch_size)]
+            return [torch.stack(column) for column in zip(*results)]
+
+    return _HELPER.submit(run).result()
+
+
+@_vmapped_call.register_vmap
+def _vmapped_call_rule(info, in_dims, key, tensors):
+    out = _run_members(key, tensors, in_dims[1], info.batch_size)
+    return out, [0] * len(out)
+
+
+def _vmap_members(call, flat, spec):
+    """``call(*args, **kwargs)`` (flattened as ``flat``/``spec``) under one vmap level."""
+    positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+    key = next(_KEYS)
+    entry = _PENDING[key] = {"flat": flat, "positions": positions, "spec": spec, "call": call}
+    try:
+        out = _vmapped_call(key, [flat[i] for i in positions])
+        return _unflatten_output(out, entry["out_spec"])
+    finally:
+        del _PENDING[key]
 
 
 def _needs_grad(leaves) -> bool:
@@ -149,22 +226,33 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwar
             plain hashable Python values (loop counts, flags) that select a code path.
         compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``).
     Returns:
-        a function with the same signature. ``wrapper.eager`` is the original function.
+        a function with the same signature. ``wrapper.eager`` is the original function;
+        ``wrapper.runs_compiled()`` says whether a call made now would run compiled code.
     """
     if COMPILE_DISABLED:
         fn.eager = fn
+        fn.runs_compiled = lambda: False
         return fn
     options = {"dynamic": False, **compile_kwargs}
     state = {"compiled": None, "failed": False}
 
+    def vmap_fast_path(flat) -> bool:
+        return (single_vmap_level()
+                and not (torch.is_grad_enabled()
+                         and any(_underlying_requires_grad(x) for x in _tensors(flat))))
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if state["failed"] or in_functorch_transform():
+        if state["failed"]:
+            return fn(*args, **kwargs)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if in_functorch_transform() and not vmap_fast_path(flat):
             return fn(*args, **kwargs)
         try:
             if state["compiled"] is None:
                 state["compiled"] = torch.compile(fn, **options)
-            flat, spec = pytree.tree_flatten((args, kwargs))
+            if in_functorch_transform():
+                return _vmap_members(state["compiled"], flat, spec)
             if not _needs_grad(flat):
                 return state["compiled"](*args, **kwargs)
             holder = {}
@@ -193,4 +281,6 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwar
             return fn(*args, **kwargs)
 
     wrapper.eager = fn
+    wrapper.runs_compiled = lambda: not state["failed"] and (not in_functorch_transform()
+                                                              or single_vmap_level())
     return wrapper

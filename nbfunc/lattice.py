@@ -29,9 +29,13 @@ _SERIES_LIMIT = {torch.float64: 0.01, torch.float32: 0.05}
 def sinpi_reduced(g: torch.Tensor) -> torch.Tensor:
     """``sin(pi g)`` for an already reduced argument, ``|g| <= 1/2`` (a little beyond is fine).
 
-    A Taylor polynomial in ``g`` with as many terms as the dtype needs; a handful of multiply-adds
-    that inductor fuses and vectorises, against two library sines per call of ``torch.sin``.
+    Compiled, a Taylor polynomial in ``g`` with as many terms as the dtype needs: multiply-adds
+    that inductor fuses and vectorises, several times cheaper than a library sine. Eager,
+    ``torch.sin(pi g)``. The two agree to within two units in the last place.
     """
+    if not torch.compiler.is_compiling():
+        # eager, one library sine is cheaper than the polynomial's twenty passes over memory
+        return torch.sin(math.pi * g)
     coef = _SINPI.get(g.dtype, _SINPI[torch.float64])
     z = g * g
     acc = coef[-1]

@@ -37,7 +37,12 @@ from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tric
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
 
 DEFAULT_CHUNK = 1 << 18
-"""Evaluations per chunk when ``sampling.chunk`` is 0."""
+"""Evaluations per chunk of the compiled kernel when ``sampling.chunk`` is 0."""
+EAGER_CHUNK = 1 << 16
+"""Evaluations per chunk of the eager kernel (torch.func transforms, NANOBRAGG_DISABLE_COMPILE,
+small command-line renders) when ``sampling.chunk`` is 0: every eager operation makes a pass
+over its chunk, and passes over 2^16 values stay in the CPU caches (measured ~2x faster than
+2^18 on bench_1024)."""
 
 
 class PhiCarry(NamedTuple):
@@ -102,8 +107,10 @@ class Plan:
         return math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
 
 
-def make_plan(p: Params) -> tuple[Plan, torch.Tensor]:
+def make_plan(p: Params, compiled: bool = True) -> tuple[Plan, torch.Tensor]:
     """Resolve loop counts and chunk sizes, and list the active pixels (ROI and mask) in raster order.
+
+    ``compiled`` selects the default chunk size (`DEFAULT_CHUNK` or `EAGER_CHUNK`).
 
     Returns:
         (plan, (N,) int64 flat indices ``slow*fpixels + fast`` of the pixels to render).
@@ -121,7 +128,7 @@ def make_plan(p: Params) -> tuple[Plan, torch.Tensor]:
         pixels = torch.nonzero(keep.reshape(-1))[:, 0]
     n_orient = cr.phisteps * cr.mosaic_domains
     n_paths = det.thicksteps * smp.oversample**2 * p.beam.sources.n_sources
-    budget = smp.chunk or DEFAULT_CHUNK
+    budget = smp.chunk or (DEFAULT_CHUNK if compiled else EAGER_CHUNK)
     per_pixel = n_paths * n_orient
     if per_pixel <= budget:
         tile, block = max(1, min(budget // per_pixel, len(pixels) or 1)), n_paths
@@ -446,7 +453,8 @@ def _carry_orientations(real, phi_rot, phi, carry: torch.Tensor):
 
 
 def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None):
-    plan, pixel_list = make_plan(p)
+    runs_compiled = getattr(kernel, "runs_compiled", None)
+    plan, pixel_list = make_plan(p, compiled=runs_compiled is not None and runs_compiled())
     setup, real, phi_rot, mosaic_rot = prepare(p)
     fluence = p.beam.fluence
     dtype, device = real.dtype, real.device

@@ -78,12 +78,15 @@ def _render(params, info):
     from nbfunc.cli import progress
     from nbfunc.render import initial_carry, make_plan
 
+    from nbfunc.compile import COMPILE_DISABLED
+
     plan, pixels = make_plan(params)
+    compile = plan.evaluations(len(pixels)) >= COMPILE_THRESHOLD
+    plan, pixels = make_plan(params, compiled=compile and not COMPILE_DISABLED)
     chunks = plan.chunks(len(pixels))
     report = None
     if progress.wanted(info.flags.progress_meter, sys.stderr, chunks):
         report = progress.meter(sys.stderr, progress.is_terminal(sys.stderr))
-    compile = plan.evaluations(len(pixels)) >= COMPILE_THRESHOLD
     image, _ = progress.render_with_progress(params, initial_carry(params), compile, report)
     return image.detach().to("cpu", torch.float64).numpy().astype(np.float32)
 

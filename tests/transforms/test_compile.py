@@ -155,12 +155,63 @@ def test_grad_goes_through_the_compiled_function_and_double_backward_works(count
     assert torch.allclose(g1, 4 * x**3)
 
 
-def test_transforms_run_the_eager_function(wrapper_on):
+def test_differentiating_and_nested_transforms_run_the_eager_function(wrapper_on):
     f = nbcompile.compiled(_double)
     x = torch.arange(3.0)
-    assert torch.equal(torch.func.vmap(f)(x), 2 * x)
     assert torch.equal(torch.func.grad(lambda t: f(t).sum())(x), torch.full((3,), 2.0))
+    assert torch.equal(torch.func.jacfwd(f)(x), 2 * torch.eye(3))
+    assert torch.equal(torch.func.vmap(torch.func.grad(lambda t: f(t)))(x), torch.full((3,), 2.0))
+    grid = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(torch.func.vmap(torch.func.vmap(f))(grid), 2 * grid)
     assert wrapper_on == []     # torch.compile never reached
+
+
+@pytest.fixture
+def recording_compile(monkeypatch):
+    """A stand-in torch.compile that records, per call, whether its inputs were batched."""
+    monkeypatch.setattr(nbcompile, "COMPILE_DISABLED", False)
+    monkeypatch.setattr(nbcompile, "COMPILE_STRICT", False)
+    calls = []
+
+    def fake_compile(fn, **options):
+        def run(*args, **kwargs):
+            calls.append([torch._C._functorch.is_batchedtensor(a) for a in args])
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_plain_vmap_runs_the_compiled_function_once_per_member(recording_compile):
+    f = nbcompile.compiled(_cube_sum)
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    y = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    out = torch.func.vmap(f, in_dims=(0, None))(x, y)
+    assert recording_compile == [[False, False]] * 3     # plain tensors, one call per member
+    assert torch.equal(out["b"], x**3 * y)
+    assert torch.equal(out["a"], (x * y).sum(1))
+
+
+def test_vmap_of_tensors_that_need_a_gradient_runs_eagerly(recording_compile):
+    f = nbcompile.compiled(_cube_sum)
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    out = torch.func.vmap(f, in_dims=(0, None))(x, torch.ones(2, dtype=torch.float64))
+    assert recording_compile == []
+    (g,) = torch.autograd.grad(out["b"].sum(), x)
+    assert torch.equal(g, 3 * x.detach() ** 2)
+
+
+@pytest.mark.slow
+@needs_compile
+def test_compiled_vmap_of_renders_equals_the_loop_exactly(tiny):
+    changes = [{}, {"crystal.cell_a": torch.tensor(52.0, dtype=torch.float64),
+                    "detector.distance": torch.tensor(55.0, dtype=torch.float64)}]
+    members = [nbfunc.replace_leaves(tiny, c) for c in changes]
+    with torch.no_grad():
+        batched = torch.func.vmap(nbfunc.simulate)(nbfunc.stack(members))
+        looped = torch.stack([nbfunc.simulate(m) for m in members])
+    assert torch.equal(batched, looped)       # the same compiled kernel, member by member
 
 
 def test_compile_error_at_wrap_time_is_reported(monkeypatch):
