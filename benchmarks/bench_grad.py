@@ -14,7 +14,9 @@ Three measurements, each made in a compiled and in an eager subprocess (``mode``
   like-for-like figure; the compiled worker's ratio is against a compiled forward.
 * ``vmap``: ``torch.func.vmap(nbfunc.simulate)`` over 16 stacked 64x64 members with
   different cells and distances, against a Python loop of 16 `nbfunc.simulate` calls
-  (``loop_over_vmap`` > 1 means vmap is faster).
+  (``loop_over_vmap`` > 1 means vmap is faster). In the compiled worker both run the
+  compiled kernel (vmap once per member, with everything around it batched); in the eager
+  worker both run eagerly.
 
 Each pair is timed interleaved (`common.measure_interleaved`: one call of each in turn), so
 both sides of a ratio see the same machine load; ratios are given of the warm medians and of

@@ -418,7 +418,9 @@ class Sampling(Node):
     ``roi`` is (fast_min, fast_max, slow_min, slow_max), inclusive pixel indices. ``mask``
     (slow, fast) marks with True the pixels to render. ``oversample_thick/polar/omega``
     reproduce nanoBragg's flags of the same names (the factor multiplies the running sum).
-    ``chunk`` bounds the number of evaluations held in memory at once (0: automatic).
+    ``chunk`` bounds the number of evaluations held in memory at once (0: automatic,
+    `nbfunc.render.DEFAULT_CHUNK` for compiled renders, `nbfunc.render.SMALL_CHUNK` for eager
+    ones and for renders that record an autograd graph).
     """
 
     oversample: int = Field(1, gt=0, description="sub-pixels per pixel edge")

@@ -82,7 +82,7 @@ def _render(params, info):
 
     plan, pixels = make_plan(params)
     compile = plan.evaluations(len(pixels)) >= COMPILE_THRESHOLD
-    plan, pixels = make_plan(params, compiled=compile and not COMPILE_DISABLED)
+    plan, pixels = make_plan(params, large_chunks=compile and not COMPILE_DISABLED)
     chunks = plan.chunks(len(pixels))
     report = None
     if progress.wanted(info.flags.progress_meter, sys.stderr, chunks):

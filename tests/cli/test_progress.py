@@ -60,7 +60,7 @@ def test_progress_callback_sees_every_chunk_and_changes_nothing():
     calls = []
     reported, carry_reported = progress.render_with_progress(
         params, initial_carry(params), compile=False, report=lambda d, t: calls.append((d, t)))
-    plan, pixels = nbfunc.render.make_plan(params, compiled=False)
+    plan, pixels = nbfunc.render.make_plan(params, large_chunks=False)
     total = plan.chunks(len(pixels))
     assert calls == [(i, total) for i in range(1, total + 1)] and total > 3
     assert torch.equal(one, reported)
