@@ -276,10 +276,12 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     """F_cell with nanoBragg's interpolation switch-off.
 
     Args:
-        hkl: (h, k, l), each (E, P, O); counted: (E, P, O) evaluations that reach the F_cell
-            code; disabled_in: 0-d bool, interpolation already switched off by an earlier chunk.
+        hkl: (h, k, l), each (E, P, O), or (E, P) when the chunk has one orientation;
+            counted: evaluations of the same shape that reach the F_cell code, or None when
+            the interpolation switch-off cannot happen; disabled_in: 0-d bool,
+            interpolation already switched off by an earlier chunk.
     Returns:
-        (F_cell (E, P, O), disabled_out 0-d bool).
+        (F_cell of the shape of h, disabled_out 0-d bool).
     """
     h0 = tuple(torch.ceil(x - 0.5) for x in hkl)
     nearest = nearest_f(h0, setup.fhkl, plan.hkl_origin, setup.default_f)
