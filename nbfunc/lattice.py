@@ -6,6 +6,7 @@ removable singularities (both branches of every ``torch.where`` are finite).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -44,6 +45,20 @@ def sinpi_reduced(g: torch.Tensor) -> torch.Tensor:
     return g * acc
 
 
+
+def sinpi_and_derivative(g: torch.Tensor):
+    """``(sin(pi g), pi cos(pi g))`` for a reduced argument, like `sinpi_reduced`; compiled, the
+    derivative is the exact derivative of the sine polynomial, ``sum_i (2i+1) c_i g^(2i)``."""
+    if not torch.compiler.is_compiling():
+        return torch.sin(math.pi * g), math.pi * torch.cos(math.pi * g)
+    coef = _SINPI.get(g.dtype, _SINPI[torch.float64])
+    z = g * g
+    acc, dacc = coef[-1], (2 * len(coef) - 1) * coef[-1]
+    for i in range(len(coef) - 2, -1, -1):
+        acc = acc * z + coef[i]
+        dacc = dacc * z + (2 * i + 1) * coef[i]
+    return g * acc, dacc
+
 def grating(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """nanoBragg's ``sincg(pi h, n) = sin(n pi h)/sin(pi h)`` (dimensionless).
 
@@ -70,6 +85,21 @@ def grating(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     >>> grating(torch.tensor(0.0), torch.tensor(5.0))
     tensor(5.)
     """
+    r = _reduce(h, n)
+    quotient = sinpi_reduced(r.g) / sinpi_reduced(r.safe_f)
+    series = _series(r.f, n)[0]
+    return r.sign * torch.where(r.use_series, n * series, quotient)
+
+
+class _Reduced(NamedTuple):
+    f: torch.Tensor           # h - round(h), exact
+    g: torch.Tensor           # n h - round(n h), computed as (n k - j) + n f
+    sign: torch.Tensor        # (-1)^(j - k)
+    use_series: torch.Tensor  # bool: |n f| small and n k whole
+    safe_f: torch.Tensor      # f, or 1/2 where the series is used
+
+
+def _reduce(h: torch.Tensor, n: torch.Tensor) -> _Reduced:
     k = torch.round(h)
     f = h - k
     nk = n * k
@@ -81,14 +111,38 @@ def grating(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     # one comparison for "|n f| small and n k whole" (a non-zero e is at least ~1e-16, so
     # 1e20 |e| >= 1e4): combined boolean masks are slow in inductor's float64 CPU code
     use_series = torch.abs(nf) + 1e20 * torch.abs(e) < _SERIES_LIMIT.get(h.dtype, 0.01)
-    safe_f = torch.where(use_series, 0.5, f)
-    quotient = sinpi_reduced(e + nf) / sinpi_reduced(safe_f)
-    z2 = (math.pi * math.pi) * (f * f)
+    return _Reduced(f, e + nf, sign, use_series, torch.where(use_series, 0.5, f))
+
+
+def _series(f: torch.Tensor, n: torch.Tensor):
+    """``S = 1 - A z + B z^2 - C z^3`` (``z = pi^2 f^2``) with ``dS/dz`` and ``dS/dn``."""
+    z = (math.pi * math.pi) * (f * f)
     n2 = n * n
     m = n2 - 1.0
-    poly = 1.0 - z2 * (m / 6.0 - z2 * (m * (3.0 * n2 - 7.0) / 360.0
-                                       - z2 * (m * ((3.0 * n2 - 18.0) * n2 + 31.0) / 15120.0)))
-    return sign * torch.where(use_series, n * poly, quotient)
+    a, b, c = m / 6.0, m * (3.0 * n2 - 7.0) / 360.0, m * ((3.0 * n2 - 18.0) * n2 + 31.0) / 15120.0
+    value = 1.0 - z * (a - z * (b - z * c))
+    d_z = -a + z * (2.0 * b - 3.0 * z * c)
+    da, db, dc = n / 3.0, n * (12.0 * n2 - 20.0) / 360.0, n * ((18.0 * n2 - 84.0) * n2 + 98.0) / 15120.0
+    d_n = -z * (da - z * (db - z * dc))
+    return value, d_z, d_n
+
+
+def grating_and_derivatives(h: torch.Tensor, n: torch.Tensor):
+    """`grating` with its partial derivatives, for hand-written gradients.
+
+    Returns:
+        ``(G, dG/dh, dG/dn)``, each of the broadcast shape of ``h`` and ``n``.
+    """
+    r = _reduce(h, n)
+    sin_g, dsin_g = sinpi_and_derivative(r.g)
+    sin_f, dsin_f = sinpi_and_derivative(r.safe_f)
+    quotient = sin_g / sin_f
+    series, series_dz, series_dn = _series(r.f, n)
+    value = torch.where(r.use_series, n * series, quotient)
+    d_h = torch.where(r.use_series, n * series_dz * (2.0 * math.pi * math.pi) * r.f,
+                      (n * dsin_g - quotient * dsin_f) / sin_f)
+    d_n = torch.where(r.use_series, series + n * series_dn, dsin_g * h / sin_f)
+    return r.sign * value, r.sign * d_h, r.sign * d_n
 
 
 def sinc3(x: torch.Tensor) -> torch.Tensor:

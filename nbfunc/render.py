@@ -32,7 +32,7 @@ from nbfunc.beam import polarization_factor, sources
 from nbfunc.compile import compiled
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import DetectorFrame, capture_fraction, detector_frame, solid_angle, subpixel_positions
-from nbfunc.lattice import lattice_factor
+from nbfunc.lattice import grating_and_derivatives, lattice_factor, square_lattice
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -297,6 +297,135 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     return torch.where(use_nearest, nearest, interpolated), disabled_in | outside.any()
 
 
+class _LatticeSum(torch.autograd.Function):
+    """``B = sum over paths and orientations of (F F_latt)^2`` per pixel for the common
+    configuration (square shape, default F, flat detector, no resolution cut, no oversample
+    flags, no interpolation), with a hand-written backward.
+
+    The forward is the renderer's own code. The backward recomputes the geometry and the
+    grating factors with their derivatives (`grating_and_derivatives`) and accumulates every
+    parameter gradient in one pass: differentiating the forward's polynomial chains and
+    normalisations operation by operation made inductor's backward several times the forward.
+    Used only inside compiled code that records a graph (`chunk_kernel`); torch.func
+    transforms and double backward run the eager kernel, so no jvp or vmap rule is needed.
+    """
+
+    @staticmethod
+    def forward(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+                n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample):
+        pos = _plain_positions(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
+                               sub_f, sub_s, layer, oversample)[0]
+        airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
+        q = tuple((x / airpath - incident[..., i]) / wavelength for i, x in enumerate(pos))
+        hkl = _per_orientation(miller_indices(q, orient), orient)
+        f_latt = square_lattice(hkl, n_cells)
+        term = (default_f * f_latt) ** 2
+        return term.sum(0) if orient.shape[0] == 1 else term.sum((0, 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.oversample = inputs[-1]
+        ctx.save_for_backward(*inputs[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_b):
+        (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
+         default_f, fpix, spix, sub_f, sub_s, layer) = ctx.saved_tensors
+        single = orient.shape[0] == 1
+        per_orient = (lambda x: x) if single else (lambda x: x[..., None])
+        pos, fd, sd, depth = _plain_positions(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix,
+                                              spix, sub_f, sub_s, layer, ctx.oversample)
+        airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
+        d = tuple(x / airpath for x in pos)
+        inc = tuple(incident[..., i] for i in range(3))
+        q = tuple((a - b) / wavelength for a, b in zip(d, inc))
+        hkl = _per_orientation(miller_indices(q, orient), orient)
+        n_eff = torch.where(n_cells > 1, n_cells, torch.ones_like(n_cells))
+        parts = [grating_and_derivatives(x, n) for x, n in zip(hkl, n_eff.unbind(-1))]
+        g = [p[0] for p in parts]
+        others = (g[1] * g[2], g[0] * g[2], g[0] * g[1])
+        f_latt = g[0] * others[0]
+        w = per_orient(grad_b[None, :])
+        f2 = default_f * default_f
+        g_latt = w * 2.0 * f2 * f_latt
+        g_h = [g_latt * o * p[1] for o, p in zip(others, parts)]
+        # orientation axis summed for the per-(path, pixel) chain, kept for the orientations
+        sum_o = (lambda x: x) if single else (lambda x: x.sum(-1))
+        g_q = tuple(sum_o(sum(g_h[i] * (orient[:, i, j] if not single else orient[0, i, j])
+                              for i in range(3))) for j in range(3))
+        grads = [None] * 17
+        if ctx.needs_input_grad[8]:
+            cols = []
+            for i in range(3):
+                for j in range(3):
+                    prod = g_h[i] * per_orient(q[j])
+                    cols.append(prod.sum() if single else prod.sum((0, 1)))
+            grads[8] = torch.stack(cols, -1).reshape(orient.shape)
+        if ctx.needs_input_grad[9]:
+            g_n = torch.stack([(g_latt * o * p[2]).sum() for o, p in zip(others, parts)])
+            grads[9] = torch.where(n_cells > 1, g_n, torch.zeros_like(g_n))
+        if ctx.needs_input_grad[10]:
+            grads[10] = (w * 2.0 * default_f * f_latt * f_latt).sum()
+        g_d = tuple(x / wavelength for x in g_q)
+        if ctx.needs_input_grad[6]:
+            grads[6] = torch.stack([-x.sum(1, keepdim=True) for x in g_d], -1)
+        if ctx.needs_input_grad[7]:
+            grads[7] = -(g_d[0] * q[0] + g_d[1] * q[1] + g_d[2] * q[2]).sum(1, keepdim=True)
+        dot = d[0] * g_d[0] + d[1] * g_d[1] + d[2] * g_d[2]
+        g_pos = tuple((a - b * dot) / airpath for a, b in zip(g_d, d))
+        for index, coefficient in ((0, fd), (1, sd), (2, depth)):
+            if ctx.needs_input_grad[index]:
+                grads[index] = torch.stack([(x * coefficient).sum() for x in g_pos])
+        if ctx.needs_input_grad[3]:
+            grads[3] = torch.stack([x.sum() for x in g_pos])
+        along = lambda axis: g_pos[0] * axis[0] + g_pos[1] * axis[1] + g_pos[2] * axis[2]
+        if ctx.needs_input_grad[4]:
+            grads[4] = (along(fdet) * fd + along(sdet) * sd).sum() / pixel_size
+        if ctx.needs_input_grad[5]:
+            grads[5] = (along(odet) * layer).sum()
+        return tuple(grads)
+
+
+def _plain_positions(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix, sub_f, sub_s,
+                     layer, oversample):
+    """Flat-detector sub-pixel positions (m) and their fast, slow and depth coordinates."""
+    step = pixel_size / oversample
+    fd = step * (fpix * oversample + sub_f) + step / 2
+    sd = step * (spix * oversample + sub_s) + step / 2
+    depth = layer * layer_depth
+    pos = tuple(fd * fdet[i] + sd * sdet[i] + depth * odet[i] + pix0[i] for i in range(3))
+    return pos, fd, sd, depth
+
+
+def _per_orientation(hkl, orient):
+    """Drop the orientation axis of (E, P, O) indices when there is one orientation."""
+    return tuple(x[..., 0] for x in hkl) if orient.shape[0] == 1 else hkl
+
+
+def _hand_gradient_applies(setup: Setup, plan: Plan, orient_first, finish) -> bool:
+    """Whether this chunk takes `_LatticeSum` (compiled, recording a graph, common configuration)."""
+    return (finish is not None and orient_first is None and torch.compiler.is_compiling()
+            and torch.is_grad_enabled() and plan.shape == "square" and not plan.interpolate
+            and setup.fhkl.numel() == 0 and not plan.ordered and plan.dmin == 0
+            and not plan.absorption and not plan.curved)
+
+
+def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_in, seen_in, plan: Plan):
+    """`_chunk_sums` for the configurations of `_hand_gradient_applies`: the sum through
+    `_LatticeSum`, the first path's solid angle and polarization through ordinary autograd."""
+    f = setup.frame
+    b = _LatticeSum.apply(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
+                          paths.incident, paths.wavelength, orient, setup.n_cells, setup.default_f,
+                          fpix, spix, paths.sub_f, paths.sub_s, paths.layer, plan.oversample)
+    first = Paths(*(x[:1] for x in paths))
+    diffracted, airpath, incident, _, _ = path_rays(setup, plan, fpix, spix, first)
+    omega, _, polar = path_factors(setup, plan, diffracted, airpath, incident, first.layer)
+    ones = torch.ones_like(b)
+    return {"A": ones, "B": b, "polar_found": torch.ones_like(b, dtype=torch.bool),
+            "polar_first": polar[0], "omega": omega[0], "capture": ones,
+            "disabled": disabled_in, "seen": seen_in}
+
+
 def pixel_values(plan: Plan, scale, intensity, capture_last, polar_found, polar_first, omega_first):
     """Photons per pixel from the accumulated sum and the per-pixel "first/last" factors.
 
@@ -343,8 +472,11 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
     rows = torch.floor((flat + 0.5) * (1.0 / plan.fpixels))
     fpix = (flat - rows * plan.fpixels).to(setup.incident.dtype)
     spix = rows.to(setup.incident.dtype)
-    out = _chunk_sums(setup, orient, orient_first, fpix, spix, paths, disabled_in, seen_in,
-                      plan, omega_col, capture_col)
+    if _hand_gradient_applies(setup, plan, orient_first, finish):
+        out = _plain_chunk_sums(setup, orient, fpix, spix, paths, disabled_in, seen_in, plan)
+    else:
+        out = _chunk_sums(setup, orient, orient_first, fpix, spix, paths, disabled_in, seen_in,
+                          plan, omega_col, capture_col)
     if finish is None:
         return out
     scale, background = finish

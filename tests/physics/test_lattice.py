@@ -4,7 +4,7 @@ import mpmath
 import pytest
 import torch
 
-from nbfunc.lattice import _SERIES_LIMIT, grating, lattice_factor, sinc3, sinpi_reduced
+from nbfunc.lattice import _SERIES_LIMIT, grating, grating_and_derivatives, lattice_factor, sinc3, sinpi_reduced
 
 D = torch.float64
 
@@ -104,6 +104,21 @@ class TestGrating:
         got = sinpi_reduced(g.to(dtype)).double()
         ulp = torch.finfo(dtype).eps
         assert (got - exact).abs().max() < 2 * ulp
+
+
+@pytest.mark.parametrize("n", [1.0, 2.0, 5.0, 37.0])
+def test_grating_derivatives_equal_autograd(n):
+    h = torch.cat([torch.linspace(-20.3, 20.7, 801, dtype=D),
+                   torch.tensor([3.0, 3 + 1e-9, 3 + 1e-3, 2.5, 0.0, 1 + 0.0019, 1 + 0.0021], dtype=D)])
+    nn = torch.tensor(n, dtype=D, requires_grad=True)
+    hh = h.clone().requires_grad_(True)
+    value, d_h, d_n = grating_and_derivatives(h, torch.tensor(n, dtype=D))
+    reference = grating(hh, nn)
+    assert torch.equal(value, reference.detach())
+    (grad_h,) = torch.autograd.grad(reference.sum(), hh, retain_graph=True)
+    torch.testing.assert_close(d_h, grad_h, rtol=1e-12, atol=1e-13 * n**3)
+    grad_n = torch.stack([torch.autograd.grad(r, nn, retain_graph=True)[0] for r in reference[::40]])
+    torch.testing.assert_close(d_n[::40], grad_n, rtol=1e-12, atol=1e-13 * n)
 
 
 class TestSinc3:
