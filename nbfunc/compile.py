@@ -218,12 +218,15 @@ def _scatter(values, positions, n) -> tuple:
     return tuple(out)
 
 
-def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwargs) -> Callable:
+def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: dict | None = None,
+             **compile_kwargs) -> Callable:
     """``fn`` compiled with torch.compile, unless compilation is disabled.
 
     Args:
         fn: a pure function of tensors; ``static_argnames`` are keyword arguments holding
             plain hashable Python values (loop counts, flags) that select a code path.
+        grad_config: ``torch._functorch.config`` settings for calls that record an autograd
+            graph (they apply when the forward-backward pair is compiled).
         compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``).
     Returns:
         a function with the same signature. ``wrapper.eager`` is the original function;
@@ -259,7 +262,7 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwar
 
             def call(*leaves):
                 a, k = pytree.tree_unflatten(list(leaves), spec)
-                with torch._functorch.config.patch(donated_buffer=False):
+                with torch._functorch.config.patch(donated_buffer=False, **(grad_config or {})):
                     out = state["compiled"](*a, **k)
                 flat_out, holder["spec"] = _flatten_output(out)
                 return flat_out
