@@ -308,6 +308,15 @@ class _LatticeSum(torch.autograd.Function):
     normalisations operation by operation made inductor's backward several times the forward.
     Used only inside compiled code that records a graph (`chunk_kernel`); torch.func
     transforms and double backward run the eager kernel, so no jvp or vmap rule is needed.
+
+    Args (of ``apply``):
+        fdet, sdet, odet: (3,) detector unit axes; pix0: (3,) corner of pixel (0, 0) (m);
+        pixel_size, layer_depth: 0-d (m); incident: (E or 1, 1, 3) unit vectors;
+        wavelength: (E or 1, 1) (m); orient: (O, 3, 3) rows a, b, c (m); n_cells: (3,);
+        default_f: 0-d; fpix, spix: (1, P) pixel indices; sub_f, sub_s, layer: (E, 1)
+        sub-pixel and layer indices (not differentiated); oversample: int.
+    Returns:
+        (P,) the sum per pixel (dimensionless, F^2 units).
     """
 
     @staticmethod
