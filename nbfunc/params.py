@@ -420,7 +420,7 @@ class Sampling(Node):
     reproduce nanoBragg's flags of the same names (the factor multiplies the running sum).
     ``chunk`` bounds the number of evaluations held in memory at once (0: automatic,
     `nbfunc.render.DEFAULT_CHUNK` for compiled renders, `nbfunc.render.SMALL_CHUNK` for eager
-    ones and for renders that record an autograd graph).
+    ones and for most compiled renders that record an autograd graph).
     """
 
     oversample: int = Field(1, gt=0, description="sub-pixels per pixel edge")

@@ -42,9 +42,11 @@ DEFAULT_CHUNK = 1 << 18
 SMALL_CHUNK = 1 << 16
 """Evaluations per chunk, when ``sampling.chunk`` is 0, of the eager kernel (torch.func
 transforms, NANOBRAGG_DISABLE_COMPILE, small command-line renders) and of compiled renders
-that record a graph for autograd: both make many passes over per-evaluation arrays, and
-arrays of 2^16 values stay in the CPU caches (measured on 2 cores: eager bench_1024 about 2x
-faster than with 2^18 chunks, a compiled reverse-mode gradient about 25% faster)."""
+that record a graph outside the hand-written backward's configuration: both make many
+passes over per-evaluation arrays, and arrays of 2^16 values stay in the CPU caches
+(measured on 2 cores: eager bench_1024 about 2x faster than with 2^18 chunks, a compiled
+gradient with the round shape about 1.8x faster). With the hand-written backward
+(`_LatticeSum`) 2^18 is faster (fewer calls; best times 12 vs 16 ms on a 256x256 image)."""
 
 
 class PhiCarry(NamedTuple):
@@ -417,12 +419,18 @@ def _per_orientation(hkl, orient):
     return tuple(x[..., 0] for x in hkl) if orient.shape[0] == 1 else hkl
 
 
-def _hand_gradient_applies(setup: Setup, plan: Plan, orient_first, finish) -> bool:
-    """Whether this chunk takes `_LatticeSum` (compiled, recording a graph, common configuration)."""
-    return (finish is not None and orient_first is None and torch.compiler.is_compiling()
-            and torch.is_grad_enabled() and plan.shape == "square" and not plan.interpolate
-            and setup.fhkl.numel() == 0 and not plan.ordered and plan.dmin == 0
+def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
+    """The configuration `_LatticeSum` covers: square shape, ``default_F`` only, flat detector,
+    no absorption, no resolution cut, no oversample flags."""
+    return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
             and not plan.absorption and not plan.curved)
+
+
+def _hand_gradient_applies(setup: Setup, plan: Plan, orient_first, finish) -> bool:
+    """Whether this chunk takes `_LatticeSum` (compiled, recording a graph, one block of paths,
+    no carry, `_plain_configuration`)."""
+    return (finish is not None and orient_first is None and torch.compiler.is_compiling()
+            and torch.is_grad_enabled() and _plain_configuration(plan, setup.fhkl.numel() > 0))
 
 
 def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_in, seen_in, plan: Plan):
@@ -613,10 +621,14 @@ def _carry_orientations(real, phi_rot, phi, carry: torch.Tensor):
 
 def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None):
     runs_compiled = getattr(kernel, "runs_compiled", None)
+    compiled_now = runs_compiled is not None and runs_compiled()
+    plan, pixel_list = make_plan(p, large_chunks=compiled_now)
     records_graph = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(p))
-    plan, pixel_list = make_plan(p, large_chunks=runs_compiled is not None and runs_compiled()
-                                 and not records_graph)
+    if compiled_now and records_graph and not (carry is None and _plain_configuration(
+            plan, p.crystal.fhkl.numel() > 0)):
+        # autograd through the whole kernel: small chunks keep its backward in cache
+        plan, pixel_list = make_plan(p, large_chunks=False)
     setup, real, phi_rot, mosaic_rot = prepare(p)
     fluence = p.beam.fluence
     dtype, device = real.dtype, real.device
