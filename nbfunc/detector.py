@@ -89,17 +89,31 @@ def subpixel_positions(frame: DetectorFrame, fpix: torch.Tensor, spix: torch.Ten
     Returns:
         (x, y, z), each of the broadcast shape, in metres.
     """
-    step = frame.pixel_size / oversample
-    fdet = step * (fpix * oversample + sub_f) + step / 2
-    sdet = step * (spix * oversample + sub_s) + step / 2
-    pos = tuple(fdet * frame.fdet[i] + sdet * frame.sdet[i] + depth * frame.odet[i] + frame.pix0[i]
-                for i in range(3))
+    pos = flat_positions(frame.fdet, frame.sdet, frame.odet, frame.pix0, frame.pixel_size, fpix,
+                         spix, sub_f, sub_s, depth, oversample)[0]
     if not curved:
         return pos
     flat = torch.stack(pos, -1)
     start = (frame.distance * frame.beam).expand(flat.shape)
     tilted = rotate_axis(start, frame.sdet.expand(flat.shape), flat[..., 1] / frame.distance)
     return tuple(rotate_axis(tilted, frame.fdet.expand(flat.shape), flat[..., 2] / frame.distance).unbind(-1))
+
+
+def flat_positions(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor, pix0: torch.Tensor,
+                   pixel_size: torch.Tensor, fpix, spix, sub_f, sub_s, depth, oversample: int):
+    """Sub-pixel centres on the flat detector (the first step of `subpixel_positions`).
+
+    Args:
+        fdet, sdet, odet: (3,) unit axes; pix0: (3,) corner of pixel (0, 0) (m);
+        pixel_size: 0-d (m); the rest as in `subpixel_positions`.
+    Returns:
+        ((x, y, z) positions in m, Fdet, Sdet), each of the broadcast shape (m).
+    """
+    step = pixel_size / oversample
+    f = step * (fpix * oversample + sub_f) + step / 2
+    s = step * (spix * oversample + sub_s) + step / 2
+    pos = tuple(f * fdet[i] + s * sdet[i] + depth * odet[i] + pix0[i] for i in range(3))
+    return pos, f, s
 
 
 def solid_angle(airpath: torch.Tensor, close_distance: torch.Tensor, pixel_size: torch.Tensor,

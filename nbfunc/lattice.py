@@ -27,28 +27,16 @@ _SERIES_LIMIT = {torch.float64: 0.01, torch.float32: 0.05}
 """|n f| below which `grating` uses its series (see there), per dtype."""
 
 
-def sinpi_reduced(g: torch.Tensor) -> torch.Tensor:
-    """``sin(pi g)`` for an already reduced argument, ``|g| <= 1/2`` (a little beyond is fine).
-
-    Compiled, a Taylor polynomial in ``g`` with as many terms as the dtype needs: multiply-adds
-    that inductor fuses and vectorises, several times cheaper than a library sine. Eager,
-    ``torch.sin(pi g)``. The two agree to within two units in the last place.
-    """
-    if not torch.compiler.is_compiling():
-        # eager, one library sine is cheaper than the polynomial's twenty passes over memory
-        return torch.sin(math.pi * g)
-    coef = _SINPI.get(g.dtype, _SINPI[torch.float64])
-    z = g * g
-    acc = coef[-1]
-    for c in coef[-2::-1]:
-        acc = acc * z + c
-    return g * acc
-
-
-
 def sinpi_and_derivative(g: torch.Tensor):
-    """``(sin(pi g), pi cos(pi g))`` for a reduced argument, like `sinpi_reduced`; compiled, the
-    derivative is the exact derivative of the sine polynomial, ``sum_i (2i+1) c_i g^(2i)``."""
+    """``(sin(pi g), pi cos(pi g))`` for an already reduced argument, ``|g| <= 1/2`` (a little
+    beyond is fine).
+
+    Compiled, a Taylor polynomial in ``g`` with as many terms as the dtype needs and its exact
+    derivative ``sum_i (2i+1) c_i g^(2i)``: multiply-adds that inductor fuses and vectorises,
+    several times cheaper than library sines (an unused derivative is dropped from the
+    compiled graph). Eager, ``torch.sin`` and ``torch.cos``. The two agree to within two units
+    in the last place.
+    """
     if not torch.compiler.is_compiling():
         return torch.sin(math.pi * g), math.pi * torch.cos(math.pi * g)
     coef = _SINPI.get(g.dtype, _SINPI[torch.float64])
@@ -58,6 +46,15 @@ def sinpi_and_derivative(g: torch.Tensor):
         acc = acc * z + coef[i]
         dacc = dacc * z + (2 * i + 1) * coef[i]
     return g * acc, dacc
+
+
+def sinpi_reduced(g: torch.Tensor) -> torch.Tensor:
+    """``sin(pi g)`` for a reduced argument (see `sinpi_and_derivative`)."""
+    if not torch.compiler.is_compiling():
+        # eager, one library sine is cheaper than the polynomial's twenty passes over memory
+        return torch.sin(math.pi * g)
+    return sinpi_and_derivative(g)[0]
+
 
 def grating(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """nanoBragg's ``sincg(pi h, n) = sin(n pi h)/sin(pi h)`` (dimensionless).

@@ -21,6 +21,7 @@ the order-dependent behaviours of the C program exact:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -31,7 +32,8 @@ from torch.utils._pytree import tree_leaves
 from nbfunc.beam import polarization_factor, sources
 from nbfunc.compile import compiled
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
-from nbfunc.detector import DetectorFrame, capture_fraction, detector_frame, solid_angle, subpixel_positions
+from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, flat_positions, solid_angle,
+                             subpixel_positions)
 from nbfunc.lattice import grating_and_derivatives, lattice_factor, square_lattice
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
@@ -106,6 +108,16 @@ class Plan:
         """(pixel, layer, sub-pixel, source, phi, mosaic) evaluations for ``n_pixels`` pixels."""
         return n_pixels * self.n_paths * self.n_orient
 
+    def chunked(self, budget: int, n_pixels: int) -> "Plan":
+        """This plan with the tile and block that hold at most ``budget`` evaluations (or one
+        pixel's orientations for one path, if that is more)."""
+        per_pixel = self.n_paths * self.n_orient
+        if per_pixel <= budget:
+            tile, block = max(1, min(budget // per_pixel, n_pixels or 1)), self.n_paths
+        else:
+            tile, block = 1, max(1, budget // self.n_orient)
+        return dataclasses.replace(self, tile=tile, block=block)
+
     def chunks(self, n_pixels: int) -> int:
         """Kernel calls (pixel tile x path block) for ``n_pixels`` pixels."""
         return math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
@@ -132,19 +144,12 @@ def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]
             keep &= smp.mask.cpu().bool()
         pixels = torch.nonzero(keep.reshape(-1))[:, 0]
     n_orient = cr.phisteps * cr.mosaic_domains
-    n_paths = det.thicksteps * smp.oversample**2 * p.beam.sources.n_sources
-    budget = smp.chunk or (DEFAULT_CHUNK if large_chunks else SMALL_CHUNK)
-    per_pixel = n_paths * n_orient
-    if per_pixel <= budget:
-        tile, block = max(1, min(budget // per_pixel, len(pixels) or 1)), n_paths
-    else:
-        tile, block = 1, max(1, budget // n_orient)
     ordered = smp.oversample_thick or smp.oversample_polar or smp.oversample_omega
-    return Plan(fpx, spx, smp.oversample, det.thicksteps, p.beam.sources.n_sources, n_orient,
+    plan = Plan(fpx, spx, smp.oversample, det.thicksteps, p.beam.sources.n_sources, n_orient,
                 cr.shape, cr.interpolate and cr.fhkl.numel() > 0, cr.hkl_origin, ordered,
                 smp.oversample_thick, smp.oversample_polar, smp.oversample_omega, det.absorption,
-                p.beam.polarization, det.curved, det.point_pixel, smp.dmin * ANGSTROM, tile,
-                block), pixels
+                p.beam.polarization, det.curved, det.point_pixel, smp.dmin * ANGSTROM, 0, 0)
+    return plan.chunked(smp.chunk or (DEFAULT_CHUNK if large_chunks else SMALL_CHUNK), len(pixels)), pixels
 
 
 def prepare(p: Params) -> tuple[Setup, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -324,13 +329,9 @@ class _LatticeSum(torch.autograd.Function):
     @staticmethod
     def forward(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                 n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample):
-        pos = _plain_positions(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
-                               sub_f, sub_s, layer, oversample)[0]
-        airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
-        q = tuple((x / airpath - incident[..., i]) / wavelength for i, x in enumerate(pos))
-        hkl = _per_orientation(miller_indices(q, orient), orient)
-        f_latt = square_lattice(hkl, n_cells)
-        term = (default_f * f_latt) ** 2
+        hkl = _plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
+                              orient, fpix, spix, sub_f, sub_s, layer, oversample)[-1]
+        term = (default_f * square_lattice(hkl, n_cells)) ** 2
         return term.sum(0) if orient.shape[0] == 1 else term.sum((0, 2))
 
     @staticmethod
@@ -344,13 +345,9 @@ class _LatticeSum(torch.autograd.Function):
          default_f, fpix, spix, sub_f, sub_s, layer) = ctx.saved_tensors
         single = orient.shape[0] == 1
         per_orient = (lambda x: x) if single else (lambda x: x[..., None])
-        pos, fd, sd, depth = _plain_positions(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix,
-                                              spix, sub_f, sub_s, layer, ctx.oversample)
-        airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
-        d = tuple(x / airpath for x in pos)
-        inc = tuple(incident[..., i] for i in range(3))
-        q = tuple((a - b) / wavelength for a, b in zip(d, inc))
-        hkl = _per_orientation(miller_indices(q, orient), orient)
+        fd, sd, depth, airpath, d, q, hkl = _plain_geometry(
+            fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
+            spix, sub_f, sub_s, layer, ctx.oversample)
         n_eff = torch.where(n_cells > 1, n_cells, torch.ones_like(n_cells))
         parts = [grating_and_derivatives(x, n) for x, n in zip(hkl, n_eff.unbind(-1))]
         g = [p[0] for p in parts]
@@ -403,15 +400,21 @@ def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
     return x.sum(dims, keepdim=True) if dims else x
 
 
-def _plain_positions(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix, sub_f, sub_s,
-                     layer, oversample):
-    """Flat-detector sub-pixel positions (m) and their fast, slow and depth coordinates."""
-    step = pixel_size / oversample
-    fd = step * (fpix * oversample + sub_f) + step / 2
-    sd = step * (spix * oversample + sub_s) + step / 2
+def _plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+                    fpix, spix, sub_f, sub_s, layer, oversample):
+    """`_LatticeSum`'s geometry, as `path_rays` and `miller_indices` compute it.
+
+    Returns:
+        (Fdet, Sdet, depth (m), airpath (m), diffracted unit vector, q (1/m), hkl), vectors as
+        component tuples, hkl per `_per_orientation`.
+    """
     depth = layer * layer_depth
-    pos = tuple(fd * fdet[i] + sd * sdet[i] + depth * odet[i] + pix0[i] for i in range(3))
-    return pos, fd, sd, depth
+    pos, fd, sd = flat_positions(fdet, sdet, odet, pix0, pixel_size, fpix, spix, sub_f, sub_s,
+                                 depth, oversample)
+    airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
+    d = tuple(x / airpath for x in pos)
+    q = tuple((x - incident[..., i]) / wavelength for i, x in enumerate(d))
+    return fd, sd, depth, airpath, d, q, _per_orientation(miller_indices(q, orient), orient)
 
 
 def _per_orientation(hkl, orient):
@@ -522,16 +525,12 @@ def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, di
     # of the chunk runs in one fused loop
     single = orient.shape[0] == 1
     per_orient = (lambda x: x) if single else (lambda x: x[..., None])
-    hkl = miller_indices(q, orient)
-    if single:
-        hkl = tuple(x[..., 0] for x in hkl)
+    hkl = _per_orientation(miller_indices(q, orient), orient)
     seen = seen_in
     if orient_first is not None:
         first_rank, rank = first_in_raster(alive)
         first = (rank == first_rank) & ~seen_in
-        hkl_first = miller_indices(q, orient_first)
-        if single:
-            hkl_first = tuple(x[..., 0] for x in hkl_first)
+        hkl_first = _per_orientation(miller_indices(q, orient_first), orient_first)
         hkl = tuple(torch.where(per_orient(first), a, b) for a, b in zip(hkl_first, hkl))
         seen = seen_in | alive.any()
     n_cells = setup.n_cells
@@ -628,7 +627,7 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     if compiled_now and records_graph and not (carry is None and _plain_configuration(
             plan, p.crystal.fhkl.numel() > 0)):
         # autograd through the whole kernel: small chunks keep its backward in cache
-        plan, pixel_list = make_plan(p, large_chunks=False)
+        plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
     setup, real, phi_rot, mosaic_rot = prepare(p)
     fluence = p.beam.fluence
     dtype, device = real.dtype, real.device
