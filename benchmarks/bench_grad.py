@@ -4,10 +4,12 @@
 
 Three measurements, each made in a compiled and in an eager subprocess (``mode``):
 
-* ``reverse``: one reverse-mode gradient of a Poisson negative log-likelihood of the image
-  with respect to every floating leaf of the parameter tree (forward with the graph, then
-  ``torch.autograd.grad``), over one forward render without a graph. On a centred ROI of
-  bench_1024 (``--reverse-roi`` pixels square).
+* ``reverse``: one reverse-mode gradient of the Poisson negative log-likelihood of the
+  rendered pixels with respect to every floating leaf of the parameter tree (forward with
+  the graph, then ``torch.autograd.grad``), over one forward render of the same pixels
+  without a graph (`nbfunc.simulate_pixels` both). On a centred ROI of bench_1024
+  (``--reverse-roi`` pixels square): the likelihood of `nbfunc.likelihood`, which sums over
+  the rendered pixels only.
 * ``jacfwd``: ``torch.func.jacfwd`` of the image with respect to 10 scalar leaves, over one
   forward render, on a ``--jacfwd-roi`` square ROI of bench_1024. torch.func transforms run
   the eager kernel in both modes, so ``ratio_vs_forward`` in the eager worker is the
@@ -61,19 +63,20 @@ def reverse(args, dtype) -> dict:
     from nbfunc.cli.derive import params_from_args
 
     p = params_from_args(common.BASE_1024 + centred_roi(args.reverse_roi), dtype=dtype)
-    observed = nbfunc.simulate(nbfunc.replace_leaves(p, {"crystal.cell_a": p.crystal.cell_a + 0.05}))
-    observed = observed.detach() + 1.0
+    shifted = nbfunc.replace_leaves(p, {"crystal.cell_a": p.crystal.cell_a + 0.05})
+    observed = nbfunc.simulate_pixels(shifted).detach() + 1.0
     paths = [path for path, leaf in zip(p.leaf_paths(), pytree.tree_leaves(p))
              if leaf.is_floating_point() and leaf.numel() > 0]
 
     def gradient():
         leaves = {path: nbfunc.tree.get_leaf(p, path).detach().clone().requires_grad_(True)
                   for path in paths}
-        mu = nbfunc.simulate(nbfunc.replace_leaves(p, leaves)) + 1.0
+        mu = nbfunc.simulate_pixels(nbfunc.replace_leaves(p, leaves)) + 1.0
         nll = (mu - observed * torch.log(mu)).sum()
         return torch.autograd.grad(nll, list(leaves.values()), allow_unused=True)
 
-    stats, results = _timed_pair({"forward": lambda: nbfunc.simulate(p), "gradient": gradient}, args)
+    stats, results = _timed_pair({"forward": lambda: nbfunc.simulate_pixels(p), "gradient": gradient},
+                                 args)
     grads = dict(zip(paths, results["gradient"]))
     return {"roi_pixels": [args.reverse_roi, args.reverse_roi], "leaves": len(paths),
             "leaves_unused": [path for path, g in grads.items() if g is None],

@@ -2,8 +2,10 @@
 from nbfunc.params import Beam, Crystal, Detector, Params, Sampling, SourceGrid, SourceList
 from nbfunc import tree as _tree  # registers the pytree nodes
 from nbfunc.tree import leaf_paths, replace_leaves, stack, unstack
-from nbfunc.render import PhiCarry, initial_carry, simulate, simulate_with_carry
+from nbfunc.render import (PhiCarry, initial_carry, rendered_pixels, simulate, simulate_pixels,
+                           simulate_with_carry)
 
 __all__ = ["Beam", "Crystal", "Detector", "Params", "Sampling", "SourceGrid", "SourceList",
-           "PhiCarry", "initial_carry", "simulate", "simulate_with_carry", "leaf_paths",
+           "PhiCarry", "initial_carry", "simulate", "simulate_pixels", "rendered_pixels",
+           "simulate_with_carry", "leaf_paths",
            "replace_leaves", "stack", "unstack"]

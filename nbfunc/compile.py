@@ -58,6 +58,42 @@ COMPILE_DISABLED = _read_flag("NANOBRAGG_DISABLE_COMPILE", False)
 COMPILE_STRICT = _read_flag("NANOBRAGG_COMPILE_STRICT", False)
 
 
+def _keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks of up to 32 MiB for reuse instead of returning them to
+    the kernel at once.
+
+    A compiled backward allocates and frees some tens of MiB of per-evaluation arrays per
+    chunk. With glibc's start-up thresholds (128 KiB) every such array is fresh memory from
+    the kernel, and each of its pages costs a page fault when first written: on bench_1024's
+    gradient that was about 5000 faults and half of the time. glibc raises these thresholds
+    by itself after it frees a large block (up to 32 MiB for allocations served by mmap and
+    64 MiB for the heap top it keeps); this sets those values from the start. A process
+    keeps at most 64 MiB more memory mapped than it uses. Skipped where the C library is not
+    glibc, when ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set, and with
+    ``NANOBRAGG_KEEP_FREED_MEMORY=0``.
+
+    Returns:
+        True when the thresholds were set.
+    """
+    if not _read_flag("NANOBRAGG_KEEP_FREED_MEMORY", True) or any(
+            name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 -- present in glibc only
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
+
+
+KEEPS_FREED_MEMORY = _keep_freed_memory()
+"""True when `_keep_freed_memory` set glibc's thresholds at import."""
+
+
 class CompileError(RuntimeError):
     """torch.compile failed for a function while NANOBRAGG_COMPILE_STRICT=1."""
 
@@ -107,7 +143,8 @@ def _run_members(key: int, tensors, in_dims, batch_size):
             leaves[i] = t if d is None else t.select(d, b)
         a, k = pytree.tree_unflatten(leaves, spec)
         out, entry["out_spec"] = _flatten_output(call(*a, **k))
-        return out
+        entry["none_at"] = [i for i, x in enumerate(out) if x is None]  # an operator returns tensors only
+        return [x for x in out if x is not None]
 
     def run():
         with torch.no_grad():
@@ -131,7 +168,9 @@ def _vmap_members(call, flat, spec):
     key = next(_KEYS)
     entry = _PENDING[key] = {"flat": flat, "positions": positions, "spec": spec, "call": call}
     try:
-        out = _vmapped_call(key, [flat[i] for i in positions])
+        out = list(_vmapped_call(key, [flat[i] for i in positions]))
+        for i in entry["none_at"]:
+            out.insert(i, None)
         return _unflatten_output(out, entry["out_spec"])
     finally:
         del _PENDING[key]
@@ -163,8 +202,9 @@ class _CompiledGrad(torch.autograd.Function):
         ctx.run, ctx.flat_spec, ctx.graph = run, [isinstance(x, torch.Tensor) for x in flat], (detached, out)
         ctx.non_tensors = [x for x in flat if not isinstance(x, torch.Tensor)]
         ctx.save_for_backward(*_tensors(flat))
-        results = tuple(o.detach() for o in out)
-        ctx.mark_non_differentiable(*[r for r in results if not r.is_floating_point()])
+        results = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
+        ctx.mark_non_differentiable(*[r for r in results
+                                      if isinstance(r, torch.Tensor) and not r.is_floating_point()])
         return results
 
     @staticmethod
@@ -173,7 +213,8 @@ class _CompiledGrad(torch.autograd.Function):
         detached, out = ctx.graph
         wanted = [i for i, x in enumerate(detached) if isinstance(x, torch.Tensor) and x.requires_grad]
         if not torch.is_grad_enabled():
-            pairs = [(o, g) for o, g in zip(out, grads) if g is not None and o.requires_grad]
+            pairs = [(o, g) for o, g in zip(out, grads)
+                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
             try:
                 with torch._functorch.config.patch(donated_buffer=False):
                     got = torch.autograd.grad([o for o, _ in pairs], [detached[i] for i in wanted],
@@ -189,7 +230,8 @@ class _CompiledGrad(torch.autograd.Function):
         inputs = [x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in inputs]
         with torch.enable_grad():
             again = eager(*inputs)
-        pairs = [(o, g) for o, g in zip(again, grads) if g is not None and o.requires_grad]
+        pairs = [(o, g) for o, g in zip(again, grads)
+                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
         got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                   [g for _, g in pairs], create_graph=torch.is_grad_enabled(),
                                   allow_unused=True)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
 import torch
 
 from nbfunc.params import Node, Params
-from nbfunc.render import simulate
+from nbfunc.render import rendered_pixels, simulate_pixels
 from nbfunc.tree import get_leaf, leaf_paths, replace_leaves
 
 DEFAULT_TILE_PIXELS = 16384
@@ -288,10 +288,10 @@ def _band_tile(p: Params, unpack, observed, include, rows: tuple[int, int]) -> T
     roi = (int(columns[0]), int(columns[-1]), rows[0], rows[1])
     sampling = p.sampling.model_copy(update={"roi": roi, "mask": band})
     tree = p.model_copy(update={"sampling": sampling})
-    pixels = torch.nonzero(band.reshape(-1))[:, 0]
+    pixels = rendered_pixels(tree)
 
     def model(theta: torch.Tensor) -> torch.Tensor:
-        return simulate(replace_leaves(tree, unpack(theta))).reshape(-1)[pixels]
+        return simulate_pixels(replace_leaves(tree, unpack(theta)))
 
     return Tile(model, observed.reshape(-1)[pixels], torch.ones(len(pixels), dtype=torch.bool))
 

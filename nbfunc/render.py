@@ -32,9 +32,10 @@ from torch.utils._pytree import tree_leaves
 from nbfunc.beam import polarization_factor, sources
 from nbfunc.compile import compiled
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
-from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, flat_positions, solid_angle,
+from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
-from nbfunc.lattice import grating_and_derivatives, lattice_factor, square_lattice
+from nbfunc.lattice import lattice_factor
+from nbfunc.lattice_sum import lattice_sum_op, miller_indices, per_orientation
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -48,7 +49,7 @@ that record a graph outside the hand-written backward's configuration: both make
 passes over per-evaluation arrays, and arrays of 2^16 values stay in the CPU caches
 (measured on 2 cores: eager bench_1024 about 2x faster than with 2^18 chunks, a compiled
 gradient with the round shape about 1.8x faster). With the hand-written backward
-(`_LatticeSum`) 2^18 is faster (fewer calls; best times 12 vs 16 ms on a 256x256 image)."""
+(`lattice_sum_op`) 2^18 is faster (fewer calls; best times 12 vs 16 ms on a 256x256 image)."""
 
 
 class PhiCarry(NamedTuple):
@@ -123,6 +124,17 @@ class Plan:
         return math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
 
 
+def roi_box(p: Params) -> tuple[int, int, int, int] | None:
+    """The rendered rectangle ``(fast_min, fast_max, slow_min, slow_max)`` (inclusive pixel
+    indices, clipped to the detector; an empty range when the ROI lies outside it), or None
+    when a mask selects the pixels."""
+    if p.sampling.mask is not None:
+        return None
+    fpx, spx = p.detector.fpixels, p.detector.spixels
+    x0, x1, y0, y1 = p.sampling.roi if p.sampling.roi is not None else (0, fpx - 1, 0, spx - 1)
+    return min(x0, fpx), min(x1, fpx - 1), min(y0, spx), min(y1, spx - 1)
+
+
 def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]:
     """Resolve loop counts and chunk sizes, and list the active pixels (ROI and mask) in raster order.
 
@@ -134,14 +146,15 @@ def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]
     """
     det, cr, smp = p.detector, p.crystal, p.sampling
     fpx, spx = det.fpixels, det.spixels
-    x0, x1, y0, y1 = smp.roi if smp.roi is not None else (0, fpx, 0, spx)
-    if smp.mask is None and x0 <= 0 and y0 <= 0 and x1 >= fpx - 1 and y1 >= spx - 1:
-        pixels = torch.arange(fpx * spx)
+    box = roi_box(p)
+    if box is not None:
+        x0, x1, y0, y1 = box
+        pixels = (torch.arange(y0, y1 + 1)[:, None] * fpx + torch.arange(x0, x1 + 1)).reshape(-1)
     else:
+        x0, x1, y0, y1 = smp.roi if smp.roi is not None else (0, fpx, 0, spx)
         keep = torch.zeros(spx, fpx, dtype=torch.bool)
         keep[y0:y1 + 1, x0:x1 + 1] = True
-        if smp.mask is not None:
-            keep &= smp.mask.cpu().bool()
+        keep &= smp.mask.cpu().bool()
         pixels = torch.nonzero(keep.reshape(-1))[:, 0]
     n_orient = cr.phisteps * cr.mosaic_domains
     ordered = smp.oversample_thick or smp.oversample_polar or smp.oversample_omega
@@ -248,19 +261,6 @@ def path_factors(setup: Setup, plan: Plan, diffracted, airpath, incident, layer)
     return omega, capture, polar
 
 
-def miller_indices(q, orient: torch.Tensor):
-    """Fractional indices ``h = a.q, k = b.q, l = c.q`` for every orientation.
-
-    Args:
-        q: three (E, P) components of the scattering vector (1/m); orient: (O, 3, 3) rows
-            a, b, c (m).
-    Returns:
-        (h, k, l), each (E, P, O), dimensionless.
-    """
-    qx, qy, qz = (x[..., None] for x in q)
-    return tuple(qx * orient[:, i, 0] + qy * orient[:, i, 1] + qz * orient[:, i, 2] for i in range(3))
-
-
 def raster_rank(shape: torch.Size, device) -> torch.Tensor:
     """Position of every entry of an (E, P, ...) chunk in nanoBragg's raster order (P, E, ...)."""
     n_e, n_p, rest = shape[0], shape[1], shape[2:]
@@ -304,133 +304,15 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     return torch.where(use_nearest, nearest, interpolated), disabled_in | outside.any()
 
 
-class _LatticeSum(torch.autograd.Function):
-    """``B = sum over paths and orientations of (F F_latt)^2`` per pixel for the common
-    configuration (square shape, default F, flat detector, no resolution cut, no oversample
-    flags, no interpolation), with a hand-written backward.
-
-    The forward is the renderer's own code. The backward recomputes the geometry and the
-    grating factors with their derivatives (`grating_and_derivatives`) and accumulates every
-    parameter gradient in one pass: differentiating the forward's polynomial chains and
-    normalisations operation by operation made inductor's backward several times the forward.
-    Used only inside compiled code that records a graph (`chunk_kernel`); torch.func
-    transforms and double backward run the eager kernel, so no jvp or vmap rule is needed.
-
-    Args (of ``apply``):
-        fdet, sdet, odet: (3,) detector unit axes; pix0: (3,) corner of pixel (0, 0) (m);
-        pixel_size, layer_depth: 0-d (m); incident: (E or 1, 1, 3) unit vectors;
-        wavelength: (E or 1, 1) (m); orient: (O, 3, 3) rows a, b, c (m); n_cells: (3,);
-        default_f: 0-d; fpix, spix: (1, P) pixel indices; sub_f, sub_s, layer: (E, 1)
-        sub-pixel and layer indices (not differentiated); oversample: int.
-    Returns:
-        (P,) the sum per pixel (dimensionless, F^2 units).
-    """
-
-    @staticmethod
-    def forward(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample):
-        hkl = _plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                              orient, fpix, spix, sub_f, sub_s, layer, oversample)[-1]
-        term = (default_f * square_lattice(hkl, n_cells)) ** 2
-        return term.sum(0) if orient.shape[0] == 1 else term.sum((0, 2))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.oversample = inputs[-1]
-        ctx.save_for_backward(*inputs[:-1])
-
-    @staticmethod
-    def backward(ctx, grad_b):
-        (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
-         default_f, fpix, spix, sub_f, sub_s, layer) = ctx.saved_tensors
-        single = orient.shape[0] == 1
-        per_orient = (lambda x: x) if single else (lambda x: x[..., None])
-        fd, sd, depth, airpath, d, q, hkl = _plain_geometry(
-            fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
-            spix, sub_f, sub_s, layer, ctx.oversample)
-        n_eff = torch.where(n_cells > 1, n_cells, torch.ones_like(n_cells))
-        parts = [grating_and_derivatives(x, n) for x, n in zip(hkl, n_eff.unbind(-1))]
-        g = [p[0] for p in parts]
-        others = (g[1] * g[2], g[0] * g[2], g[0] * g[1])
-        f_latt = g[0] * others[0]
-        w = per_orient(grad_b[None, :])
-        f2 = default_f * default_f
-        g_latt = w * 2.0 * f2 * f_latt
-        g_h = [g_latt * o * p[1] for o, p in zip(others, parts)]
-        # orientation axis summed for the per-(path, pixel) chain, kept for the orientations
-        sum_o = (lambda x: x) if single else (lambda x: x.sum(-1))
-        g_q = tuple(sum_o(sum(g_h[i] * (orient[:, i, j] if not single else orient[0, i, j])
-                              for i in range(3))) for j in range(3))
-        grads = [None] * 17
-        if ctx.needs_input_grad[8]:
-            cols = []
-            for i in range(3):
-                for j in range(3):
-                    prod = g_h[i] * per_orient(q[j])
-                    cols.append(prod.sum() if single else prod.sum((0, 1)))
-            grads[8] = torch.stack(cols, -1).reshape(orient.shape)
-        if ctx.needs_input_grad[9]:
-            g_n = torch.stack([(g_latt * o * p[2]).sum() for o, p in zip(others, parts)])
-            grads[9] = torch.where(n_cells > 1, g_n, torch.zeros_like(g_n))
-        if ctx.needs_input_grad[10]:
-            grads[10] = (w * 2.0 * default_f * f_latt * f_latt).sum()
-        g_d = tuple(x / wavelength for x in g_q)
-        if ctx.needs_input_grad[6]:
-            grads[6] = torch.stack([-_sum_to(x, wavelength.shape) for x in g_d], -1)
-        if ctx.needs_input_grad[7]:
-            grads[7] = -_sum_to(g_d[0] * q[0] + g_d[1] * q[1] + g_d[2] * q[2], wavelength.shape)
-        dot = d[0] * g_d[0] + d[1] * g_d[1] + d[2] * g_d[2]
-        g_pos = tuple((a - b * dot) / airpath for a, b in zip(g_d, d))
-        for index, coefficient in ((0, fd), (1, sd), (2, depth)):
-            if ctx.needs_input_grad[index]:
-                grads[index] = torch.stack([(x * coefficient).sum() for x in g_pos])
-        if ctx.needs_input_grad[3]:
-            grads[3] = torch.stack([x.sum() for x in g_pos])
-        along = lambda axis: g_pos[0] * axis[0] + g_pos[1] * axis[1] + g_pos[2] * axis[2]
-        if ctx.needs_input_grad[4]:
-            grads[4] = (along(fdet) * fd + along(sdet) * sd).sum() / pixel_size
-        if ctx.needs_input_grad[5]:
-            grads[5] = (along(odet) * layer).sum()
-        return tuple(grads)
-
-
-def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
-    """Sum an (E, P) array over the axes where ``shape`` (one path or every path, 1 pixel) is 1."""
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return x.sum(dims, keepdim=True) if dims else x
-
-
-def _plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                    fpix, spix, sub_f, sub_s, layer, oversample):
-    """`_LatticeSum`'s geometry, as `path_rays` and `miller_indices` compute it.
-
-    Returns:
-        (Fdet, Sdet, depth (m), airpath (m), diffracted unit vector, q (1/m), hkl), vectors as
-        component tuples, hkl per `_per_orientation`.
-    """
-    depth = layer * layer_depth
-    pos, fd, sd = flat_positions(fdet, sdet, odet, pix0, pixel_size, fpix, spix, sub_f, sub_s,
-                                 depth, oversample)
-    airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
-    d = tuple(x / airpath for x in pos)
-    q = tuple((x - incident[..., i]) / wavelength for i, x in enumerate(d))
-    return fd, sd, depth, airpath, d, q, _per_orientation(miller_indices(q, orient), orient)
-
-
-def _per_orientation(hkl, orient):
-    """Drop the orientation axis of (E, P, O) indices when there is one orientation."""
-    return tuple(x[..., 0] for x in hkl) if orient.shape[0] == 1 else hkl
-
-
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
-    """The configuration `_LatticeSum` covers: square shape, ``default_F`` only, flat detector,
+    """The configuration `lattice_sum_op` covers: square shape, ``default_F`` only, flat detector,
     no absorption, no resolution cut, no oversample flags."""
     return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
             and not plan.absorption and not plan.curved)
 
 
 def _hand_gradient_applies(setup: Setup, plan: Plan, orient_first, finish) -> bool:
-    """Whether this chunk takes `_LatticeSum` (compiled, recording a graph, one block of paths,
+    """Whether this chunk takes `lattice_sum_op` (compiled, recording a graph, one block of paths,
     no carry, `_plain_configuration`)."""
     return (finish is not None and orient_first is None and torch.compiler.is_compiling()
             and torch.is_grad_enabled() and _plain_configuration(plan, setup.fhkl.numel() > 0))
@@ -438,14 +320,15 @@ def _hand_gradient_applies(setup: Setup, plan: Plan, orient_first, finish) -> bo
 
 def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_in, seen_in, plan: Plan):
     """`_chunk_sums` for the configurations of `_hand_gradient_applies`: the sum through
-    `_LatticeSum`, the first path's solid angle and polarization through ordinary autograd."""
+    `lattice_sum_op`, the first path's solid angle and polarization through ordinary autograd."""
     f = setup.frame
     incident, wavelength = paths.incident, paths.wavelength
     if plan.n_sources == 1:  # one source for every path: its gradients are plain sums
         incident, wavelength = setup.incident[:1, None], setup.wavelengths[:1, None]
-    b = _LatticeSum.apply(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
-                          incident, wavelength, orient, setup.n_cells, setup.default_f,
-                          fpix, spix, paths.sub_f, paths.sub_s, paths.layer, plan.oversample)
+    b = lattice_sum_op(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
+                       incident, wavelength, orient, setup.n_cells, setup.default_f,
+                       fpix, spix, paths.sub_f, paths.sub_s, paths.layer, plan.oversample,
+                       plan.thicksteps > 1)
     first = Paths(*(x[:1] for x in paths))
     diffracted, airpath, incident, _, _ = path_rays(setup, plan, fpix, spix, first)
     omega, _, polar = path_factors(setup, plan, diffracted, airpath, incident, first.layer)
@@ -525,12 +408,12 @@ def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, di
     # of the chunk runs in one fused loop
     single = orient.shape[0] == 1
     per_orient = (lambda x: x) if single else (lambda x: x[..., None])
-    hkl = _per_orientation(miller_indices(q, orient), orient)
+    hkl = per_orientation(miller_indices(q, orient), orient)
     seen = seen_in
     if orient_first is not None:
         first_rank, rank = first_in_raster(alive)
         first = (rank == first_rank) & ~seen_in
-        hkl_first = _per_orientation(miller_indices(q, orient_first), orient_first)
+        hkl_first = per_orientation(miller_indices(q, orient_first), orient_first)
         hkl = tuple(torch.where(per_orient(first), a, b) for a, b in zip(hkl_first, hkl))
         seen = seen_in | alive.any()
     n_cells = setup.n_cells
@@ -601,6 +484,18 @@ _compiled_kernel = compiled(chunk_kernel, static_argnames=("plan", "omega_col", 
                             grad_config={"activation_memory_budget": 0.0})
 
 
+def plain_chunk_kernel(*args, **kwargs):
+    """`chunk_kernel` for compiled renders that record a graph in `_plain_configuration`.
+
+    A function of its own, so that it is compiled separately from `_compiled_kernel` with
+    torch's default autograd settings: its per-evaluation work is inside `lattice_sum_op`,
+    whose output the backward should keep rather than recompute."""
+    return chunk_kernel(*args, **kwargs)
+
+
+_compiled_plain_kernel = compiled(plain_chunk_kernel, static_argnames=("plan", "omega_col", "capture_col"))
+
+
 # --------------------------------------------------------------------------------------------
 # Orchestration
 # --------------------------------------------------------------------------------------------
@@ -618,38 +513,103 @@ def _carry_orientations(real, phi_rot, phi, carry: torch.Tensor):
     return torch.stack(steps), state
 
 
-def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None):
+def image_setup(p: Params, carry_orientation: torch.Tensor | None, plan: Plan):
+    """Everything a render needs before its chunks: `prepare`, the orientation matrices and
+    the scale factors.
+
+    Args:
+        carry_orientation: (3, 3) the phi carry's orientation (C-parity path), or None.
+    Returns:
+        (setup, orientations (O, 3, 3), first-evaluation orientations or None, the carry's
+        orientation after this render or None, scale 0-d ``r_e^2 fluence / steps`` (m^2
+        photons/m^2), water background 0-d (photons/sr)).
+    """
+    setup, real, phi_rot, mosaic_rot = prepare(p)
+    first_orient = after = None
+    if carry_orientation is None:
+        orient = orientation_matrices(real @ phi_rot.transpose(-1, -2), mosaic_rot)
+    else:
+        phi = phi_angles(p.crystal)
+        steps_first, after = _carry_orientations(real, phi_rot, phi, carry_orientation)
+        steps_rest, _ = _carry_orientations(real, phi_rot, phi, after)
+        first_orient = orientation_matrices(steps_first, mosaic_rot)
+        orient = orientation_matrices(steps_rest, mosaic_rot)
+    fluence = p.beam.fluence
+    steps = plan.n_sources * plan.n_orient * plan.oversample**2
+    return setup, orient, first_orient, after, R_E_SQR * fluence / steps, water_background(setup.water, fluence)
+
+
+# the set-up is some hundred small operations: compiled, its forward and backward each run as
+# a few loop nests instead of hundreds of eager calls
+_compiled_image_setup = compiled(image_setup, static_argnames=("plan",))
+
+
+def image_kernel(p: Params, carry_orientation: torch.Tensor | None, pixel_index: torch.Tensor,
+                 plan: Plan, capture_col: int):
+    """`image_setup` and `chunk_kernel` for a render whose pixels and paths fit one chunk.
+
+    Compiled, the two run as one graph (one call, one autograd node).
+
+    Returns:
+        ((P,) photons per pixel, 0-d bool: an evaluation was made, the carry's orientation
+        after the render or None).
+    """
+    setup, orient, first_orient, after, scale, background = image_setup(p, carry_orientation, plan=plan)
+    state = torch.zeros((), dtype=torch.bool, device=orient.device)
+    out = chunk_kernel(setup, orient, first_orient, pixel_index, path_block(setup, plan, 0, plan.n_paths),
+                       state, state, plan=plan, omega_col=0, capture_col=capture_col,
+                       finish=(torch.as_tensor(scale, dtype=orient.dtype, device=orient.device),
+                               torch.as_tensor(background, dtype=orient.dtype, device=orient.device)))
+    return out["value"], out["seen"], after
+
+
+def plain_image_kernel(*args, **kwargs):
+    """`image_kernel` compiled with torch's default autograd settings (see `plain_chunk_kernel`)."""
+    return image_kernel(*args, **kwargs)
+
+
+_ONE_CALL = {
+    id(_compiled_kernel): compiled(image_kernel, static_argnames=("plan", "capture_col"),
+                                   grad_config={"activation_memory_budget": 0.0}),
+    id(_compiled_plain_kernel): compiled(plain_image_kernel, static_argnames=("plan", "capture_col")),
+}
+"""The one-call form of each compiled chunk kernel."""
+
+
+def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None,
+            image: bool = True):
     runs_compiled = getattr(kernel, "runs_compiled", None)
     compiled_now = runs_compiled is not None and runs_compiled()
     plan, pixel_list = make_plan(p, large_chunks=compiled_now)
     records_graph = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(p))
-    if compiled_now and records_graph and not (carry is None and _plain_configuration(
-            plan, p.crystal.fhkl.numel() > 0)):
-        # autograd through the whole kernel: small chunks keep its backward in cache
-        plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
-    setup, real, phi_rot, mosaic_rot = prepare(p)
-    fluence = p.beam.fluence
-    dtype, device = real.dtype, real.device
-    first_orient = after = None
-    if carry is None:
-        orient = orientation_matrices(real @ phi_rot.transpose(-1, -2), mosaic_rot)
-    else:
-        phi = phi_angles(p.crystal)
-        steps_first, after = _carry_orientations(real, phi_rot, phi, carry.orientation)
-        steps_rest, _ = _carry_orientations(real, phi_rot, phi, after)
-        first_orient = orientation_matrices(steps_first, mosaic_rot)
-        orient = orientation_matrices(steps_rest, mosaic_rot)
-
-    steps = plan.n_sources * plan.n_orient * plan.oversample**2
-    scale = R_E_SQR * fluence / steps
-    background = water_background(setup.water, fluence)
-    disabled = torch.zeros((), dtype=torch.bool, device=device)
-    seen = torch.zeros((), dtype=torch.bool, device=device)
+    if compiled_now and records_graph:
+        if carry is None and _plain_configuration(plan, p.crystal.fhkl.numel() > 0):
+            if kernel is _compiled_kernel:
+                kernel = _compiled_plain_kernel
+        else:  # autograd through the whole kernel: small chunks keep its backward in cache
+            plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
+    carry_orientation = None if carry is None else carry.orientation
     n_pix = len(pixel_list)
-    pixels = pixel_list.to(device)
+    pixels = pixel_list.to(p.crystal.cell_a.device)
     capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
     single_block = plan.block >= plan.n_paths
+    one_call = _ONE_CALL.get(id(kernel)) if single_block and n_pix == plan.tile else None
+    if one_call is not None:
+        value, seen, after = one_call(p, carry_orientation, pixels[None], plan=plan,
+                                      capture_col=capture_path)
+        if progress is not None:
+            progress(1, 1)
+        image = _assemble(p, plan, pixels, [value], value.dtype, value.device) if image else value
+        if carry is None:
+            return image, None
+        return image, PhiCarry(torch.where(seen, after, carry.orientation))
+    image_setup_now = _compiled_image_setup if compiled_now else image_setup
+    setup, orient, first_orient, after, scale, background = image_setup_now(
+        p, carry_orientation, plan=plan)
+    dtype, device = orient.dtype, orient.device
+    disabled = torch.zeros((), dtype=torch.bool, device=device)
+    seen = torch.zeros((), dtype=torch.bool, device=device)
     finish = (torch.as_tensor(scale, dtype=dtype, device=device),
               torch.as_tensor(background, dtype=dtype, device=device))
     values = []
@@ -692,17 +652,32 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
             value = pixel_values(plan, finish[0], intensity, capture_last, polar_found,
                                  polar_first, omega_first)
         values.append(value[:value.shape[0] - pad] if pad else value)
-    n_all = plan.spixels * plan.fpixels
-    if n_pix == n_all:  # every pixel, in raster order
-        image = torch.cat(values)
+    if image:
+        image = _assemble(p, plan, pixels, values, dtype, device)
     else:
-        image = torch.zeros(n_all, dtype=dtype, device=device)
-        if values:
-            image = image.index_put((pixels,), torch.cat(values))
-    image = image.reshape(plan.spixels, plan.fpixels)
+        image = torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=device)
     if carry is None:
         return image, None
     return image, PhiCarry(torch.where(seen, after, carry.orientation))
+
+
+def _assemble(p: Params, plan: Plan, pixels, values: list, dtype, device) -> torch.Tensor:
+    """The (slow, fast) image from the rendered pixel values (raster order), 0 elsewhere.
+
+    A rectangle is padded (one write, a slice in the backward); a masked pixel list is
+    scattered into zeros."""
+    if not values:
+        return torch.zeros(plan.spixels, plan.fpixels, dtype=dtype, device=device)
+    flat = torch.cat(values) if len(values) > 1 else values[0]
+    box = roi_box(p)
+    if box is None:
+        image = torch.zeros(plan.spixels * plan.fpixels, dtype=dtype, device=device)
+        return image.index_put((pixels,), flat).reshape(plan.spixels, plan.fpixels)
+    x0, x1, y0, y1 = box
+    block = flat.reshape(y1 - y0 + 1, x1 - x0 + 1)
+    if block.shape == (plan.spixels, plan.fpixels):
+        return block
+    return torch.nn.functional.pad(block, (x0, plan.fpixels - 1 - x1, y0, plan.spixels - 1 - y1))
 
 
 def simulate(p: Params) -> torch.Tensor:
@@ -716,6 +691,23 @@ def simulate(p: Params) -> torch.Tensor:
     ...                                    "-default_F", "100", "-N", "5", "-detpixels", "32"]))  # doctest: +SKIP
     """
     return _render(p, None)[0]
+
+
+def simulate_pixels(p: Params) -> torch.Tensor:
+    """Only the rendered pixels of `simulate`: the ROI and mask pixels, (N,) photons per
+    pixel in raster order; `rendered_pixels` gives their flat indices.
+
+    Equal to ``simulate(p).reshape(-1)[rendered_pixels(p)]`` without the full-detector image,
+    so a fit over a small region does not fill, scatter and gather a whole detector (and
+    its gradient) per evaluation. Works under ``torch.func`` transforms like `simulate`.
+    """
+    return _render(p, None, image=False)[0]
+
+
+def rendered_pixels(p: Params) -> torch.Tensor:
+    """(N,) int64 flat indices ``slow * fpixels + fast`` of the pixels `simulate` renders
+    (inside ``sampling.roi`` and ``sampling.mask``), in raster order."""
+    return make_plan(p)[1]
 
 
 def render_for_cli(p: Params, carry: PhiCarry, compile: bool, progress=None) -> tuple[torch.Tensor, PhiCarry]:

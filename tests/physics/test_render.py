@@ -5,7 +5,7 @@ import torch
 
 from nbfunc.cli.derive import params_from_args
 from nbfunc.params import Beam, Crystal, Detector, Params, Sampling
-from nbfunc.render import simulate
+from nbfunc.render import rendered_pixels, simulate, simulate_pixels
 
 D = torch.float64
 SMALL = "-cell 40 40 40 90 90 90 -default_F 100 -lambda 1 -distance 60 -detpixels 24 -pixel 0.4"
@@ -95,6 +95,27 @@ def test_roi_and_mask_zero_the_other_pixels():
     mask[6, 4] = False
     masked = simulate(p.model_copy(update={"sampling": p.sampling.model_copy(update={"mask": mask})}))
     assert masked[6, 4] == 0 and torch.equal(masked[inside & mask], image[inside & mask])
+
+
+@pytest.mark.parametrize("roi, masked", [("3 10 5 12", False), ("3 10 5 12", True),
+                                          ("20 40 22 30", False), ("30 40 0 5", False)])
+def test_simulate_pixels_are_the_rendered_pixels_of_simulate(roi, masked):
+    """ROI inside, clipped by the detector edge, wholly outside it (no pixel), and masked."""
+    p = params_from_args((SMALL + " -roi " + roi).split())
+    if masked:
+        mask = torch.ones(24, 24, dtype=torch.bool)
+        mask[6, 4] = mask[11, 9] = False
+        p = p.model_copy(update={"sampling": p.sampling.model_copy(update={"mask": mask})})
+    x0, x1, y0, y1 = (int(v) for v in roi.split())
+    keep = torch.zeros(24, 24, dtype=torch.bool)
+    keep[y0:y1 + 1, x0:x1 + 1] = True
+    if masked:
+        keep &= mask
+    expected = torch.nonzero(keep.reshape(-1))[:, 0]
+    assert torch.equal(rendered_pixels(p), expected)
+    image = simulate(p)
+    assert torch.equal(simulate_pixels(p), image.reshape(-1)[expected])
+    assert (image.reshape(-1)[~keep.reshape(-1)] == 0).all()
 
 
 def test_float32_close_to_float64():

@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 import nbfunc
 import nbfunc.compile as nbcompile
 import nbfunc.render
+from nbfunc.lattice_sum import lattice_sum, lattice_sum_op, lattice_sum_vjp
 from _transforms_support import assert_close_scaled, eager_mode, leaves_dict, poisson_nll
 
 needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
@@ -82,10 +83,8 @@ def assert_autograd_matches(p, target, expected, rtol: float, float_only: bool =
             assert_close_scaled(got, g, rtol, path, atol=1e-300)
 
 
-@pytest.mark.parametrize("n_orient", [1, 2])
-def test_hand_written_lattice_gradient_equals_autograd(n_orient):
-    """`render._LatticeSum`'s backward against autograd through its own forward (both eager
-    here; compiled renders that record a graph use it for the common configuration)."""
+def _lattice_inputs(n_orient: int, n_sources: int, layered: bool):
+    """Random inputs of `lattice_sum` (differentiable ones, then the fixed indices)."""
     gen = torch.Generator().manual_seed(3)
     rnd = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)
     unit = lambda v: v / v.norm()
@@ -94,21 +93,48 @@ def test_hand_written_lattice_gradient_equals_autograd(n_orient):
     incident = unit(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + 0.01 * rnd(3))
     inputs = axes + [torch.tensor([0.05, 0.004, -0.003], dtype=torch.float64),
                      torch.tensor(1e-3, dtype=torch.float64), torch.tensor(2e-5, dtype=torch.float64),
-                     incident.expand(2, 1, 3).clone(), torch.tensor([[1.0e-10], [1.1e-10]], dtype=torch.float64),
+                     incident.expand(n_sources, 1, 3).clone(),
+                     torch.tensor([[1.0e-10], [1.1e-10]], dtype=torch.float64)[:n_sources],
                      (torch.eye(3, dtype=torch.float64) * 4e-9 + 1e-10 * rnd(3, 3)).expand(n_orient, 3, 3).clone(),
                      torch.tensor([5.0, 4.0, 1.0], dtype=torch.float64), torch.tensor(10.0, dtype=torch.float64)]
     fixed = [torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64), torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64),
              torch.tensor([[0.0], [1.0]], dtype=torch.float64), torch.tensor([[1.0], [0.0]], dtype=torch.float64),
-             torch.tensor([[0.0], [1.0]], dtype=torch.float64), 2]
+             torch.tensor([[0.0], [1.0 if layered else 0.0]], dtype=torch.float64)]
+    return inputs, fixed
+
+
+@pytest.mark.parametrize("n_orient, n_sources, layered", [(1, 2, True), (2, 2, True), (1, 1, False)])
+def test_hand_written_lattice_gradient_equals_autograd(n_orient, n_sources, layered):
+    """`lattice_sum_vjp` against autograd through `lattice_sum` (both eager here; compiled
+    renders that record a graph use them through the operator ``nbfunc::lattice_sum`` for the
+    common configuration). Several sources, several orientations, one source with the flat
+    layout, one sensor layer."""
+    inputs, fixed = _lattice_inputs(n_orient, n_sources, layered)
     weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
-    lattice_sum = nbfunc.render._LatticeSum
-    a = [x.clone().requires_grad_(True) for x in inputs]
-    hand = torch.autograd.grad((lattice_sum.apply(*a, *fixed) * weights).sum(), a)
+    hand = lattice_sum_vjp(weights, *inputs, *fixed, oversample=2, layered=layered)
     b = [x.clone().requires_grad_(True) for x in inputs]
-    auto = torch.autograd.grad((lattice_sum.forward(*b, *fixed) * weights).sum(), b)
+    auto = torch.autograd.grad((lattice_sum(*b, *fixed, 2) * weights).sum(), b)
     for i, (got, expected) in enumerate(zip(hand, auto)):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
                                    msg=lambda m: f"input {i}: {m}")
+
+
+def test_lattice_sum_operator_differentiates_through_the_vjp(monkeypatch):
+    """The operator's forward is `lattice_sum` and its registered backward `lattice_sum_vjp`
+    (their compiled forms replaced by the functions themselves, to skip the compile here)."""
+    import nbfunc.lattice_sum as module
+
+    monkeypatch.setattr(module, "_compiled_sum", lattice_sum)
+    monkeypatch.setattr(module, "_compiled_vjp", lattice_sum_vjp)
+    inputs, fixed = _lattice_inputs(2, 2, True)
+    weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    a = [x.clone().requires_grad_(True) for x in inputs]
+    value = lattice_sum_op(*a, *fixed, 2, True)
+    assert torch.equal(value.detach(), lattice_sum(*inputs, *fixed, 2))
+    got = torch.autograd.grad((value * weights).sum(), a)
+    expected = lattice_sum_vjp(weights, *inputs, *fixed, oversample=2, layered=True)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
 
 
 @pytest.mark.slow
@@ -292,3 +318,16 @@ def test_unknown_flag_value_stops_the_import():
                          text=True, timeout=120)
     assert run.returncode != 0
     assert "NANOBRAGG_DISABLE_COMPILE='maybe' is not understood" in run.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("extra, expected", [({}, "True"), ({"NANOBRAGG_KEEP_FREED_MEMORY": "0"}, "False"),
+                                             ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "False")])
+def test_keep_freed_memory_flag(extra, expected):
+    """glibc's thresholds are set at import unless turned off or set by the user."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NANOBRAGG_KEEP_FREED_MEMORY", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+    run = subprocess.run([sys.executable, "-c", "import nbfunc.compile as c; print(c.KEEPS_FREED_MEMORY)"],
+                         env={**env, **extra}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == expected
