@@ -30,7 +30,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_factor, sources
-from nbfunc.compile import compiled
+from nbfunc.compile import compiled, in_functorch_transform
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
@@ -594,7 +594,11 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     pixels = pixel_list.to(p.crystal.cell_a.device)
     capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
     single_block = plan.block >= plan.n_paths
-    one_call = _ONE_CALL.get(id(kernel)) if single_block and n_pix == plan.tile else None
+    # under a plain vmap (the only transform that runs compiled code) the set-up runs batched
+    # and eagerly, one call for every member, and only the chunk kernel runs per member
+    batched = in_functorch_transform()
+    one_call = (_ONE_CALL.get(id(kernel)) if single_block and n_pix == plan.tile and not batched
+                else None)
     if one_call is not None:
         value, seen, after = one_call(p, carry_orientation, pixels[None], plan=plan,
                                       capture_col=capture_path)
@@ -604,7 +608,7 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
         if carry is None:
             return image, None
         return image, PhiCarry(torch.where(seen, after, carry.orientation))
-    image_setup_now = _compiled_image_setup if compiled_now else image_setup
+    image_setup_now = _compiled_image_setup if compiled_now and not batched else image_setup
     setup, orient, first_orient, after, scale, background = image_setup_now(
         p, carry_orientation, plan=plan)
     dtype, device = orient.dtype, orient.device

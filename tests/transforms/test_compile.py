@@ -263,14 +263,19 @@ def test_vmap_of_tensors_that_need_a_gradient_runs_eagerly(recording_compile):
 
 @pytest.mark.slow
 @needs_compile
-def test_compiled_vmap_of_renders_equals_the_loop_exactly(tiny):
+def test_compiled_vmap_of_renders_equals_the_loop(tiny):
+    """The chunk kernel runs compiled once per member under vmap, as in the loop; the
+    per-image set-up runs batched and eagerly under vmap but compiled in the loop (same
+    formulas, summed in another order), so the two agree to rounding, not bit for bit."""
     changes = [{}, {"crystal.cell_a": torch.tensor(52.0, dtype=torch.float64),
                     "detector.distance": torch.tensor(55.0, dtype=torch.float64)}]
     members = [nbfunc.replace_leaves(tiny, c) for c in changes]
     with torch.no_grad():
         batched = torch.func.vmap(nbfunc.simulate)(nbfunc.stack(members))
         looped = torch.stack([nbfunc.simulate(m) for m in members])
-    assert torch.equal(batched, looped)       # the same compiled kernel, member by member
+    # absolute part: pixels between reflections (1e-10 of the peak) carry the grating's
+    # cancellation, so their own relative rounding is larger
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12 * float(looped.abs().max()))
 
 
 def test_compile_error_at_wrap_time_is_reported(monkeypatch):
