@@ -213,8 +213,7 @@ class _CompiledGrad(torch.autograd.Function):
         detached, out = ctx.graph
         wanted = [i for i, x in enumerate(detached) if isinstance(x, torch.Tensor) and x.requires_grad]
         if not torch.is_grad_enabled():
-            pairs = [(o, g) for o, g in zip(out, grads)
-                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+            pairs = _differentiated(out, grads)
             try:
                 with torch._functorch.config.patch(donated_buffer=False):
                     got = torch.autograd.grad([o for o, _ in pairs], [detached[i] for i in wanted],
@@ -230,12 +229,17 @@ class _CompiledGrad(torch.autograd.Function):
         inputs = [x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in inputs]
         with torch.enable_grad():
             again = eager(*inputs)
-        pairs = [(o, g) for o, g in zip(again, grads)
-                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+        pairs = _differentiated(again, grads)
         got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                   [g for _, g in pairs], create_graph=torch.is_grad_enabled(),
                                   allow_unused=True)
         return (None,) + _scatter(got, wanted, len(detached))
+
+
+def _differentiated(outputs, grads) -> list:
+    """(output, incoming gradient) pairs of the outputs that carry a gradient."""
+    return [(o, g) for o, g in zip(outputs, grads)
+            if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
 
 
 def _flatten_output(out):

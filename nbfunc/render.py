@@ -105,6 +105,17 @@ class Plan:
     def n_paths(self) -> int:
         return self.thicksteps * self.oversample**2 * self.n_sources
 
+    @property
+    def capture_path(self) -> int:
+        """The path holding the first sub-pixel of the last sensor layer, whose capture
+        fraction nanoBragg keeps (without the oversample_thick flag)."""
+        return (self.thicksteps - 1) * self.oversample**2 * self.n_sources
+
+    @property
+    def single_block(self) -> bool:
+        """Whether one chunk holds every path of its pixels."""
+        return self.block >= self.n_paths
+
     def evaluations(self, n_pixels: int) -> int:
         """(pixel, layer, sub-pixel, source, phi, mosaic) evaluations for ``n_pixels`` pixels."""
         return n_pixels * self.n_paths * self.n_orient
@@ -521,8 +532,9 @@ def image_setup(p: Params, carry_orientation: torch.Tensor | None, plan: Plan):
         carry_orientation: (3, 3) the phi carry's orientation (C-parity path), or None.
     Returns:
         (setup, orientations (O, 3, 3), first-evaluation orientations or None, the carry's
-        orientation after this render or None, scale 0-d ``r_e^2 fluence / steps`` (m^2
-        photons/m^2), water background 0-d (photons/sr)).
+        orientation after this render or None, ``finish``: (scale 0-d ``r_e^2 fluence /
+        steps`` (m^2 photons/m^2), water background 0-d (photons/sr)) in the orientations'
+        dtype, as `chunk_kernel` takes them).
     """
     setup, real, phi_rot, mosaic_rot = prepare(p)
     first_orient = after = None
@@ -536,7 +548,9 @@ def image_setup(p: Params, carry_orientation: torch.Tensor | None, plan: Plan):
         orient = orientation_matrices(steps_rest, mosaic_rot)
     fluence = p.beam.fluence
     steps = plan.n_sources * plan.n_orient * plan.oversample**2
-    return setup, orient, first_orient, after, R_E_SQR * fluence / steps, water_background(setup.water, fluence)
+    finish = tuple(torch.as_tensor(x, dtype=orient.dtype, device=orient.device)
+                   for x in (R_E_SQR * fluence / steps, water_background(setup.water, fluence)))
+    return setup, orient, first_orient, after, finish
 
 
 # the set-up is some hundred small operations: compiled, its forward and backward each run as
@@ -554,12 +568,10 @@ def image_kernel(p: Params, carry_orientation: torch.Tensor | None, pixel_index:
         ((P,) photons per pixel, 0-d bool: an evaluation was made, the carry's orientation
         after the render or None).
     """
-    setup, orient, first_orient, after, scale, background = image_setup(p, carry_orientation, plan=plan)
+    setup, orient, first_orient, after, finish = image_setup(p, carry_orientation, plan=plan)
     state = torch.zeros((), dtype=torch.bool, device=orient.device)
     out = chunk_kernel(setup, orient, first_orient, pixel_index, path_block(setup, plan, 0, plan.n_paths),
-                       state, state, plan=plan, omega_col=0, capture_col=capture_col,
-                       finish=(torch.as_tensor(scale, dtype=orient.dtype, device=orient.device),
-                               torch.as_tensor(background, dtype=orient.dtype, device=orient.device)))
+                       state, state, plan=plan, omega_col=0, capture_col=capture_col, finish=finish)
     return out["value"], out["seen"], after
 
 
@@ -569,15 +581,17 @@ def plain_image_kernel(*args, **kwargs):
 
 
 _ONE_CALL = {
-    id(_compiled_kernel): compiled(image_kernel, static_argnames=("plan", "capture_col"),
-                                   grad_config={"activation_memory_budget": 0.0}),
-    id(_compiled_plain_kernel): compiled(plain_image_kernel, static_argnames=("plan", "capture_col")),
+    _compiled_kernel: compiled(image_kernel, static_argnames=("plan", "capture_col"),
+                               grad_config={"activation_memory_budget": 0.0}),
+    _compiled_plain_kernel: compiled(plain_image_kernel, static_argnames=("plan", "capture_col")),
 }
 """The one-call form of each compiled chunk kernel."""
 
 
 def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None,
-            image: bool = True):
+            full_image: bool = True):
+    """Render ``p``: the (slow, fast) image, or with ``full_image=False`` the (N,) rendered
+    pixels in raster order; and the carry after the render (None without ``carry``)."""
     runs_compiled = getattr(kernel, "runs_compiled", None)
     compiled_now = runs_compiled is not None and runs_compiled()
     plan, pixel_list = make_plan(p, large_chunks=compiled_now)
@@ -590,32 +604,40 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
         else:  # autograd through the whole kernel: small chunks keep its backward in cache
             plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
     carry_orientation = None if carry is None else carry.orientation
-    n_pix = len(pixel_list)
     pixels = pixel_list.to(p.crystal.cell_a.device)
-    capture_path = (plan.thicksteps - 1) * plan.oversample**2 * plan.n_sources
-    single_block = plan.block >= plan.n_paths
     # under a plain vmap (the only transform that runs compiled code) the set-up runs batched
     # and eagerly, one call for every member, and only the chunk kernel runs per member
     batched = in_functorch_transform()
-    one_call = (_ONE_CALL.get(id(kernel)) if single_block and n_pix == plan.tile and not batched
-                else None)
+    one_call = (_ONE_CALL.get(kernel) if plan.single_block and len(pixels) == plan.tile
+                and not batched else None)
     if one_call is not None:
         value, seen, after = one_call(p, carry_orientation, pixels[None], plan=plan,
-                                      capture_col=capture_path)
+                                      capture_col=plan.capture_path)
         if progress is not None:
             progress(1, 1)
-        image = _assemble(p, plan, pixels, [value], value.dtype, value.device) if image else value
-        if carry is None:
-            return image, None
-        return image, PhiCarry(torch.where(seen, after, carry.orientation))
-    image_setup_now = _compiled_image_setup if compiled_now and not batched else image_setup
-    setup, orient, first_orient, after, scale, background = image_setup_now(
-        p, carry_orientation, plan=plan)
+    else:
+        value, seen, after = _render_chunks(p, plan, pixels, kernel, carry_orientation,
+                                            _compiled_image_setup if compiled_now and not batched
+                                            else image_setup, progress)
+    out = _assemble(p, plan, pixels, value) if full_image else value
+    if carry is None:
+        return out, None
+    return out, PhiCarry(torch.where(seen, after, carry.orientation))
+
+
+def _render_chunks(p: Params, plan: Plan, pixels, kernel, carry_orientation, image_setup_now, progress):
+    """The set-up, then every chunk in raster order.
+
+    Returns:
+        ((N,) photons of the rendered pixels, 0-d bool: an evaluation was made, the carry's
+        orientation after the render or None).
+    """
+    n_pix = len(pixels)
+    capture_path = plan.capture_path
+    setup, orient, first_orient, after, finish = image_setup_now(p, carry_orientation, plan=plan)
     dtype, device = orient.dtype, orient.device
     disabled = torch.zeros((), dtype=torch.bool, device=device)
     seen = torch.zeros((), dtype=torch.bool, device=device)
-    finish = (torch.as_tensor(scale, dtype=dtype, device=device),
-              torch.as_tensor(background, dtype=dtype, device=device))
     values = []
     n_chunks, done = plan.chunks(n_pix), 0
     for start in range(0, n_pix, plan.tile):
@@ -624,7 +646,7 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
         if pad:  # the last tile keeps the common shape (no recompilation)
             idx = torch.cat([idx, idx[-1:].expand(pad)])
         idx = idx[None]
-        if single_block:
+        if plan.single_block:
             out = kernel(setup, orient, first_orient, idx, path_block(setup, plan, 0, plan.n_paths),
                          disabled, seen, plan=plan, omega_col=0, capture_col=capture_path,
                          finish=finish)
@@ -656,26 +678,20 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
             value = pixel_values(plan, finish[0], intensity, capture_last, polar_found,
                                  polar_first, omega_first)
         values.append(value[:value.shape[0] - pad] if pad else value)
-    if image:
-        image = _assemble(p, plan, pixels, values, dtype, device)
-    else:
-        image = torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=device)
-    if carry is None:
-        return image, None
-    return image, PhiCarry(torch.where(seen, after, carry.orientation))
+    if len(values) == 1:
+        return values[0], seen, after
+    return (torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=device)), seen, after
 
 
-def _assemble(p: Params, plan: Plan, pixels, values: list, dtype, device) -> torch.Tensor:
-    """The (slow, fast) image from the rendered pixel values (raster order), 0 elsewhere.
+def _assemble(p: Params, plan: Plan, pixels, flat: torch.Tensor) -> torch.Tensor:
+    """The (slow, fast) image from the (N,) rendered pixel values (raster order, at flat
+    indices ``pixels``), 0 elsewhere.
 
     A rectangle is padded (one write, a slice in the backward); a masked pixel list is
     scattered into zeros."""
-    if not values:
-        return torch.zeros(plan.spixels, plan.fpixels, dtype=dtype, device=device)
-    flat = torch.cat(values) if len(values) > 1 else values[0]
     box = roi_box(p)
     if box is None:
-        image = torch.zeros(plan.spixels * plan.fpixels, dtype=dtype, device=device)
+        image = torch.zeros(plan.spixels * plan.fpixels, dtype=flat.dtype, device=flat.device)
         return image.index_put((pixels,), flat).reshape(plan.spixels, plan.fpixels)
     x0, x1, y0, y1 = box
     block = flat.reshape(y1 - y0 + 1, x1 - x0 + 1)
@@ -705,7 +721,7 @@ def simulate_pixels(p: Params) -> torch.Tensor:
     so a fit over a small region does not fill, scatter and gather a whole detector (and
     its gradient) per evaluation. Works under ``torch.func`` transforms like `simulate`.
     """
-    return _render(p, None, image=False)[0]
+    return _render(p, None, full_image=False)[0]
 
 
 def rendered_pixels(p: Params) -> torch.Tensor:
