@@ -35,7 +35,8 @@ from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor
-from nbfunc.lattice_sum import lattice_sum_op, miller_indices, per_orientation
+from nbfunc.lattice_sum import (PARTIAL_ROWS, lattice_partials_op, lattice_sum_op, miller_indices,
+                                per_orientation)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -50,6 +51,11 @@ passes over per-evaluation arrays, and arrays of 2^16 values stay in the CPU cac
 (measured on 2 cores: eager bench_1024 about 2x faster than with 2^18 chunks, a compiled
 gradient with the round shape about 1.8x faster). With the hand-written backward
 (`lattice_sum_op`) 2^18 is faster (fewer calls; best times 12 vs 16 ms on a 256x256 image)."""
+
+PARTIALS_BUDGET = 1 << 26
+"""Bytes of per-pixel partial sums (`lattice_partials_op`) that a compiled render recording
+a graph may keep for its backward (64 MiB: about 300 000 pixels in float64); larger renders
+recompute every evaluation in the backward (`lattice_sum_op`)."""
 
 
 class PhiCarry(NamedTuple):
@@ -100,6 +106,11 @@ class Plan:
     dmin: float
     tile: int
     block: int
+    hand_gradient: str = ""
+    """How a compiled render that records a graph in `_plain_configuration` differentiates
+    its lattice sum (`hand_gradient`): ``"partials"`` (`lattice_partials_op`) or
+    ``"recompute"`` (`lattice_sum_op`); ``""`` for every other render (autograd through the
+    kernel, or no graph)."""
 
     @property
     def n_paths(self) -> int:
@@ -316,30 +327,43 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
-    """The configuration `lattice_sum_op` covers: square shape, ``default_F`` only, flat detector,
-    no absorption, no resolution cut, no oversample flags."""
+    """The configuration the hand-written lattice gradients (`lattice_partials_op`,
+    `lattice_sum_op`) cover: square shape, ``default_F`` only, flat detector, no absorption,
+    no resolution cut, no oversample flags."""
     return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
             and not plan.absorption and not plan.curved)
 
 
-def _hand_gradient_applies(setup: Setup, plan: Plan, orient_first, finish) -> bool:
-    """Whether this chunk takes `lattice_sum_op` (compiled, recording a graph, one block of paths,
-    no carry, `_plain_configuration`)."""
-    return (finish is not None and orient_first is None and torch.compiler.is_compiling()
-            and torch.is_grad_enabled() and _plain_configuration(plan, setup.fhkl.numel() > 0))
+def hand_gradient(plan: Plan, n_pixels: int, itemsize: int) -> str:
+    """`Plan.hand_gradient` for a compiled render of ``n_pixels`` in `_plain_configuration`
+    that records a graph: ``"partials"`` with one source and one orientation when the partial
+    sums fit `PARTIALS_BUDGET`, else ``"recompute"``."""
+    rows = PARTIAL_ROWS + (3 if plan.thicksteps > 1 else 0)
+    fits = n_pixels * rows * itemsize <= PARTIALS_BUDGET
+    return "partials" if plan.n_sources == 1 and plan.n_orient == 1 and fits else "recompute"
+
+
+def _hand_gradient_applies(plan: Plan, orient_first, finish) -> bool:
+    """Whether this chunk takes `_plain_chunk_sums`: the plan says so, the chunk holds every
+    path of its pixels, there is no carry, and the kernel is being compiled. The operators'
+    backward is first order only: the eager kernel (a backward with ``create_graph``, or
+    torch.compile's ``force_eager`` stance) differentiates the renderer's own code."""
+    return (bool(plan.hand_gradient) and finish is not None and orient_first is None
+            and torch.compiler.is_compiling())
 
 
 def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_in, seen_in, plan: Plan):
-    """`_chunk_sums` for the configurations of `_hand_gradient_applies`: the sum through
-    `lattice_sum_op`, the first path's solid angle and polarization through ordinary autograd."""
+    """`_chunk_sums` for the chunks of `_hand_gradient_applies`: the sum through
+    `lattice_partials_op` or `lattice_sum_op` (`Plan.hand_gradient`), the first path's solid
+    angle and polarization through ordinary autograd."""
     f = setup.frame
     incident, wavelength = paths.incident, paths.wavelength
     if plan.n_sources == 1:  # one source for every path: its gradients are plain sums
         incident, wavelength = setup.incident[:1, None], setup.wavelengths[:1, None]
-    b = lattice_sum_op(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
-                       incident, wavelength, orient, setup.n_cells, setup.default_f,
-                       fpix, spix, paths.sub_f, paths.sub_s, paths.layer, plan.oversample,
-                       plan.thicksteps > 1)
+    op = (lambda *a: lattice_partials_op(*a)[0]) if plan.hand_gradient == "partials" else lattice_sum_op
+    b = op(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
+           orient, setup.n_cells, setup.default_f, fpix, spix, paths.sub_f, paths.sub_s,
+           paths.layer, plan.oversample, plan.thicksteps > 1)
     first = Paths(*(x[:1] for x in paths))
     diffracted, airpath, incident, _, _ = path_rays(setup, plan, fpix, spix, first)
     omega, _, polar = path_factors(setup, plan, diffracted, airpath, incident, first.layer)
@@ -395,7 +419,7 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
     rows = torch.floor((flat + 0.5) * (1.0 / plan.fpixels))
     fpix = (flat - rows * plan.fpixels).to(setup.incident.dtype)
     spix = rows.to(setup.incident.dtype)
-    if _hand_gradient_applies(setup, plan, orient_first, finish):
+    if _hand_gradient_applies(plan, orient_first, finish):
         out = _plain_chunk_sums(setup, orient, fpix, spix, paths, disabled_in, seen_in, plan)
     else:
         out = _chunk_sums(setup, orient, orient_first, fpix, spix, paths, disabled_in, seen_in,
@@ -499,8 +523,8 @@ def plain_chunk_kernel(*args, **kwargs):
     """`chunk_kernel` for compiled renders that record a graph in `_plain_configuration`.
 
     A function of its own, so that it is compiled separately from `_compiled_kernel` with
-    torch's default autograd settings: its per-evaluation work is inside `lattice_sum_op`,
-    whose output the backward should keep rather than recompute."""
+    torch's default autograd settings: its per-evaluation work is inside `lattice_partials_op`
+    or `lattice_sum_op`, whose outputs the backward should keep rather than recompute."""
     return chunk_kernel(*args, **kwargs)
 
 
@@ -601,6 +625,8 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
         if carry is None and _plain_configuration(plan, p.crystal.fhkl.numel() > 0):
             if kernel is _compiled_kernel:
                 kernel = _compiled_plain_kernel
+            plan = dataclasses.replace(plan, hand_gradient=hand_gradient(
+                plan, len(pixel_list), p.crystal.cell_a.dtype.itemsize))
         else:  # autograd through the whole kernel: small chunks keep its backward in cache
             plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
     carry_orientation = None if carry is None else carry.orientation

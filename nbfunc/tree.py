@@ -44,14 +44,36 @@ for _cls in (Params, Beam, Detector, Crystal, SourceGrid, SourceList):
     )
 
 
+_NODES = (Params, Beam, Detector, Crystal, SourceGrid, SourceList)
+
+
+def _spec_paths(spec: pytree.TreeSpec, prefix: str, out: list[str]) -> bool:
+    """Append the dotted leaf names of ``spec`` to ``out``; False when the tree holds a
+    container other than the nbfunc nodes."""
+    if spec.is_leaf():
+        out.append(prefix)
+        return True
+    if spec.type not in _NODES:
+        return False
+    return all(_spec_paths(child, f"{prefix}.{name}" if prefix else name, out)
+               for name, child in zip(spec.context[1], spec.children()))
+
+
+def _paths_from_spec(tree: Node, spec: pytree.TreeSpec) -> list[str]:
+    out: list[str] = []
+    if _spec_paths(spec, "", out):
+        return out
+    pairs, _ = pytree.tree_flatten_with_path(tree)
+    return [".".join(k.name for k in path) for path, _ in pairs]
+
+
 def leaf_paths(tree: Node) -> list[str]:
     """Dotted names of the tensor leaves of ``tree`` in flattening order.
 
     >>> leaf_paths(p)[:3]            # doctest: +SKIP
     ['beam.wavelength', 'beam.kahn_factor', 'beam.fluence']
     """
-    pairs, _ = pytree.tree_flatten_with_path(tree)
-    return [".".join(k.name for k in path) for path, _ in pairs]
+    return _paths_from_spec(tree, pytree.tree_flatten(tree)[1])
 
 
 def tree_map_leaves(fn: Callable[[torch.Tensor], Any], tree: Node) -> Any:
@@ -74,7 +96,7 @@ def replace_leaves(tree: Node, updates: dict[str, Any]) -> Any:
         KeyError: a path that is not a leaf, listing the valid ones.
     """
     leaves, spec = pytree.tree_flatten(tree)
-    paths = leaf_paths(tree)
+    paths = _paths_from_spec(tree, spec)
     unknown = set(updates) - set(paths)
     if unknown:
         raise KeyError(f"not leaves of this tree: {sorted(unknown)}; leaves are {paths}")

@@ -8,9 +8,11 @@ with a stand-in for ``torch.compile`` in both modes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -19,7 +21,9 @@ import torch.utils._pytree as pytree
 import nbfunc
 import nbfunc.compile as nbcompile
 import nbfunc.render
-from nbfunc.lattice_sum import lattice_sum, lattice_sum_op, lattice_sum_vjp
+import nbfunc.lattice_sum as lattice_module
+from nbfunc.lattice_sum import (PARTIAL_ROWS, lattice_partials, lattice_partials_op, lattice_sum,
+                                lattice_sum_op, lattice_sum_vjp, partials_vjp)
 from _transforms_support import assert_close_scaled, eager_mode, leaves_dict, poisson_nll
 
 needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
@@ -60,8 +64,23 @@ def test_compiled_simulate_equals_eager(tiny, reference):
 
 
 def test_autograd_through_the_wrapper_equals_transform_gradient(tiny, reference):
-    """torch.autograd through `simulate` (the wrapper runs the eager kernel when inputs require
-    grad) equals torch.func.grad."""
+    """torch.autograd through the compiled `simulate` (one source, one orientation: the lattice
+    sum through ``nbfunc::lattice_partials``) equals torch.func.grad; a second gradient
+    compiles nothing new (the operators' inner compiled functions used to compile a second
+    variant on their second call)."""
+    _, grad, target = reference
+    assert_autograd_matches(tiny, target, grad, 1e-10)
+    with torch.compiler.set_stance("fail_on_recompile"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
+        assert_autograd_matches(tiny, target, grad, 1e-10)
+
+
+@pytest.mark.slow
+@needs_compile
+def test_autograd_recomputing_the_lattice_sum_equals_transform_gradient(tiny, reference, monkeypatch):
+    """Renders whose partial sums exceed `PARTIALS_BUDGET` take ``nbfunc::lattice_sum``, whose
+    backward recomputes every evaluation (here with one source, the VJP's flat layout)."""
+    monkeypatch.setattr(nbfunc.render, "PARTIALS_BUDGET", 0)
     _, grad, target = reference
     assert_autograd_matches(tiny, target, grad, 1e-10)
 
@@ -135,6 +154,64 @@ def test_lattice_sum_operator_differentiates_through_the_vjp(monkeypatch):
     expected = lattice_sum_vjp(weights, *inputs, *fixed, oversample=2, layered=True)
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_partial_sums_give_the_lattice_gradient(layered):
+    """`partials_vjp` of `lattice_partials` against autograd through `lattice_sum` (eager), and
+    the sum itself; ``default_F = 0`` gives a finite (zero) ``default_F`` gradient."""
+    inputs, fixed = _lattice_inputs(1, 1, layered)
+    weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    b, partials = lattice_partials(*inputs, *fixed, oversample=2, layered=layered)
+    assert partials.shape == (PARTIAL_ROWS + 3 * layered, 3)
+    torch.testing.assert_close(b, lattice_sum(*inputs, *fixed, 2), rtol=1e-14, atol=0.0)
+    hand = _partials_vjp(weights, b, partials, inputs, layered)
+    a = [x.clone().requires_grad_(True) for x in inputs]
+    auto = torch.autograd.grad((lattice_sum(*a, *fixed, 2) * weights).sum(), a)
+    for i, (got, expected) in enumerate(zip(hand, auto)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
+                                   msg=lambda m: f"input {i}: {m}")
+    inputs[-1] = torch.zeros_like(inputs[-1])
+    b, partials = lattice_partials(*inputs, *fixed, oversample=2, layered=layered)
+    assert torch.equal(_partials_vjp(weights, b, partials, inputs, layered)[-1], torch.tensor(0.0, dtype=torch.float64))
+
+
+def _partials_vjp(weights, b, partials, inputs, layered):
+    """`partials_vjp` with the inputs it takes picked from `lattice_sum`'s differentiable ones."""
+    fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f = inputs
+    return partials_vjp(weights, b, partials, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
+                        orient, n_cells, default_f, layered)
+
+
+def test_lattice_partials_operator_splits_paths_and_differentiates_through_the_partial_sums(monkeypatch):
+    """The operator adds the partial sums of groups of at most `PATHS_PER_CALL` paths (here 1 of
+    2) and differentiates its first output through `partials_vjp`; the partial sums carry no
+    gradient (compiled forms replaced by the functions themselves, to skip the compile)."""
+    monkeypatch.setattr(lattice_module, "_compiled_partials", lattice_partials)
+    monkeypatch.setattr(lattice_module, "PATHS_PER_CALL", 1)
+    inputs, fixed = _lattice_inputs(1, 1, True)
+    weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    a = [x.clone().requires_grad_(True) for x in inputs]
+    value, partials = lattice_partials_op(*a, *fixed, 2, True)
+    b, expected_partials = lattice_partials(*inputs, *fixed, oversample=2, layered=True)
+    torch.testing.assert_close(value.detach(), b, rtol=1e-15, atol=0.0)
+    torch.testing.assert_close(partials, expected_partials, rtol=1e-13, atol=1e-13 * float(expected_partials.abs().max()))
+    assert not partials.requires_grad
+    got = torch.autograd.grad((value * weights).sum(), a)
+    for g, e in zip(got, _partials_vjp(weights, value.detach(), partials, inputs, True)):
+        assert torch.equal(g, e)
+
+
+def test_hand_gradient_choice(tiny):
+    """Partial sums with one source and one orientation within the memory budget; otherwise the
+    backward recomputes the evaluations."""
+    plan, _ = nbfunc.render.make_plan(tiny)
+    budget_pixels = nbfunc.render.PARTIALS_BUDGET // (PARTIAL_ROWS * 8)
+    assert nbfunc.render.hand_gradient(plan, budget_pixels, 8) == "partials"
+    assert nbfunc.render.hand_gradient(plan, budget_pixels + 1, 8) == "recompute"
+    assert nbfunc.render.hand_gradient(plan, budget_pixels + 1, 4) == "partials"
+    for many in ({"n_sources": 2}, {"n_orient": 3}):
+        assert nbfunc.render.hand_gradient(dataclasses.replace(plan, **many), 16, 8) == "recompute"
 
 
 @pytest.mark.slow
