@@ -363,7 +363,7 @@ def _first_path_factors(setup: Setup, plan: Plan, fpix, spix, first: Paths):
 def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_in, seen_in, plan: Plan):
     """`_chunk_sums` for the chunks of `_hand_gradient_applies`: the sum through
     `lattice_partials_op` or `lattice_sum_op` (`Plan.hand_gradient`), the first path's solid
-    angle and polarization through ordinary autograd."""
+    angle and polarization through ordinary autograd (recomputed in the backward)."""
     f = setup.frame
     incident, wavelength = paths.incident, paths.wavelength
     if plan.n_sources == 1:  # one source for every path: its gradients are plain sums
