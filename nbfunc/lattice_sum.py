@@ -32,6 +32,9 @@ from nbfunc.lattice import grating_and_derivatives, square_lattice
 DIFFERENTIABLE = 11
 """`lattice_sum` inputs ``fdet`` to ``default_f`` have gradients; the pixel and path indices
 after them do not."""
+OPERATOR_ARGS = 18
+"""Arguments of the operators ``nbfunc::lattice_sum`` and ``nbfunc::lattice_partials``: the
+16 tensors of `lattice_sum`, ``oversample`` and ``layered``."""
 
 
 def miller_indices(q, orient: torch.Tensor):
@@ -183,6 +186,11 @@ def lattice_sum_vjp(grad_b, fdet, sdet, odet, pix0, pixel_size, layer_depth, inc
 
 PARTIAL_ROWS = 24
 """Rows of `lattice_partials`' per-pixel sums with one sensor layer (27 with several)."""
+
+
+def partial_rows(layered: bool) -> int:
+    """Rows of `lattice_partials`' per-pixel sums: `PARTIAL_ROWS`, 3 more with layers."""
+    return PARTIAL_ROWS + 3 * layered
 PATHS_PER_CALL = 9
 """Paths that one call of the compiled `lattice_partials` unrolls; more paths take several
 calls, whose sums are added."""
@@ -337,7 +345,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_b):
     grads = lattice_sum_vjp_op(grad_b.contiguous(), *ctx.saved_tensors, ctx.oversample, ctx.layered)
-    return (*grads,) + (None,) * (len(ctx.saved_tensors) + 2 - DIFFERENTIABLE)
+    return (*grads,) + (None,) * (OPERATOR_ARGS - DIFFERENTIABLE)
 
 
 lattice_sum_op.register_autograd(_backward, setup_context=_setup_context)
@@ -373,7 +381,7 @@ def lattice_partials_op(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tens
 def _(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
       default_f, fpix, spix, sub_f, sub_s, layer, oversample, layered):
     n_pix = fpix.shape[-1]
-    return fpix.new_empty(n_pix), fpix.new_empty(PARTIAL_ROWS + 3 * layered, n_pix)
+    return fpix.new_empty(n_pix), fpix.new_empty(partial_rows(layered), n_pix)
 
 
 def _partials_setup_context(ctx, inputs, output):
@@ -386,7 +394,7 @@ def _partials_setup_context(ctx, inputs, output):
 
 def _partials_backward(ctx, grad_b, _):
     grads = partials_vjp(grad_b, *ctx.saved_tensors, ctx.layered)
-    return (*grads,) + (None,) * 7
+    return (*grads,) + (None,) * (OPERATOR_ARGS - DIFFERENTIABLE)
 
 
 lattice_partials_op.register_autograd(_partials_backward, setup_context=_partials_setup_context)

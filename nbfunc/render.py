@@ -36,7 +36,7 @@ from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor
-from nbfunc.lattice_sum import (PARTIAL_ROWS, lattice_partials_op, lattice_sum_op, miller_indices,
+from nbfunc.lattice_sum import (lattice_partials_op, lattice_sum_op, miller_indices, partial_rows,
                                 per_orientation)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
@@ -339,8 +339,7 @@ def hand_gradient(plan: Plan, n_pixels: int, itemsize: int) -> str:
     """`Plan.hand_gradient` for a compiled render of ``n_pixels`` in `_plain_configuration`
     that records a graph: ``"partials"`` with one source and one orientation when the partial
     sums fit `PARTIALS_BUDGET`, else ``"recompute"``."""
-    rows = PARTIAL_ROWS + (3 if plan.thicksteps > 1 else 0)
-    fits = n_pixels * rows * itemsize <= PARTIALS_BUDGET
+    fits = n_pixels * partial_rows(plan.thicksteps > 1) * itemsize <= PARTIALS_BUDGET
     return "partials" if plan.n_sources == 1 and plan.n_orient == 1 and fits else "recompute"
 
 

@@ -36,15 +36,15 @@ def _flatten_with_keys(node: Node):
     return list(zip(keys, children)), context
 
 
-for _cls in (Params, Beam, Detector, Crystal, SourceGrid, SourceList):
+_NODES = (Params, Beam, Detector, Crystal, SourceGrid, SourceList)
+"""The parameter-tree classes registered as pytree nodes."""
+
+for _cls in _NODES:
     pytree.register_pytree_node(
         _cls, _flatten, _unflatten,
         serialized_type_name=f"nbfunc.{_cls.__name__}",
         flatten_with_keys_fn=_flatten_with_keys,
     )
-
-
-_NODES = (Params, Beam, Detector, Crystal, SourceGrid, SourceList)
 
 
 def _spec_paths(spec: pytree.TreeSpec, prefix: str, out: list[str]) -> bool:
