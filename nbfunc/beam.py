@@ -56,6 +56,32 @@ def _normalised(u):
     return tuple(x / norm for x in u)
 
 
+def polarization_axes(incident, polar_axis: torch.Tensor):
+    """The incident beam's E and B unit vectors: ``B = unit(p x i)``, ``E = unit(i x B)``.
+
+    Args:
+        incident: (*, 3) unit vectors along the incident photons, or their three (*)
+            components; polar_axis: (3,) polarization axis p.
+    Returns:
+        (E, B), each three components of the shape of the incident components.
+    """
+    i, p = components(incident), tuple(polar_axis.unbind(-1))
+    b_in = _normalised(_cross(p, i))
+    return _normalised(_cross(i, b_in)), b_in
+
+
+def _kahn(cos2t, e_out, b_out, kahn):
+    """``(P, cos 2psi, sin^2 2theta, safe, 1/(E_out^2 + B_out^2))`` of `polarization_factor`
+    from ``cos 2theta = i.d`` and the diffracted ray's components ``E_out = d.E``,
+    ``B_out = d.B``; ``safe``: the ray is off the beam axis (else cos 2psi = 1)."""
+    sin2t_sq = 1.0 - cos2t**2
+    r2 = e_out**2 + b_out**2
+    safe = r2 > 1e-300
+    safe_r2 = torch.where(safe, r2, 1.0)
+    cos2psi = torch.where(safe, (e_out**2 - b_out**2) / safe_r2, 1.0)
+    return 0.5 * (1.0 + cos2t**2 - kahn * cos2psi * sin2t_sq), cos2psi, sin2t_sq, safe, 1.0 / safe_r2
+
+
 def polarization_factor(incident, diffracted, polar_axis: torch.Tensor,
                         kahn: torch.Tensor) -> torch.Tensor:
     """Kahn polarization factor ``(1 + cos^2 2theta - K cos(2psi) sin^2 2theta)/2``.
@@ -71,14 +97,27 @@ def polarization_factor(incident, diffracted, polar_axis: torch.Tensor,
         (*) factor (dimensionless).
     """
     i, d = components(incident), components(diffracted)
-    p = tuple(polar_axis.unbind(-1))
-    cos2t = _dot(i, d)
-    sin2t_sq = 1.0 - cos2t**2
-    b_in = _normalised(_cross(p, i))
-    e_in = _normalised(_cross(i, b_in))
-    e_out = _dot(d, e_in)
-    b_out = _dot(d, b_in)
-    r2 = e_out**2 + b_out**2
-    safe = r2 > 1e-300
-    cos2psi = torch.where(safe, (e_out**2 - b_out**2) / torch.where(safe, r2, 1.0), 1.0)
-    return 0.5 * (1.0 + cos2t**2 - kahn * cos2psi * sin2t_sq)
+    e_in, b_in = polarization_axes(i, polar_axis)
+    return _kahn(_dot(i, d), _dot(d, e_in), _dot(d, b_in), kahn)[0]
+
+
+def polarization_and_derivatives(incident, diffracted, e_in, b_in, kahn):
+    """`polarization_factor` from the beam's E and B vectors (`polarization_axes`), with its
+    derivatives.
+
+    Args:
+        incident, diffracted, e_in, b_in: three components each (unit vectors, broadcasting);
+        kahn: Kahn factor K.
+    Returns:
+        (P, dP/dd (three components), dP/d(i.d), dP/d(d.E), dP/d(d.B), dP/dK), each of the
+        broadcast shape; dP/dd holds the dependence through all three dot products.
+    """
+    cos2t, e_out, b_out = _dot(incident, diffracted), _dot(diffracted, e_in), _dot(diffracted, b_in)
+    factor, cos2psi, sin2t_sq, safe, inv_r2 = _kahn(cos2t, e_out, b_out, kahn)
+    d_cos2t = cos2t * (1.0 + kahn * cos2psi)
+    d_cos2psi = -0.5 * kahn * sin2t_sq
+    # cos 2psi = (e^2 - b^2)/(e^2 + b^2): d/de = 4 e b^2/r^4, d/db = -4 b e^2/r^4
+    d_e = torch.where(safe, d_cos2psi * 4.0 * e_out * b_out**2 * inv_r2**2, 0.0)
+    d_b = torch.where(safe, d_cos2psi * -4.0 * b_out * e_out**2 * inv_r2**2, 0.0)
+    d_d = tuple(d_cos2t * i + d_e * e + d_b * b for i, e, b in zip(incident, e_in, b_in))
+    return factor, d_d, d_cos2t, d_e, d_b, -0.5 * cos2psi * sin2t_sq

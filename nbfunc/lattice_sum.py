@@ -10,10 +10,11 @@ backward several times the forward (many loops over the chunk, each storing per-
 arrays); the hand-written backward accumulates every parameter gradient in few loops.
 
 With one source and one orientation, and when the memory is small (`render` decides), the
-operator ``nbfunc::lattice_partials`` is used instead: its forward also accumulates, per
-pixel, the few sums from which every parameter gradient follows (`lattice_partials`), so the
-backward is one matrix-vector product (`partials_vjp`, traced into the chunk kernel's
-compiled backward) instead of a second pass over every evaluation.
+operator ``nbfunc::pixel_partials`` is used instead: it computes the photons per pixel (the
+lattice sum, the first path's solid angle and polarization, the scale) and, per pixel, the few
+sums from which every parameter gradient follows (`pixel_partials`), so the backward is one
+matrix-vector product (`pixel_partials_vjp`, traced into the chunk kernel's compiled backward)
+instead of a second pass over every evaluation.
 
 torch.func transforms and double backward run the eager renderer, which does not use the
 operators, so they need no jvp or vmap rule.
@@ -26,15 +27,15 @@ import math
 import torch
 
 from nbfunc.compile import compiled
-from nbfunc.detector import flat_positions
+from nbfunc.beam import polarization_and_derivatives
+from nbfunc.detector import flat_positions, solid_angle
 from nbfunc.lattice import grating_and_derivatives, square_lattice
 
 DIFFERENTIABLE = 11
 """`lattice_sum` inputs ``fdet`` to ``default_f`` have gradients; the pixel and path indices
 after them do not."""
-OPERATOR_ARGS = 18
-"""Arguments of the operators ``nbfunc::lattice_sum`` and ``nbfunc::lattice_partials``: the
-16 tensors of `lattice_sum`, ``oversample`` and ``layered``."""
+PIXEL_DIFFERENTIABLE = 17
+"""`pixel_partials` inputs ``fdet`` to ``background`` have gradients."""
 
 
 def miller_indices(q, orient: torch.Tensor):
@@ -184,16 +185,22 @@ def lattice_sum_vjp(grad_b, fdet, sdet, odet, pix0, pixel_size, layer_depth, inc
             (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f)
 
 
-PARTIAL_ROWS = 24
+LATTICE_ROWS = 24
 """Rows of `lattice_partials`' per-pixel sums with one sensor layer (27 with several)."""
+PIXEL_ROWS = 26
+"""Rows of `pixel_partials`' per-pixel sums without polarization and with one sensor layer
+(`pixel_rows` gives the others)."""
 
 
-def partial_rows(layered: bool) -> int:
-    """Rows of `lattice_partials`' per-pixel sums: `PARTIAL_ROWS`, 3 more with layers."""
-    return PARTIAL_ROWS + 3 * layered
+def pixel_rows(layered: bool, polarized: bool) -> int:
+    """Rows of `pixel_partials`' per-pixel sums: `PIXEL_ROWS`, 7 more with polarization, 3 more
+    with several sensor layers."""
+    return PIXEL_ROWS + 7 * polarized + 3 * layered
+
+
 PATHS_PER_CALL = 9
-"""Paths that one call of the compiled `lattice_partials` unrolls; more paths take several
-calls, whose sums are added."""
+"""Paths that one call of the compiled `pixel_partials` unrolls; more paths take several
+calls (the others through `lattice_partials`), whose sums are added."""
 
 
 def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
@@ -218,11 +225,23 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     return rows
 
 
+def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+                  n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample, layered):
+    """`lattice_partials` as a list ``[B, rows...]`` of (1, P) arrays, paths unrolled."""
+    total = None
+    for e in range(sub_f.shape[0]):
+        rows = _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
+                              orient, n_cells, default_f, fpix, spix, sub_f[e:e + 1], sub_s[e:e + 1],
+                              layer[e:e + 1], oversample, layered)
+        total = rows if total is None else [a + b for a, b in zip(total, rows)]
+    return total
+
+
 def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                      n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample: int,
                      layered: bool):
-    """`lattice_sum` for one source and one orientation, with the per-pixel sums over paths
-    from which `partials_vjp` forms every input gradient.
+    """`lattice_sum` for one source and one orientation, with per-pixel sums over the paths of
+    the derivatives of ``L = (F F_latt)^2`` (the part of `pixel_partials` that loops over paths).
 
     The paths are unrolled (one pass over the pixels accumulates every path), so the
     per-evaluation values never leave the registers.
@@ -231,40 +250,125 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
         as `lattice_sum`, with incident (1, 1, 3), wavelength (1, 1), orient (1, 3, 3);
         layered: False when every layer index is 0 (the layer rows are left out).
     Returns:
-        ((P,) the sum B, (R, P) rows: with ``L = (F F_latt)^2`` per evaluation and sums over
-        the paths of each pixel, rows 0-8 ``sum dL/dh_i q_j`` (i, j = 0..2; 1/m), 9-11
-        ``sum dL/dN_i``, 12-14 ``sum dL/dd_j`` (d the diffracted unit vector), 15-17, 18-20,
-        21-23 ``sum dL/dpos_j`` times the fast coordinate Fdet (m), the slow coordinate Sdet
-        (m), and 1 (pos the pixel position, 1/m), with ``layered`` 24-26 the same times the
-        layer index. R is `PARTIAL_ROWS`, or 27 with ``layered``.)
+        ((P,) the sum B, (R, P) rows: sums over the paths of each pixel of 0-8
+        ``dL/dh_i q_j`` (i, j = 0..2; 1/m), 9-11 ``dL/dN_i``, 12-14 ``dL/dd_j`` (d the
+        diffracted unit vector), 15-17, 18-20, 21-23 ``dL/dpos_j`` (pos the sub-pixel position,
+        1/m) times the fast coordinate Fdet (m), the slow coordinate Sdet (m) and 1, with
+        ``layered`` 24-26 the same times the layer index. R is `LATTICE_ROWS`, or 27 with
+        ``layered``.)
     """
-    total = None
-    for e in range(sub_f.shape[0]):
-        rows = _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                              orient, n_cells, default_f, fpix, spix, sub_f[e:e + 1], sub_s[e:e + 1],
-                              layer[e:e + 1], oversample, layered)
-        total = rows if total is None else [a + b for a, b in zip(total, rows)]
+    total = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
+                          orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample,
+                          layered)
     return total[0][0], torch.cat(total[1:])
 
 
-def partials_vjp(grad_b, b, partials, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
-                 orient, n_cells, default_f, layered: bool):
-    """Gradients of ``sum(grad_b * B)`` with respect to `lattice_sum`'s inputs ``fdet`` to
-    ``default_f``, from `lattice_partials`' outputs ``b`` (P,) and ``partials`` (R, P): one
-    weighted sum per row, then the chain rule on (3,)-sized values, as in `lattice_sum_vjp`.
-    The ``default_F`` gradient is ``2 sum(grad_b B) / F`` (exactly 0 at F = 0)."""
-    s = partials @ grad_b
-    d_orient = s[0:9].reshape(1, 3, 3)
-    d_n = torch.where(n_cells > 1, s[9:12], torch.zeros_like(s[9:12]))
+def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+                   n_cells, default_f, close_distance, e_in, b_in, kahn, scale, background, fpix,
+                   spix, sub_f, sub_s, layer, carried_b=None, carried_rows=None, *, oversample: int,
+                   layered: bool, point_pixel: bool, polarized: bool):
+    """Photons per pixel of the common configuration with one source and one orientation,
+    with the per-pixel sums from which `pixel_partials_vjp` forms every input gradient.
+
+    ``value = scale (background + B) P omega``: B the lattice sum of `lattice_partials`, P the
+    Kahn polarization factor and omega the solid angle of the first path (as `render`'s
+    `pixel_values` applies them without oversample flags). Every row is the derivative of
+    ``value / scale`` with respect to one quantity, so that the backward is one
+    matrix-vector product with the incoming per-pixel gradient.
+
+    Args:
+        fdet .. default_f, fpix .. layer, oversample, layered: as `lattice_partials`;
+        close_distance: 0-d sample-to-detector-plane distance (m); e_in, b_in: (3,) the beam's
+        E and B unit vectors (`nbfunc.beam.polarization_axes`; unused when not
+        ``polarized``); kahn: 0-d Kahn factor; scale: 0-d ``r_e^2 fluence / steps`` (m^2
+        photons/m^2); background: 0-d water background (photons/sr); carried_b,
+        carried_rows: (P,) and (R, P) `lattice_partials` of further paths of the same pixels,
+        added before the pixel factors (or None); point_pixel: omega = 1/R^2;
+        polarized: False for P = 1.
+    Returns:
+        ((P,) photons per pixel, (R, P) rows, R = `pixel_rows`: per pixel the derivative of
+        ``value/scale`` with respect to 0-8 the orientation matrix (m), 9-11 N, 12-14 the
+        incident direction, 15-17 fdet, 18-20 sdet, 21-23 pix0 (1/m), then 24
+        ``P omega`` (the derivative with respect to the background), 25 ``P omega B``; with
+        ``polarized`` 26-28 E, 29-31 B, 32 K; with ``layered`` the last three rows
+        ``dvalue/dpos`` times the layer index.)
+    """
+    lattice = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+               n_cells, default_f)
+    b, *raw = _lattice_rows(*lattice, fpix, spix, sub_f, sub_s, layer, oversample, layered)
+    if carried_b is not None:
+        b = b + carried_b
+        raw = [x + y for x, y in zip(raw, carried_rows.unbind(0))]
+    depth = layer[:1] * layer_depth
+    pos, fd, sd = flat_positions(fdet, sdet, odet, pix0, pixel_size, fpix, spix, sub_f[:1],
+                                 sub_s[:1], depth, oversample)
+    airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
+    d = tuple(x / airpath for x in pos)
+    omega = solid_angle(airpath, close_distance, pixel_size, point_pixel)
+    d_omega = -(2.0 if point_pixel else 3.0) * omega / airpath  # d omega / d airpath
+    intensity = background + b
+    if polarized:
+        i = incident.reshape(3).unbind(0)
+        polar, dp_dd, dp_dcos, dp_de, dp_db, dp_dk = polarization_and_derivatives(
+            i, d, e_in.unbind(0), b_in.unbind(0), kahn)
+    else:
+        polar, dp_dd = torch.ones_like(omega), (torch.zeros_like(omega),) * 3
+    value = scale * intensity * polar * omega
+    u = polar * omega  # d(value/scale)/d(background)
+    w = intensity * omega  # d(value/scale)/dP
+    # the first path's position enters omega (through its distance) and P (through d)
+    g_first = position_gradient(dp_dd, d, airpath)
+    g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
+    rows = [u * x for x in raw[0:12]]
+    if polarized:
+        rows += [w * dp_dcos * x - u * y for x, y in zip(d, raw[12:15])]
+    else:
+        rows += [-u * y for y in raw[12:15]]
+    rows += [u * y + x * fd for x, y in zip(g_first, raw[15:18])]
+    rows += [u * y + x * sd for x, y in zip(g_first, raw[18:21])]
+    rows += [u * y + x for x, y in zip(g_first, raw[21:24])]
+    rows += [u, u * b]
+    if polarized:
+        rows += [w * dp_de * x for x in d] + [w * dp_db * x for x in d] + [w * dp_dk]
+    if layered:
+        rows += [u * y + x * layer[:1] for x, y in zip(g_first, raw[24:27])]
+    return value[0], torch.cat(rows)
+
+
+def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
+                       n_cells, default_f, close_distance, scale, background, layered: bool,
+                       point_pixel: bool, polarized: bool):
+    """Gradients of ``sum(grad_v * value)`` with respect to `pixel_partials`' inputs ``fdet``
+    to ``background`` (each of its input's shape) from its rows (R, P): one weighted sum per
+    row, then the chain rule on (3,)-sized values. Without the pixel factors' dependence
+    (``scale``, ``background``, ``default_F``, the distance and pixel size in omega) a
+    gradient follows from rows 24-25; the ``default_F`` gradient is ``2 scale sum(grad_v P
+    omega B) / F`` (exactly 0 at F = 0)."""
+    s = rows @ grad_v
+    g = scale * s
+    d_orient = g[0:9].reshape(1, 3, 3)
+    d_n = torch.where(n_cells > 1, g[9:12], torch.zeros_like(g[9:12]))
+    d_incident = g[12:15].reshape(1, 1, 3)
+    d_fdet, d_sdet, d_pix0 = g[15:18], g[18:21], g[21:24]
+    along_layer = g[-3:] if layered else torch.zeros_like(d_pix0)
+    d_scale = s[25] + background * s[24]  # sum(grad_v value) / scale
     zero_f = default_f == 0
-    d_f = torch.where(zero_f, 0.0, 2.0 * (grad_b * b).sum() / torch.where(zero_f, 1.0, default_f))
-    d_incident = -s[12:15].reshape(1, 1, 3)
+    d_f = torch.where(zero_f, 0.0, 2.0 * g[25] / torch.where(zero_f, 1.0, default_f))
     d_wavelength = -(orient * d_orient).sum().reshape(1, 1) / wavelength
-    d_fdet, d_sdet, d_pix0 = s[15:18], s[18:21], s[21:24]
-    along_layer = s[24:27] if layered else torch.zeros_like(d_pix0)
     d_pixel_size = (fdet * d_fdet + sdet * d_sdet).sum() / pixel_size
+    if point_pixel:
+        d_close = torch.zeros_like(close_distance)
+    else:  # omega = pixel^2 close / R^3
+        d_close = scale * d_scale / close_distance
+        d_pixel_size = d_pixel_size + 2.0 * scale * d_scale / pixel_size
+    if polarized:
+        d_e, d_b, d_k = g[26:29], g[29:32], g[32]
+    else:
+        d_e = d_b = torch.zeros_like(d_pix0)
+        d_k = torch.zeros_like(default_f)
     return (d_fdet, d_sdet, along_layer * layer_depth, d_pix0, d_pixel_size,
-            (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f)
+            (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f, d_close,
+            d_e, d_b, d_k, d_scale, g[24])
 
 
 _compiled_sum = compiled(lattice_sum, static_argnames=("oversample",))
@@ -276,8 +380,11 @@ _compiled_vjp = compiled(lattice_sum_vjp, static_argnames=("oversample", "layere
                                   "max_fusion_size": 512})
 # the unrolled paths make one large fused loop: inductor's default node limit would split it
 # into several loops that store the per-path values
+_PARTIALS_OPTIONS = {"realize_reads_threshold": 8, "max_fusion_size": 4096}
 _compiled_partials = compiled(lattice_partials, static_argnames=("oversample", "layered"),
-                              options={"realize_reads_threshold": 8, "max_fusion_size": 4096})
+                              options=_PARTIALS_OPTIONS)
+_compiled_pixel = compiled(pixel_partials, static_argnames=("oversample", "layered", "point_pixel",
+                                                            "polarized"), options=_PARTIALS_OPTIONS)
 
 
 @contextlib.contextmanager
@@ -339,62 +446,72 @@ def _(grad_b, *inputs):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.n_inputs = len(inputs)
     ctx.oversample, ctx.layered = inputs[-2:]
     ctx.save_for_backward(*inputs[:-2])
 
 
 def _backward(ctx, grad_b):
     grads = lattice_sum_vjp_op(grad_b.contiguous(), *ctx.saved_tensors, ctx.oversample, ctx.layered)
-    return (*grads,) + (None,) * (OPERATOR_ARGS - DIFFERENTIABLE)
+    return (*grads,) + (None,) * (ctx.n_inputs - DIFFERENTIABLE)
 
 
 lattice_sum_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("nbfunc::lattice_partials", mutates_args=())
-def lattice_partials_op(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor,
-                        pix0: torch.Tensor, pixel_size: torch.Tensor, layer_depth: torch.Tensor,
-                        incident: torch.Tensor, wavelength: torch.Tensor, orient: torch.Tensor,
-                        n_cells: torch.Tensor, default_f: torch.Tensor, fpix: torch.Tensor,
-                        spix: torch.Tensor, sub_f: torch.Tensor, sub_s: torch.Tensor,
-                        layer: torch.Tensor, oversample: int,
-                        layered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lattice_partials` as an operator (compiled unless compilation is disabled), at most
-    `PATHS_PER_CALL` paths per call; differentiable in its first output through
-    `partials_vjp`."""
+@torch.library.custom_op("nbfunc::pixel_partials", mutates_args=())
+def pixel_partials_op(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor,
+                      pix0: torch.Tensor, pixel_size: torch.Tensor, layer_depth: torch.Tensor,
+                      incident: torch.Tensor, wavelength: torch.Tensor, orient: torch.Tensor,
+                      n_cells: torch.Tensor, default_f: torch.Tensor, close_distance: torch.Tensor,
+                      e_in: torch.Tensor, b_in: torch.Tensor, kahn: torch.Tensor,
+                      scale: torch.Tensor, background: torch.Tensor, fpix: torch.Tensor,
+                      spix: torch.Tensor, sub_f: torch.Tensor, sub_s: torch.Tensor,
+                      layer: torch.Tensor, oversample: int, layered: bool, point_pixel: bool,
+                      polarized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pixel_partials` as an operator (compiled unless compilation is disabled), at most
+    `PATHS_PER_CALL` paths per call (the first group's call adds the others' `lattice_partials`);
+    differentiable in its first output through `pixel_partials_vjp`."""
     *inputs, sub_f, sub_s, layer = _plain_inputs(
         fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
-        default_f, fpix, spix, sub_f, sub_s, layer)
+        default_f, close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s,
+        layer)
+    lattice, pixel, (fpix, spix) = inputs[:DIFFERENTIABLE], inputs[DIFFERENTIABLE:-2], inputs[-2:]
     n_paths = sub_f.shape[0]
     size = math.ceil(n_paths / math.ceil(n_paths / PATHS_PER_CALL))
-    b = partials = None
+    carried = [None, None]
     with _plain_call():
-        for start in range(0, n_paths, size):
+        for start in range(size, n_paths, size):
             group = slice(start, start + size)
-            b_g, partials_g = _compiled_partials(*inputs, sub_f[group], sub_s[group], layer[group],
-                                                 oversample=oversample, layered=layered)
-            b, partials = (b_g, partials_g) if b is None else (b + b_g, partials + partials_g)
-    return b, partials
+            sums = _compiled_partials(*lattice, fpix, spix, sub_f[group], sub_s[group], layer[group],
+                                      oversample=oversample, layered=layered)
+            carried = list(sums) if carried[0] is None else [a + b for a, b in zip(carried, sums)]
+        return _compiled_pixel(*lattice, *pixel, fpix, spix, sub_f[:size], sub_s[:size], layer[:size],
+                               *carried, oversample=oversample, layered=layered,
+                               point_pixel=point_pixel, polarized=polarized)
 
 
-@lattice_partials_op.register_fake
+@pixel_partials_op.register_fake
 def _(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
-      default_f, fpix, spix, sub_f, sub_s, layer, oversample, layered):
+      default_f, close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s,
+      layer, oversample, layered, point_pixel, polarized):
     n_pix = fpix.shape[-1]
-    return fpix.new_empty(n_pix), fpix.new_empty(partial_rows(layered), n_pix)
+    return fpix.new_empty(n_pix), fpix.new_empty(pixel_rows(layered, polarized), n_pix)
 
 
-def _partials_setup_context(ctx, inputs, output):
-    fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f = inputs[:DIFFERENTIABLE]
-    ctx.layered = inputs[-1]
+def _pixel_setup_context(ctx, inputs, output):
+    (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
+     close_distance, _, _, _, scale, background) = inputs[:PIXEL_DIFFERENTIABLE]
+    ctx.n_inputs = len(inputs)
+    ctx.flags = inputs[-3:]
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(*output, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
-                          n_cells, default_f)
+    ctx.save_for_backward(output[1], fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
+                          n_cells, default_f, close_distance, scale, background)
 
 
-def _partials_backward(ctx, grad_b, _):
-    grads = partials_vjp(grad_b, *ctx.saved_tensors, ctx.layered)
-    return (*grads,) + (None,) * (OPERATOR_ARGS - DIFFERENTIABLE)
+def _pixel_backward(ctx, grad_v, _):
+    grads = pixel_partials_vjp(grad_v, *ctx.saved_tensors, *ctx.flags)
+    return (*grads,) + (None,) * (ctx.n_inputs - PIXEL_DIFFERENTIABLE)
 
 
-lattice_partials_op.register_autograd(_partials_backward, setup_context=_partials_setup_context)
+pixel_partials_op.register_autograd(_pixel_backward, setup_context=_pixel_setup_context)

@@ -30,14 +30,14 @@ import torch
 import torch.utils.checkpoint
 from torch.utils._pytree import tree_leaves
 
-from nbfunc.beam import polarization_factor, sources
+from nbfunc.beam import polarization_axes, polarization_factor, sources
 from nbfunc.compile import compiled, in_functorch_transform
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor
-from nbfunc.lattice_sum import (lattice_partials_op, lattice_sum_op, miller_indices, partial_rows,
-                                per_orientation)
+from nbfunc.lattice_sum import (lattice_sum_op, miller_indices, per_orientation, pixel_partials_op,
+                                pixel_rows)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -54,8 +54,8 @@ gradient with the round shape about 1.8x faster). With the hand-written backward
 (`lattice_sum_op`) 2^18 is faster (fewer calls; best times 12 vs 16 ms on a 256x256 image)."""
 
 PARTIALS_BUDGET = 1 << 26
-"""Bytes of per-pixel partial sums (`lattice_partials_op`) that a compiled render recording
-a graph may keep for its backward (64 MiB: about 300 000 pixels in float64); larger renders
+"""Bytes of per-pixel partial sums (`pixel_partials_op`) that a compiled render recording
+a graph may keep for its backward (64 MiB: about 250 000 pixels in float64); larger renders
 recompute every evaluation in the backward (`lattice_sum_op`)."""
 
 
@@ -109,7 +109,7 @@ class Plan:
     block: int
     hand_gradient: str = ""
     """How a compiled render that records a graph in `_plain_configuration` differentiates
-    its lattice sum (`hand_gradient`): ``"partials"`` (`lattice_partials_op`) or
+    its pixels (`hand_gradient`): ``"partials"`` (`pixel_partials_op`) or
     ``"recompute"`` (`lattice_sum_op`); ``""`` for every other render (autograd through the
     kernel, or no graph)."""
 
@@ -328,7 +328,7 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
-    """The configuration the hand-written lattice gradients (`lattice_partials_op`,
+    """The configuration the hand-written gradients (`pixel_partials_op`,
     `lattice_sum_op`) cover: square shape, ``default_F`` only, flat detector, no absorption,
     no resolution cut, no oversample flags."""
     return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
@@ -339,7 +339,7 @@ def hand_gradient(plan: Plan, n_pixels: int, itemsize: int) -> str:
     """`Plan.hand_gradient` for a compiled render of ``n_pixels`` in `_plain_configuration`
     that records a graph: ``"partials"`` with one source and one orientation when the partial
     sums fit `PARTIALS_BUDGET`, else ``"recompute"``."""
-    fits = n_pixels * partial_rows(plan.thicksteps > 1) * itemsize <= PARTIALS_BUDGET
+    fits = n_pixels * pixel_rows(plan.thicksteps > 1, plan.polarization) * itemsize <= PARTIALS_BUDGET
     return "partials" if plan.n_sources == 1 and plan.n_orient == 1 and fits else "recompute"
 
 
@@ -360,17 +360,14 @@ def _first_path_factors(setup: Setup, plan: Plan, fpix, spix, first: Paths):
 
 
 def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_in, seen_in, plan: Plan):
-    """`_chunk_sums` for the chunks of `_hand_gradient_applies`: the sum through
-    `lattice_partials_op` or `lattice_sum_op` (`Plan.hand_gradient`), the first path's solid
-    angle and polarization through ordinary autograd (recomputed in the backward)."""
+    """`_chunk_sums` for the chunks of `_hand_gradient_applies` on the ``"recompute"`` route:
+    the sum through `lattice_sum_op`, the first path's solid angle and polarization through
+    ordinary autograd (recomputed in the backward)."""
     f = setup.frame
-    incident, wavelength = paths.incident, paths.wavelength
-    if plan.n_sources == 1:  # one source for every path: its gradients are plain sums
-        incident, wavelength = setup.incident[:1, None], setup.wavelengths[:1, None]
-    op = (lambda *a: lattice_partials_op(*a)[0]) if plan.hand_gradient == "partials" else lattice_sum_op
-    b = op(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
-           orient, setup.n_cells, setup.default_f, fpix, spix, paths.sub_f, paths.sub_s,
-           paths.layer, plan.oversample, plan.thicksteps > 1)
+    b = lattice_sum_op(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
+                       *_lattice_source(setup, plan, paths), orient, setup.n_cells,
+                       setup.default_f, fpix, spix, paths.sub_f, paths.sub_s, paths.layer,
+                       plan.oversample, plan.thicksteps > 1)
     first = Paths(*(x[:1] for x in paths))
     # recomputed in the backward from the pixel indices instead of saved as some twenty
     # per-pixel arrays (measured 4 % faster for the whole gradient on bench_1024's ROI)
@@ -380,6 +377,30 @@ def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_i
     return {"A": ones, "B": b, "polar_found": torch.ones_like(b, dtype=torch.bool),
             "polar_first": polar[0], "omega": omega[0], "capture": ones,
             "disabled": disabled_in, "seen": seen_in}
+
+
+def _lattice_source(setup: Setup, plan: Plan, paths: Paths):
+    """(incident (E or 1, 1, 3), wavelength (E or 1, 1)) of the paths for the operators: one
+    row when there is one source, so that its gradients are plain sums."""
+    if plan.n_sources == 1:
+        return setup.incident[:1, None], setup.wavelengths[:1, None]
+    return paths.incident, paths.wavelength
+
+
+def _plain_pixel_values(setup: Setup, orient, fpix, spix, paths: Paths, plan: Plan, finish):
+    """(P,) photons per pixel of a chunk on the ``"partials"`` route: one call of
+    `pixel_partials_op` (lattice sum, first-path solid angle and polarization, scale)."""
+    f = setup.frame
+    incident, wavelength = _lattice_source(setup, plan, paths)
+    if plan.polarization:
+        e_in, b_in = (torch.stack(x) for x in polarization_axes(setup.incident[0], setup.polar_axis))
+    else:
+        e_in = b_in = torch.zeros_like(f.fdet)
+    return pixel_partials_op(
+        f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
+        orient, setup.n_cells, setup.default_f, f.close_distance, e_in, b_in, setup.kahn, *finish,
+        fpix, spix, paths.sub_f, paths.sub_s, paths.layer, plan.oversample, plan.thicksteps > 1,
+        plan.point_pixel, plan.polarization)[0]
 
 
 def pixel_values(plan: Plan, scale, intensity, capture_last, polar_found, polar_first, omega_first):
@@ -428,6 +449,9 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
     rows = torch.floor((flat + 0.5) * (1.0 / plan.fpixels))
     fpix = (flat - rows * plan.fpixels).to(setup.incident.dtype)
     spix = rows.to(setup.incident.dtype)
+    if _hand_gradient_applies(plan, orient_first, finish) and plan.hand_gradient == "partials":
+        return {"value": _plain_pixel_values(setup, orient, fpix, spix, paths, plan, finish),
+                "disabled": disabled_in, "seen": seen_in}
     if _hand_gradient_applies(plan, orient_first, finish):
         out = _plain_chunk_sums(setup, orient, fpix, spix, paths, disabled_in, seen_in, plan)
     else:
@@ -532,7 +556,7 @@ def plain_chunk_kernel(*args, **kwargs):
     """`chunk_kernel` for compiled renders that record a graph in `_plain_configuration`.
 
     A function of its own, so that it is compiled separately from `_compiled_kernel` with
-    torch's default autograd settings: its per-evaluation work is inside `lattice_partials_op`
+    torch's default autograd settings: its per-evaluation work is inside `pixel_partials_op`
     or `lattice_sum_op`, whose outputs the backward should keep rather than recompute."""
     return chunk_kernel(*args, **kwargs)
 

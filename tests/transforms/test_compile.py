@@ -22,8 +22,11 @@ import nbfunc
 import nbfunc.compile as nbcompile
 import nbfunc.render
 import nbfunc.lattice_sum as lattice_module
-from nbfunc.lattice_sum import (PARTIAL_ROWS, lattice_partials, lattice_partials_op, lattice_sum,
-                                lattice_sum_op, lattice_sum_vjp, partials_vjp)
+from nbfunc.beam import polarization_axes
+from nbfunc.detector import solid_angle
+from nbfunc.lattice_sum import (lattice_partials, lattice_sum, lattice_sum_op, lattice_sum_vjp,
+                                pixel_partials, pixel_partials_op, pixel_partials_vjp, pixel_rows,
+                                plain_geometry)
 from _transforms_support import assert_close_scaled, eager_mode, leaves_dict, poisson_nll
 
 needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
@@ -65,7 +68,7 @@ def test_compiled_simulate_equals_eager(tiny, reference):
 
 def test_autograd_through_the_wrapper_equals_transform_gradient(tiny, reference):
     """torch.autograd through the compiled `simulate` (one source, one orientation: the lattice
-    sum through ``nbfunc::lattice_partials``) equals torch.func.grad; a second gradient
+    pixels through ``nbfunc::pixel_partials``) equals torch.func.grad; a second gradient
     compiles nothing new (the operators' inner compiled functions used to compile a second
     variant on their second call)."""
     _, grad, target = reference
@@ -156,49 +159,85 @@ def test_lattice_sum_operator_differentiates_through_the_vjp(monkeypatch):
         assert torch.equal(g, e)
 
 
-@pytest.mark.parametrize("layered", [False, True])
-def test_partial_sums_give_the_lattice_gradient(layered):
-    """`partials_vjp` of `lattice_partials` against autograd through `lattice_sum` (eager), and
-    the sum itself; ``default_F = 0`` gives a finite (zero) ``default_F`` gradient."""
+def _pixel_inputs(layered: bool):
+    """Random inputs of `pixel_partials` (the 17 differentiable ones, then the fixed indices)."""
     inputs, fixed = _lattice_inputs(1, 1, layered)
+    e_in, b_in = (torch.stack(x) for x in polarization_axes(
+        inputs[6].reshape(3), torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64)))
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)
+    return inputs + [f64(0.098), e_in, b_in, f64(0.3), f64(1.7e-3), f64(25.0)], fixed
+
+
+def _pixel_reference(*args, oversample, point_pixel, polarized):
+    """`pixel_partials`' photons per pixel composed from the renderer's own pieces:
+    `lattice_sum`, `solid_angle` and the Kahn factor of the first path."""
+    lattice, (close, e_in, b_in, kahn, scale, background), fixed = args[:11], args[11:17], args[17:]
+    b = lattice_sum(*lattice, *fixed, oversample)
+    fpix, spix, sub_f, sub_s, layer = fixed
+    _, _, _, airpath, d, _, _ = plain_geometry(*lattice[:9], fpix, spix, sub_f[:1], sub_s[:1],
+                                               layer[:1], oversample)
+    omega = solid_angle(airpath, close, lattice[4], point_pixel)[0]
+    value = scale * (background + b)
+    if polarized:
+        from nbfunc.beam import _dot, _kahn
+        i = lattice[6].reshape(3).unbind(0)
+        cos2t, e_out, b_out = _dot(i, d), _dot(d, e_in.unbind(0)), _dot(d, b_in.unbind(0))
+        value = value * _kahn(cos2t, e_out, b_out, kahn)[0][0]
+    return value * omega
+
+
+@pytest.mark.parametrize("layered, point_pixel, polarized",
+                         [(False, False, True), (True, False, True), (False, True, False), (True, True, True)])
+def test_pixel_partials_give_the_pixel_gradient(layered, point_pixel, polarized):
+    """`pixel_partials_vjp` of `pixel_partials` against autograd through the same pixels composed
+    from the renderer's pieces (eager), and the pixels themselves; ``default_F = 0`` gives a
+    finite (zero) ``default_F`` gradient."""
+    inputs, fixed = _pixel_inputs(layered)
+    flags = {"point_pixel": point_pixel, "polarized": polarized}
     weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
-    b, partials = lattice_partials(*inputs, *fixed, oversample=2, layered=layered)
-    assert partials.shape == (PARTIAL_ROWS + 3 * layered, 3)
-    torch.testing.assert_close(b, lattice_sum(*inputs, *fixed, 2), rtol=1e-14, atol=0.0)
-    hand = _partials_vjp(weights, b, partials, inputs, layered)
+    value, rows = pixel_partials(*inputs, *fixed, oversample=2, layered=layered, **flags)
+    assert rows.shape == (pixel_rows(layered, polarized), 3)
+    torch.testing.assert_close(value, _pixel_reference(*inputs, *fixed, oversample=2, **flags),
+                               rtol=1e-14, atol=0.0)
+    hand = _pixel_vjp(weights, rows, inputs, layered, **flags)
     a = [x.clone().requires_grad_(True) for x in inputs]
-    auto = torch.autograd.grad((lattice_sum(*a, *fixed, 2) * weights).sum(), a)
+    auto = torch.autograd.grad((_pixel_reference(*a, *fixed, oversample=2, **flags) * weights).sum(), a,
+                               allow_unused=True)
     for i, (got, expected) in enumerate(zip(hand, auto)):
+        expected = torch.zeros_like(got) if expected is None else expected
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
                                    msg=lambda m: f"input {i}: {m}")
-    inputs[-1] = torch.zeros_like(inputs[-1])
-    b, partials = lattice_partials(*inputs, *fixed, oversample=2, layered=layered)
-    assert torch.equal(_partials_vjp(weights, b, partials, inputs, layered)[-1], torch.tensor(0.0, dtype=torch.float64))
+    inputs[10] = torch.zeros_like(inputs[10])
+    value, rows = pixel_partials(*inputs, *fixed, oversample=2, layered=layered, **flags)
+    assert torch.equal(_pixel_vjp(weights, rows, inputs, layered, **flags)[10], torch.tensor(0.0, dtype=torch.float64))
 
 
-def _partials_vjp(weights, b, partials, inputs, layered):
-    """`partials_vjp` with the inputs it takes picked from `lattice_sum`'s differentiable ones."""
-    fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f = inputs
-    return partials_vjp(weights, b, partials, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
-                        orient, n_cells, default_f, layered)
+def _pixel_vjp(weights, rows, inputs, layered, **flags):
+    """`pixel_partials_vjp` with the inputs it takes picked from `pixel_partials`' differentiable ones."""
+    (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
+     close, _, _, _, scale, background) = inputs
+    return pixel_partials_vjp(weights, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
+                              orient, n_cells, default_f, close, scale, background, layered, **flags)
 
 
-def test_lattice_partials_operator_splits_paths_and_differentiates_through_the_partial_sums(monkeypatch):
+def test_pixel_partials_operator_splits_paths_and_differentiates_through_the_partial_sums(monkeypatch):
     """The operator adds the partial sums of groups of at most `PATHS_PER_CALL` paths (here 1 of
-    2) and differentiates its first output through `partials_vjp`; the partial sums carry no
-    gradient (compiled forms replaced by the functions themselves, to skip the compile)."""
+    2) and differentiates its first output through `pixel_partials_vjp`; the partial sums carry
+    no gradient (compiled forms replaced by the functions themselves, to skip the compile)."""
     monkeypatch.setattr(lattice_module, "_compiled_partials", lattice_partials)
+    monkeypatch.setattr(lattice_module, "_compiled_pixel", pixel_partials)
     monkeypatch.setattr(lattice_module, "PATHS_PER_CALL", 1)
-    inputs, fixed = _lattice_inputs(1, 1, True)
+    inputs, fixed = _pixel_inputs(True)
     weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
     a = [x.clone().requires_grad_(True) for x in inputs]
-    value, partials = lattice_partials_op(*a, *fixed, 2, True)
-    b, expected_partials = lattice_partials(*inputs, *fixed, oversample=2, layered=True)
-    torch.testing.assert_close(value.detach(), b, rtol=1e-15, atol=0.0)
-    torch.testing.assert_close(partials, expected_partials, rtol=1e-13, atol=1e-13 * float(expected_partials.abs().max()))
-    assert not partials.requires_grad
+    value, rows = pixel_partials_op(*a, *fixed, 2, True, False, True)
+    expected_value, expected_rows = pixel_partials(*inputs, *fixed, oversample=2, layered=True,
+                                                   point_pixel=False, polarized=True)
+    torch.testing.assert_close(value.detach(), expected_value, rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(rows, expected_rows, rtol=1e-13, atol=1e-13 * float(expected_rows.abs().max()))
+    assert not rows.requires_grad
     got = torch.autograd.grad((value * weights).sum(), a)
-    for g, e in zip(got, _partials_vjp(weights, value.detach(), partials, inputs, True)):
+    for g, e in zip(got, _pixel_vjp(weights, rows, inputs, True, point_pixel=False, polarized=True)):
         assert torch.equal(g, e)
 
 
@@ -206,7 +245,7 @@ def test_hand_gradient_choice(tiny):
     """Partial sums with one source and one orientation within the memory budget; otherwise the
     backward recomputes the evaluations."""
     plan, _ = nbfunc.render.make_plan(tiny)
-    budget_pixels = nbfunc.render.PARTIALS_BUDGET // (PARTIAL_ROWS * 8)
+    budget_pixels = nbfunc.render.PARTIALS_BUDGET // (pixel_rows(plan.thicksteps > 1, plan.polarization) * 8)
     assert nbfunc.render.hand_gradient(plan, budget_pixels, 8) == "partials"
     assert nbfunc.render.hand_gradient(plan, budget_pixels + 1, 8) == "recompute"
     assert nbfunc.render.hand_gradient(plan, budget_pixels + 1, 4) == "partials"
