@@ -11,18 +11,19 @@ the call goes through the custom operator ``nbfunc::vmapped_call``, whose batchi
 the compiled function once per batch member and stacks the results: everything around the
 kernel stays batched, and the kernel itself runs compiled. torch.compile cannot run while a
 functorch transform is active on the calling thread, so the members run on a helper thread
-(the caller waits for it). Under ordinary autograd the compiled function runs inside `_CompiledGrad`: first
-order gradients go through the compiled backward; a backward that must itself be
-differentiable (``create_graph=True``: grad-of-grad, gradgradcheck), which compiled graphs do
-not support, re-runs the eager function and differentiates that.
+(the caller waits for it). Under ordinary autograd the compiled function's graph is part of
+the caller's: first-order gradients go through its compiled backward. Compiled graphs cannot
+be differentiated twice, so two identity nodes stand around the call (`_Gate` on the inputs
+that need a gradient, `_Switch` on the outputs): in a backward that must itself be
+differentiable (``create_graph=True``: grad-of-grad, gradgradcheck) `_Switch` re-runs the
+eager function and differentiates that, and `_Gate` drops what the compiled backward passes.
 
 Do not wrap nbfunc functions in ``torch.compile`` yourself
 (``torch.compile(torch.func.grad(loss))``): dynamo stops at the pydantic tree, falls back to
 eager and, in torch 2.13, then skips nbfunc's own compiled kernel for the rest of the process.
 
 A compile that fails is reported with a warning that names the function and the error, and
-that function then runs eagerly; it is never swallowed silently. A compiled backward that
-fails is reported the same way and replaced by the eager gradient.
+that function then runs eagerly; it is never swallowed silently.
 ``NANOBRAGG_COMPILE_STRICT=1`` turns a failed compile into an error.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import warnings
 from typing import Callable
 
 import torch
+import torch._functorch.config
 import torch.utils._pytree as pytree
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -184,56 +186,51 @@ def _tensors(values) -> list:
     return [x for x in values if isinstance(x, torch.Tensor)]
 
 
-class _CompiledGrad(torch.autograd.Function):
-    """A compiled call under autograd whose backward also supports ``create_graph``.
-
-    First-order backward goes through the compiled graph. When the backward itself must be
-    differentiable (grad-of-grad, gradgradcheck), which compiled graphs do not support, or when
-    the compiled backward fails, the eager function is re-run and differentiated instead.
-    """
+class _Gate(torch.autograd.Function):
+    """Identity on the inputs of a compiled call that need a gradient. In a backward that
+    records a graph (``create_graph=True``) it drops the gradients from the compiled graph,
+    which could not be differentiated again; `_Switch` passes the eager function's instead."""
 
     @staticmethod
-    def forward(ctx, run, *flat):
-        call, eager, name = run
-        detached = [x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
-                    for x in flat]
-        with torch.enable_grad():
-            out = call(*detached)
-        ctx.run, ctx.flat_spec, ctx.graph = run, [isinstance(x, torch.Tensor) for x in flat], (detached, out)
-        ctx.non_tensors = [x for x in flat if not isinstance(x, torch.Tensor)]
-        ctx.save_for_backward(*_tensors(flat))
-        results = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
-        ctx.mark_non_differentiable(*[r for r in results
-                                      if isinstance(r, torch.Tensor) and not r.is_floating_point()])
-        return results
+    def forward(ctx, *inputs):
+        return tuple(x.view_as(x) for x in inputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        call, eager, name = ctx.run
-        detached, out = ctx.graph
-        wanted = [i for i, x in enumerate(detached) if isinstance(x, torch.Tensor) and x.requires_grad]
+        return (None,) * len(grads) if torch.is_grad_enabled() else grads
+
+
+class _Switch(torch.autograd.Function):
+    """Identity on the differentiable outputs of a compiled call (``outputs`` of them, then
+    the inputs that need a gradient). An ordinary backward passes the outputs' gradients on
+    to the compiled graph. A backward that records a graph re-runs the eager function from
+    those inputs, differentiates it with ``create_graph`` and returns its gradients to them
+    directly (the compiled graph gets zeros, and `_Gate` drops its result)."""
+
+    @staticmethod
+    def forward(ctx, run, outputs, *tensors):
+        ctx.run, ctx.outputs = run, outputs
+        ctx.save_for_backward(*tensors[outputs:])
+        return tuple(o.view_as(o) for o in tensors[:outputs])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        wanted = ctx.saved_tensors
         if not torch.is_grad_enabled():
-            pairs = _differentiated(out, grads)
-            try:
-                with torch._functorch.config.patch(donated_buffer=False):
-                    got = torch.autograd.grad([o for o, _ in pairs], [detached[i] for i in wanted],
-                                              [g for _, g in pairs], retain_graph=True, allow_unused=True)
-                return (None,) + _scatter(got, wanted, len(detached))
-            except RuntimeError as err:
-                warnings.warn(f"compiled backward of {name} failed ({str(err).splitlines()[0]}); "
-                              "differentiating the eager function", RuntimeWarning)
-        saved, others = iter(ctx.saved_tensors), iter(ctx.non_tensors)
-        inputs = [next(saved) if is_tensor else next(others) for is_tensor in ctx.flat_spec]
+            return (None, None) + grads + (None,) * len(wanted)
+        eager, flat, positions, picked = ctx.run
+        inputs = list(flat)
         # one differentiable alias per position, so that a tensor passed twice gets its two
-        # partial gradients separately (as the compiled path's per-position inputs do)
-        inputs = [x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in inputs]
+        # partial gradients separately (as the compiled graph's per-position inputs do)
+        wanted = [x.view_as(x) for x in wanted]
+        for i, x in zip(positions, wanted):
+            inputs[i] = x
         with torch.enable_grad():
             again = eager(*inputs)
-        pairs = _differentiated(again, grads)
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
-                                  [g for _, g in pairs], create_graph=torch.is_grad_enabled(),
-                                  allow_unused=True)
-        return (None,) + _scatter(got, wanted, len(detached))
+        pairs = _differentiated([again[j] for j in picked], grads)
+        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        return (None, None) + tuple(torch.zeros_like(g) for g in grads) + got
 
 
 def _differentiated(outputs, grads) -> list:
@@ -255,13 +252,6 @@ def _flatten_output(out):
 def _unflatten_output(leaves, spec):
     kind, layout = spec
     return dict(zip(layout, leaves)) if kind == "dict" else pytree.tree_unflatten(leaves, layout)
-
-
-def _scatter(values, positions, n) -> tuple:
-    out = [None] * n
-    for i, v in zip(positions, values):
-        out[i] = v
-    return tuple(out)
 
 
 def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: dict | None = None,
@@ -304,21 +294,27 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
                 return _vmap_members(state["compiled"], flat, spec)
             if not _needs_grad(flat):
                 return state["compiled"](*args, **kwargs)
-            holder = {}
+            positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
+            leaves = list(flat)
+            for i, x in zip(positions, _Gate.apply(*[flat[i] for i in positions])):
+                leaves[i] = x
+            a, k = pytree.tree_unflatten(leaves, spec)
+            # no donated buffers: a backward with retain_graph=True may run the compiled
+            # backward twice
+            with torch._functorch.config.patch(donated_buffer=False, **(grad_config or {})):
+                out, out_spec = _flatten_output(state["compiled"](*a, **k))
+            picked = [j for j, o in enumerate(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            if picked:
 
-            def call(*leaves):
-                a, k = pytree.tree_unflatten(list(leaves), spec)
-                with torch._functorch.config.patch(donated_buffer=False, **(grad_config or {})):
-                    out = state["compiled"](*a, **k)
-                flat_out, holder["spec"] = _flatten_output(out)
-                return flat_out
+                def eager(*leaves):
+                    a, k = pytree.tree_unflatten(list(leaves), spec)
+                    return _flatten_output(fn(*a, **k))[0]
 
-            def eager(*leaves):
-                a, k = pytree.tree_unflatten(list(leaves), spec)
-                return _flatten_output(fn(*a, **k))[0]
-
-            results = _CompiledGrad.apply((call, eager, fn.__qualname__), *flat)
-            return _unflatten_output(list(results), holder["spec"])
+                switched = _Switch.apply((eager, flat, positions, picked), len(picked),
+                                         *[out[j] for j in picked], *[flat[i] for i in positions])
+                for j, x in zip(picked, switched):
+                    out[j] = x
+            return _unflatten_output(out, out_spec)
         except Exception as err:  # reported, then eager for the rest of the process
             if COMPILE_STRICT:
                 raise CompileError(f"torch.compile failed for {fn.__qualname__}: {err}") from err

@@ -347,6 +347,28 @@ def test_grad_goes_through_the_compiled_function_and_double_backward_works(recor
     assert torch.allclose(g1, 4 * x**3)
 
 
+@needs_compile
+def test_double_backward_through_a_really_compiled_function():
+    """With torch.compile itself (whose graphs cannot be differentiated twice): grad-of-grad,
+    also by ``.backward()`` (which runs every node of the first backward's graph, the
+    compiled one's too), gradgradcheck, and a backward run twice on a retained graph."""
+    f = nbcompile.compiled(_cube_sum)
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    out = f(x, x)
+    (g,) = torch.autograd.grad(out["b"].sum() + out["a"], x, create_graph=True)
+    torch.testing.assert_close(g, 4 * x**3 + 2 * x)
+    (h,) = torch.autograd.grad(g.sum(), x, retain_graph=True)
+    torch.testing.assert_close(h, 12 * x**2 + 2)
+    g.sum().backward()   # reaches every node of the first backward's graph
+    torch.testing.assert_close(x.grad, 12 * x.detach()**2 + 2)
+    x.grad = None
+    loss = f(x, x)["b"].sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 8 * x.detach()**3)
+    assert torch.autograd.gradgradcheck(lambda t: f(t, t)["b"], (x,))
+
+
 def test_differentiating_and_nested_transforms_run_the_eager_function(wrapper_on):
     f = nbcompile.compiled(_double)
     x = torch.arange(3.0)
