@@ -13,10 +13,10 @@ kernel stays batched, and the kernel itself runs compiled. torch.compile cannot 
 functorch transform is active on the calling thread, so the members run on a helper thread
 (the caller waits for it). Under ordinary autograd the compiled function's graph is part of
 the caller's: first-order gradients go through its compiled backward. Compiled graphs cannot
-be differentiated twice, so two identity nodes stand around the call (`_Gate` on the inputs
-that need a gradient, `_Switch` on the outputs): in a backward that must itself be
-differentiable (``create_graph=True``: grad-of-grad, gradgradcheck) `_Switch` re-runs the
-eager function and differentiates that, and `_Gate` drops what the compiled backward passes.
+be differentiated twice: in a backward that must itself be differentiable
+(``create_graph=True``: grad-of-grad, gradgradcheck) an identity node on the outputs
+(`_Switch`) re-runs the eager function and differentiates that, and a hook on the compiled
+graph's autograd node drops what it passes (`_drop_when_recording`).
 
 Do not wrap nbfunc functions in ``torch.compile`` yourself
 (``torch.compile(torch.func.grad(loss))``): dynamo stops at the pydantic tree, falls back to
@@ -186,18 +186,17 @@ def _tensors(values) -> list:
     return [x for x in values if isinstance(x, torch.Tensor)]
 
 
-class _Gate(torch.autograd.Function):
-    """Identity on the inputs of a compiled call that need a gradient. In a backward that
-    records a graph (``create_graph=True``) it drops the gradients from the compiled graph,
-    which could not be differentiated again; `_Switch` passes the eager function's instead."""
+_COMPILED_NODE = "CompiledFunctionBackward"
+"""Class name of the autograd node of a torch.compile'd graph."""
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        return tuple(x.view_as(x) for x in inputs)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None,) * len(grads) if torch.is_grad_enabled() else grads
+def _drop_when_recording(grad_inputs, grad_outputs):
+    """Hook on a compiled graph's autograd node: in a backward that records a graph
+    (``create_graph=True``) the node's gradients, which could not be differentiated again,
+    are dropped (`_Switch` passes the eager function's instead)."""
+    if torch.is_grad_enabled():
+        return tuple(None for _ in grad_inputs)
+    return None
 
 
 class _Switch(torch.autograd.Function):
@@ -205,7 +204,7 @@ class _Switch(torch.autograd.Function):
     the inputs that need a gradient). An ordinary backward passes the outputs' gradients on
     to the compiled graph. A backward that records a graph re-runs the eager function from
     those inputs, differentiates it with ``create_graph`` and returns its gradients to them
-    directly (the compiled graph gets zeros, and `_Gate` drops its result)."""
+    directly (the compiled graph gets zeros, and `_drop_when_recording` drops its result)."""
 
     @staticmethod
     def forward(ctx, run, outputs, *tensors):
@@ -295,14 +294,13 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
             if not _needs_grad(flat):
                 return state["compiled"](*args, **kwargs)
             positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
-            leaves = list(flat)
-            for i, x in zip(positions, _Gate.apply(*[flat[i] for i in positions])):
-                leaves[i] = x
-            a, k = pytree.tree_unflatten(leaves, spec)
             # no donated buffers: a backward with retain_graph=True may run the compiled
             # backward twice
             with torch._functorch.config.patch(donated_buffer=False, **(grad_config or {})):
-                out, out_spec = _flatten_output(state["compiled"](*a, **k))
+                out, out_spec = _flatten_output(state["compiled"](*args, **kwargs))
+            for node in {o.grad_fn for o in out if isinstance(o, torch.Tensor) and o.grad_fn is not None}:
+                if type(node).__name__ == _COMPILED_NODE:
+                    node.register_hook(_drop_when_recording)
             picked = [j for j, o in enumerate(out) if isinstance(o, torch.Tensor) and o.requires_grad]
             if picked:
 
