@@ -71,15 +71,15 @@ def polarization_axes(incident, polar_axis: torch.Tensor):
 
 
 def _kahn(cos2t, e_out, b_out, kahn):
-    """``(P, cos 2psi, sin^2 2theta, safe, 1/(E_out^2 + B_out^2))`` of `polarization_factor`
-    from ``cos 2theta = i.d`` and the diffracted ray's components ``E_out = d.E``,
-    ``B_out = d.B``; ``safe``: the ray is off the beam axis (else cos 2psi = 1)."""
+    """``(P, cos 2psi, sin^2 2theta, safe, E_out^2 + B_out^2 or 1 where not safe)`` of
+    `polarization_factor` from ``cos 2theta = i.d`` and the diffracted ray's components
+    ``E_out = d.E``, ``B_out = d.B``; ``safe``: the ray is off the beam axis (else cos 2psi = 1)."""
     sin2t_sq = 1.0 - cos2t**2
     r2 = e_out**2 + b_out**2
     safe = r2 > 1e-300
     safe_r2 = torch.where(safe, r2, 1.0)
     cos2psi = torch.where(safe, (e_out**2 - b_out**2) / safe_r2, 1.0)
-    return 0.5 * (1.0 + cos2t**2 - kahn * cos2psi * sin2t_sq), cos2psi, sin2t_sq, safe, 1.0 / safe_r2
+    return 0.5 * (1.0 + cos2t**2 - kahn * cos2psi * sin2t_sq), cos2psi, sin2t_sq, safe, safe_r2
 
 
 def polarization_factor(incident, diffracted, polar_axis: torch.Tensor,
@@ -113,7 +113,8 @@ def polarization_and_derivatives(incident, diffracted, e_in, b_in, kahn):
         broadcast shape; dP/dd holds the dependence through all three dot products.
     """
     cos2t, e_out, b_out = _dot(incident, diffracted), _dot(diffracted, e_in), _dot(diffracted, b_in)
-    factor, cos2psi, sin2t_sq, safe, inv_r2 = _kahn(cos2t, e_out, b_out, kahn)
+    factor, cos2psi, sin2t_sq, safe, r2 = _kahn(cos2t, e_out, b_out, kahn)
+    inv_r2 = 1.0 / r2
     d_cos2t = cos2t * (1.0 + kahn * cos2psi)
     d_cos2psi = -0.5 * kahn * sin2t_sq
     # cos 2psi = (e^2 - b^2)/(e^2 + b^2): d/de = 4 e b^2/r^4, d/db = -4 b e^2/r^4

@@ -185,8 +185,6 @@ def lattice_sum_vjp(grad_b, fdet, sdet, odet, pix0, pixel_size, layer_depth, inc
             (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f)
 
 
-LATTICE_ROWS = 24
-"""Rows of `lattice_partials`' per-pixel sums with one sensor layer (27 with several)."""
 PIXEL_ROWS = 26
 """Rows of `pixel_partials`' per-pixel sums without polarization and with one sensor layer
 (`pixel_rows` gives the others)."""
@@ -254,7 +252,7 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
         ``dL/dh_i q_j`` (i, j = 0..2; 1/m), 9-11 ``dL/dN_i``, 12-14 ``dL/dd_j`` (d the
         diffracted unit vector), 15-17, 18-20, 21-23 ``dL/dpos_j`` (pos the sub-pixel position,
         1/m) times the fast coordinate Fdet (m), the slow coordinate Sdet (m) and 1, with
-        ``layered`` 24-26 the same times the layer index. R is `LATTICE_ROWS`, or 27 with
+        ``layered`` 24-26 the same times the layer index. R is 24, or 27 with
         ``layered``.)
     """
     total = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
