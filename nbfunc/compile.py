@@ -208,7 +208,7 @@ class _Switch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, outputs, *tensors):
-        ctx.run, ctx.outputs = run, outputs
+        ctx.run = run
         ctx.save_for_backward(*tensors[outputs:])
         return tuple(o.view_as(o) for o in tensors[:outputs])
 

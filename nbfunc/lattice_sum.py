@@ -70,13 +70,21 @@ def plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         (Fdet, Sdet, depth (m), airpath (m), diffracted unit vector, q (1/m), hkl), vectors as
         component tuples, hkl per `per_orientation`.
     """
+    fd, sd, depth, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix,
+                                           spix, sub_f, sub_s, layer, oversample)
+    q = tuple((x - incident[..., i]) / wavelength for i, x in enumerate(d))
+    return fd, sd, depth, airpath, d, q, per_orientation(miller_indices(q, orient), orient)
+
+
+def plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix, sub_f, sub_s, layer,
+               oversample):
+    """The first part of `plain_geometry`: (Fdet, Sdet, depth (m), airpath (m), diffracted
+    unit vector as components)."""
     depth = layer * layer_depth
     pos, fd, sd = flat_positions(fdet, sdet, odet, pix0, pixel_size, fpix, spix, sub_f, sub_s,
                                  depth, oversample)
     airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
-    d = tuple(x / airpath for x in pos)
-    q = tuple((x - incident[..., i]) / wavelength for i, x in enumerate(d))
-    return fd, sd, depth, airpath, d, q, per_orientation(miller_indices(q, orient), orient)
+    return fd, sd, depth, airpath, tuple(x / airpath for x in pos)
 
 
 def lattice_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
@@ -297,11 +305,8 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     if carried_b is not None:
         b = b + carried_b
         raw = [x + y for x, y in zip(raw, carried_rows.unbind(0))]
-    depth = layer[:1] * layer_depth
-    pos, fd, sd = flat_positions(fdet, sdet, odet, pix0, pixel_size, fpix, spix, sub_f[:1],
-                                 sub_s[:1], depth, oversample)
-    airpath = torch.sqrt(pos[0] * pos[0] + pos[1] * pos[1] + pos[2] * pos[2])
-    d = tuple(x / airpath for x in pos)
+    fd, sd, _, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
+                                       sub_f[:1], sub_s[:1], layer[:1], oversample)
     omega = solid_angle(airpath, close_distance, pixel_size, point_pixel)
     d_omega = -(2.0 if point_pixel else 3.0) * omega / airpath  # d omega / d airpath
     intensity = background + b

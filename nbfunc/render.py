@@ -449,10 +449,10 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
     rows = torch.floor((flat + 0.5) * (1.0 / plan.fpixels))
     fpix = (flat - rows * plan.fpixels).to(setup.incident.dtype)
     spix = rows.to(setup.incident.dtype)
-    if _hand_gradient_applies(plan, orient_first, finish) and plan.hand_gradient == "partials":
-        return {"value": _plain_pixel_values(setup, orient, fpix, spix, paths, plan, finish),
-                "disabled": disabled_in, "seen": seen_in}
     if _hand_gradient_applies(plan, orient_first, finish):
+        if plan.hand_gradient == "partials":
+            return {"value": _plain_pixel_values(setup, orient, fpix, spix, paths, plan, finish),
+                    "disabled": disabled_in, "seen": seen_in}
         out = _plain_chunk_sums(setup, orient, fpix, spix, paths, disabled_in, seen_in, plan)
     else:
         out = _chunk_sums(setup, orient, orient_first, fpix, spix, paths, disabled_in, seen_in,
