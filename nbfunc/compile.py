@@ -16,7 +16,10 @@ the caller's: first-order gradients go through its compiled backward. Compiled g
 be differentiated twice: in a backward that must itself be differentiable
 (``create_graph=True``: grad-of-grad, gradgradcheck) an identity node on the outputs
 (`_Switch`) re-runs the eager function and differentiates that, and a hook on the compiled
-graph's autograd node drops what it passes (`_drop_when_recording`).
+graph's autograd node drops what it passes (`_drop_when_recording`). During that re-run
+`differentiating_twice()` is True, and code with first-order-only gradients (nbfunc's custom
+operators) takes its plain autograd route; `first_order_gradients(fn)` gives eager functions
+that use such code the same re-run.
 
 Do not wrap nbfunc functions in ``torch.compile`` yourself
 (``torch.compile(torch.func.grad(loss))``): dynamo stops at the pydantic tree, falls back to
@@ -29,9 +32,11 @@ that function then runs eagerly; it is never swallowed silently.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import os
+import threading
 import warnings
 from typing import Callable
 
@@ -186,6 +191,25 @@ def _tensors(values) -> list:
     return [x for x in values if isinstance(x, torch.Tensor)]
 
 
+_RERUN = threading.local()
+
+
+def differentiating_twice() -> bool:
+    """True while `_Switch` re-runs a function in a backward that records a graph: code with
+    first-order-only gradients (custom operators) must then take its plain autograd route."""
+    return getattr(_RERUN, "active", False)
+
+
+@contextlib.contextmanager
+def _rerun():
+    before = differentiating_twice()
+    _RERUN.active = True
+    try:
+        yield
+    finally:
+        _RERUN.active = before
+
+
 _COMPILED_NODE = "CompiledFunctionBackward"
 """Class name of the autograd node of a torch.compile'd graph."""
 
@@ -224,12 +248,51 @@ class _Switch(torch.autograd.Function):
         wanted = [x.view_as(x) for x in wanted]
         for i, x in zip(positions, wanted):
             inputs[i] = x
-        with torch.enable_grad():
+        with torch.enable_grad(), _rerun():
             again = eager(*inputs)
         pairs = _differentiated([again[j] for j in picked], grads)
         got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                   create_graph=True, allow_unused=True)
         return (None, None) + tuple(torch.zeros_like(g) for g in grads) + got
+
+
+def _switched(fn: Callable, flat: list, spec, out: list) -> list:
+    """``out``, the flat outputs of ``fn`` called with the flat arguments ``flat``/``spec``,
+    with `_Switch` applied to those that require a gradient."""
+    picked = [j for j, o in enumerate(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not picked:
+        return out
+    positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def eager(*leaves):
+        a, k = pytree.tree_unflatten(list(leaves), spec)
+        return _flatten_output(fn(*a, **k))[0]
+
+    switched = _Switch.apply((eager, flat, positions, picked), len(picked),
+                             *[out[j] for j in picked], *[flat[i] for i in positions])
+    out = list(out)
+    for j, x in zip(picked, switched):
+        out[j] = x
+    return out
+
+
+def first_order_gradients(fn: Callable) -> Callable:
+    """``fn``, an eager function whose autograd graph may hold operators with first-order
+    gradients only, made safe for double backward: a backward that records a graph
+    (``create_graph=True``) re-runs ``fn`` with `differentiating_twice` True, when ``fn`` must
+    take its plain autograd route, and differentiates that. The operators' backward returns
+    no gradient in such a backward. Calls without a gradient pass straight through."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        out = fn(*args, **kwargs)
+        if not _needs_grad(flat):
+            return out
+        leaves, out_spec = _flatten_output(out)
+        return _unflatten_output(_switched(fn, flat, spec, leaves), out_spec)
+
+    return wrapper
 
 
 def _differentiated(outputs, grads) -> list:
@@ -293,7 +356,6 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
                 return _vmap_members(state["compiled"], flat, spec)
             if not _needs_grad(flat):
                 return state["compiled"](*args, **kwargs)
-            positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
             # no donated buffers: a backward with retain_graph=True may run the compiled
             # backward twice
             with torch._functorch.config.patch(donated_buffer=False, **(grad_config or {})):
@@ -301,18 +363,7 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
             for node in {o.grad_fn for o in out if isinstance(o, torch.Tensor) and o.grad_fn is not None}:
                 if type(node).__name__ == _COMPILED_NODE:
                     node.register_hook(_drop_when_recording)
-            picked = [j for j, o in enumerate(out) if isinstance(o, torch.Tensor) and o.requires_grad]
-            if picked:
-
-                def eager(*leaves):
-                    a, k = pytree.tree_unflatten(list(leaves), spec)
-                    return _flatten_output(fn(*a, **k))[0]
-
-                switched = _Switch.apply((eager, flat, positions, picked), len(picked),
-                                         *[out[j] for j in picked], *[flat[i] for i in positions])
-                for j, x in zip(picked, switched):
-                    out[j] = x
-            return _unflatten_output(out, out_spec)
+            return _unflatten_output(_switched(fn, flat, spec, out), out_spec)
         except Exception as err:  # reported, then eager for the rest of the process
             if COMPILE_STRICT:
                 raise CompileError(f"torch.compile failed for {fn.__qualname__}: {err}") from err

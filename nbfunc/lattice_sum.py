@@ -233,7 +233,15 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
 
 def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                   n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample, layered):
-    """`lattice_partials` as a list ``[B, rows...]`` of (1, P) arrays, paths unrolled."""
+    """`lattice_partials` as a list ``[B, rows...]`` of (1, P) arrays. Compiled, the paths are
+    unrolled (one fused loop over the pixels keeps every per-evaluation value in registers);
+    eagerly, they are evaluated together as (E, P) arrays and summed (a few hundred
+    operations instead of a few hundred per path)."""
+    if not torch.compiler.is_compiling():
+        rows = _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
+                              orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer,
+                              oversample, layered)
+        return [x.sum(0, keepdim=True) for x in rows]
     total = None
     for e in range(sub_f.shape[0]):
         rows = _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
@@ -454,7 +462,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:-2])
 
 
+def _recording() -> bool:
+    """True in an eager backward that records a graph: the operators' backward is first order
+    only and passes nothing there; `first_order_gradients` (around every eager caller) then
+    differentiates the renderer's own code instead."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _backward(ctx, grad_b):
+    if _recording():
+        return (None,) * ctx.n_inputs
     grads = lattice_sum_vjp_op(grad_b.contiguous(), *ctx.saved_tensors, ctx.oversample, ctx.layered)
     return (*grads,) + (None,) * (ctx.n_inputs - DIFFERENTIABLE)
 
@@ -513,6 +530,8 @@ def _pixel_setup_context(ctx, inputs, output):
 
 
 def _pixel_backward(ctx, grad_v, _):
+    if _recording():
+        return (None,) * ctx.n_inputs
     grads = pixel_partials_vjp(grad_v, *ctx.saved_tensors, *ctx.flags)
     return (*grads,) + (None,) * (ctx.n_inputs - PIXEL_DIFFERENTIABLE)
 

@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_axes, polarization_factor, sources
-from nbfunc.compile import compiled, in_functorch_transform
+from nbfunc.compile import compiled, differentiating_twice, first_order_gradients, in_functorch_transform
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
@@ -54,9 +54,10 @@ gradient with the round shape about 1.8x faster). With the hand-written backward
 (`lattice_sum_op`) 2^18 is faster (fewer calls; best times 12 vs 16 ms on a 256x256 image)."""
 
 PARTIALS_BUDGET = 1 << 26
-"""Bytes of per-pixel partial sums (`pixel_partials_op`) that a compiled render recording
-a graph may keep for its backward (64 MiB: about 250 000 pixels in float64); larger renders
-recompute every evaluation in the backward (`lattice_sum_op`)."""
+"""Bytes of per-pixel partial sums (`pixel_partials_op`) that a render recording a graph may
+keep for its backward (64 MiB: about 250 000 pixels in float64); larger compiled renders
+recompute every evaluation in the backward (`lattice_sum_op`), larger eager ones
+differentiate the kernel (`hand_gradient`)."""
 
 
 class PhiCarry(NamedTuple):
@@ -108,10 +109,10 @@ class Plan:
     tile: int
     block: int
     hand_gradient: str = ""
-    """How a compiled render that records a graph in `_plain_configuration` differentiates
-    its pixels (`hand_gradient`): ``"partials"`` (`pixel_partials_op`) or
-    ``"recompute"`` (`lattice_sum_op`); ``""`` for every other render (autograd through the
-    kernel, or no graph)."""
+    """How a render that records a graph in `_plain_configuration` differentiates its pixels
+    (`hand_gradient`): ``"partials"`` (`pixel_partials_op`) or ``"recompute"``
+    (`lattice_sum_op`, compiled renders only); ``""`` for every other render (autograd through
+    the kernel, or no graph)."""
 
     @property
     def n_paths(self) -> int:
@@ -335,21 +336,30 @@ def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
             and not plan.absorption and not plan.curved)
 
 
-def hand_gradient(plan: Plan, n_pixels: int, itemsize: int) -> str:
-    """`Plan.hand_gradient` for a compiled render of ``n_pixels`` in `_plain_configuration`
-    that records a graph: ``"partials"`` with one source and one orientation when the partial
-    sums fit `PARTIALS_BUDGET`, else ``"recompute"``."""
+def hand_gradient(plan: Plan, n_pixels: int, itemsize: int, compiled_now: bool) -> str:
+    """`Plan.hand_gradient` for a render of ``n_pixels`` in `_plain_configuration` that records
+    a graph: ``"partials"`` with one source and one orientation when the partial sums fit
+    `PARTIALS_BUDGET`; else ``"recompute"`` when compiled, ``""`` (autograd through the
+    kernel) when eager.
+
+    Gradient time over forward time measured on bench_1024's 256x256 ROI (float64, 2 cores),
+    each route forced: compiled 2.9 ("partials"), 3.5 ("recompute"), 6.4 (through the
+    kernel); eager 2.6, 4.0 and 3.2."""
     fits = n_pixels * pixel_rows(plan.thicksteps > 1, plan.polarization) * itemsize <= PARTIALS_BUDGET
-    return "partials" if plan.n_sources == 1 and plan.n_orient == 1 and fits else "recompute"
+    if plan.n_sources == 1 and plan.n_orient == 1 and fits:
+        return "partials"
+    return "recompute" if compiled_now else ""
 
 
 def _hand_gradient_applies(plan: Plan, orient_first, finish) -> bool:
-    """Whether this chunk takes `_plain_chunk_sums`: the plan says so, the chunk holds every
-    path of its pixels, there is no carry, and the kernel is being compiled. The operators'
-    backward is first order only: the eager kernel (a backward with ``create_graph``, or
-    torch.compile's ``force_eager`` stance) differentiates the renderer's own code."""
+    """Whether this chunk takes a hand-written gradient (`_plain_pixel_values` or
+    `_plain_chunk_sums`): the plan says so, the chunk holds every path of its pixels, there is
+    no carry, and the kernel is being compiled or runs eagerly outside torch.func transforms
+    (which the operators have no rules for) and outside the re-run of a backward that records
+    a graph (their backward is first order only; `first_order_gradients`)."""
     return (bool(plan.hand_gradient) and finish is not None and orient_first is None
-            and torch.compiler.is_compiling())
+            and (torch.compiler.is_compiling()
+                 or not (in_functorch_transform() or differentiating_twice())))
 
 
 def _first_path_factors(setup: Setup, plan: Plan, fpix, spix, first: Paths):
@@ -644,6 +654,12 @@ _ONE_CALL = {
 }
 """The one-call form of each compiled chunk kernel."""
 
+_eager_plain_kernel = first_order_gradients(plain_chunk_kernel)
+"""`chunk_kernel` for eager renders that record a graph in `_plain_configuration`: the same
+hand-written gradients as compiled renders (`hand_gradient`), and double backward through
+the renderer's own code."""
+_ONE_CALL[_eager_plain_kernel] = first_order_gradients(plain_image_kernel)
+
 
 def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None,
             full_image: bool = True):
@@ -654,14 +670,19 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
     plan, pixel_list = make_plan(p, large_chunks=compiled_now)
     records_graph = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(p))
-    if compiled_now and records_graph:
-        if carry is None and _plain_configuration(plan, p.crystal.fhkl.numel() > 0):
-            if kernel is _compiled_kernel:
-                kernel = _compiled_plain_kernel
-            plan = dataclasses.replace(plan, hand_gradient=hand_gradient(
-                plan, len(pixel_list), p.crystal.cell_a.dtype.itemsize))
-        else:  # autograd through the whole kernel: small chunks keep its backward in cache
-            plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
+    route = ""
+    if (records_graph and carry is None and _plain_configuration(plan, p.crystal.fhkl.numel() > 0)
+            and (compiled_now or not in_functorch_transform())):
+        route = hand_gradient(plan, len(pixel_list), p.crystal.cell_a.dtype.itemsize, compiled_now)
+    if route:
+        if not compiled_now:
+            kernel = _eager_plain_kernel
+        elif kernel is _compiled_kernel:
+            kernel = _compiled_plain_kernel
+        plan = dataclasses.replace(plan, hand_gradient=route)
+    elif compiled_now and records_graph:
+        # autograd through the whole kernel: small chunks keep its backward in cache
+        plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
     carry_orientation = None if carry is None else carry.orientation
     pixels = pixel_list.to(p.crystal.cell_a.device)
     # under a plain vmap (the only transform that runs compiled code) the set-up runs batched

@@ -78,6 +78,38 @@ def test_autograd_through_the_wrapper_equals_transform_gradient(tiny, reference)
         assert_autograd_matches(tiny, target, grad, 1e-10)
 
 
+def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, reference, monkeypatch):
+    """An eager render under torch.autograd (the kernel not compiled, no transform) takes
+    ``nbfunc::pixel_partials`` like a compiled one: the gradient equals torch.func.grad's. A
+    backward with ``create_graph`` re-runs the kernel through autograd (the operator is not
+    called again) and its second derivatives equal those of a render without the operator."""
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args))
+        return pixel_partials_op(*args)
+
+    monkeypatch.setattr(nbfunc.render, "pixel_partials_op", counted)
+    _, grad, target = reference
+    leaves = {path: nbfunc.tree.get_leaf(tiny, path).detach().clone().requires_grad_(True)
+              for path in ("detector.distance", "crystal.cell_a", "beam.kahn_factor")}
+    loss = lambda: poisson_nll(nbfunc.render._render(
+        nbfunc.replace_leaves(tiny, leaves), None, kernel=nbfunc.render.chunk_kernel)[0], target)
+    got = torch.autograd.grad(loss(), list(leaves.values()), create_graph=True)
+    assert len(calls) == 1
+    expected = leaves_dict(grad)
+    for (path, leaf), g in zip(leaves.items(), got):
+        assert_close_scaled(g, expected[path], 1e-10, path)
+    second = torch.autograd.grad(got[0] + got[1], list(leaves.values()))
+    assert len(calls) == 1   # the re-run took the renderer's own code
+    monkeypatch.setattr(nbfunc.render, "_plain_configuration", lambda plan, has_hkl: False)
+    plain = torch.autograd.grad(loss(), list(leaves.values()), create_graph=True)
+    plain_second = torch.autograd.grad(plain[0] + plain[1], list(leaves.values()))
+    assert len(calls) == 1
+    for path, a, b in zip(leaves, second, plain_second):
+        assert_close_scaled(a, b, 1e-10, path)
+
+
 @pytest.mark.slow
 @needs_compile
 def test_autograd_recomputing_the_lattice_sum_equals_transform_gradient(tiny, reference, monkeypatch):
@@ -242,15 +274,17 @@ def test_pixel_partials_operator_splits_paths_and_differentiates_through_the_par
 
 
 def test_hand_gradient_choice(tiny):
-    """Partial sums with one source and one orientation within the memory budget; otherwise the
-    backward recomputes the evaluations."""
+    """Partial sums with one source and one orientation within the memory budget; otherwise a
+    compiled backward recomputes the evaluations, and an eager one differentiates the kernel."""
     plan, _ = nbfunc.render.make_plan(tiny)
     budget_pixels = nbfunc.render.PARTIALS_BUDGET // (pixel_rows(plan.thicksteps > 1, plan.polarization) * 8)
-    assert nbfunc.render.hand_gradient(plan, budget_pixels, 8) == "partials"
-    assert nbfunc.render.hand_gradient(plan, budget_pixels + 1, 8) == "recompute"
-    assert nbfunc.render.hand_gradient(plan, budget_pixels + 1, 4) == "partials"
-    for many in ({"n_sources": 2}, {"n_orient": 3}):
-        assert nbfunc.render.hand_gradient(dataclasses.replace(plan, **many), 16, 8) == "recompute"
+    choice = nbfunc.render.hand_gradient
+    for compiled_now, otherwise in ((True, "recompute"), (False, "")):
+        assert choice(plan, budget_pixels, 8, compiled_now) == "partials"
+        assert choice(plan, budget_pixels + 1, 8, compiled_now) == otherwise
+        assert choice(plan, budget_pixels + 1, 4, compiled_now) == "partials"
+        for many in ({"n_sources": 2}, {"n_orient": 3}):
+            assert choice(dataclasses.replace(plan, **many), 16, 8, compiled_now) == otherwise
 
 
 @pytest.mark.slow
@@ -367,6 +401,62 @@ def test_double_backward_through_a_really_compiled_function():
     loss.backward()
     torch.testing.assert_close(x.grad, 8 * x.detach()**3)
     assert torch.autograd.gradgradcheck(lambda t: f(t, t)["b"], (x,))
+
+
+class _Calls:
+    """Records `differentiating_twice` at every call (an object, which pytree keeps as a leaf)."""
+
+    def __init__(self):
+        self.calls = []
+
+
+class _FirstOrderSquare(torch.autograd.Function):
+    """``x^2`` with a backward that is first order only, as nbfunc's operators: nothing in a
+    backward that records a graph."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            return None
+        (x,) = ctx.saved_tensors
+        return 2.0 * x * grad
+
+
+def _square_sum(x, seen: "_Calls"):
+    seen.calls.append(nbcompile.differentiating_twice())
+    y = x * x if nbcompile.differentiating_twice() else _FirstOrderSquare.apply(x)
+    return {"b": y * x, "a": y.sum()}
+
+
+def test_first_order_gradients_differentiate_the_function_again():
+    """`first_order_gradients`: first-order gradients through the function's first-order-only
+    path; grad-of-grad (also by ``.backward()``), gradgradcheck and a retained graph through
+    its re-run with `differentiating_twice` set."""
+    seen = _Calls()
+    f = nbcompile.first_order_gradients(_square_sum)
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    out = f(x, seen)
+    (g,) = torch.autograd.grad(out["b"].sum() + out["a"], x, create_graph=True)
+    torch.testing.assert_close(g, 3 * x**2 + 2 * x)
+    assert seen.calls == [False, True]
+    (h,) = torch.autograd.grad(g.sum(), x, retain_graph=True)
+    torch.testing.assert_close(h, 6 * x + 2)
+    g.sum().backward()
+    torch.testing.assert_close(x.grad, 6 * x.detach() + 2)
+    x.grad = None
+    loss = f(x, seen)["b"].sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 6 * x.detach()**2)
+    assert not nbcompile.differentiating_twice()
+    assert torch.autograd.gradgradcheck(lambda t: f(t, _Calls())["b"], (x,))
+    with torch.no_grad():
+        assert f(x, seen)["b"].grad_fn is None
 
 
 def test_differentiating_and_nested_transforms_run_the_eager_function(wrapper_on):
