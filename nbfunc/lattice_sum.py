@@ -3,7 +3,8 @@
 ``B = sum over paths and orientations of (F F_latt)^2`` per pixel, for a square crystal with
 ``default_F`` only, a flat detector, no absorption, no resolution cut and no oversample
 flags. Compiled renders that record an autograd graph in that configuration call it as the
-custom operator ``nbfunc::lattice_sum``: its forward and its backward
+custom operator ``nbfunc::lattice_sum`` (eager ones differentiate the kernel instead; measured
+faster eagerly): its forward and its backward
 (``nbfunc::lattice_sum_vjp``) each run as their own compiled function, opaque to the
 compiled chunk kernel around them. Autograd through the renderer's own code made inductor's
 backward several times the forward (many loops over the chunk, each storing per-evaluation
@@ -14,10 +15,12 @@ operator ``nbfunc::pixel_partials`` is used instead: it computes the photons per
 lattice sum, the first path's solid angle and polarization, the scale) and, per pixel, the few
 sums from which every parameter gradient follows (`pixel_partials`), so the backward is one
 matrix-vector product (`pixel_partials_vjp`, traced into the chunk kernel's compiled backward)
-instead of a second pass over every evaluation.
+instead of a second pass over every evaluation. Eager renders that record a graph use it too.
 
-torch.func transforms and double backward run the eager renderer, which does not use the
-operators, so they need no jvp or vmap rule.
+torch.func transforms and the re-run of a ``create_graph`` backward run the renderer's own
+code, not the operators (`nbfunc.compile.differentiating_twice`), so they need no jvp or vmap
+rule, and their backward is first order only: in a backward that records a graph it passes
+nothing.
 """
 from __future__ import annotations
 

@@ -563,7 +563,7 @@ _compiled_kernel = compiled(chunk_kernel, static_argnames=("plan", "omega_col", 
 
 
 def plain_chunk_kernel(*args, **kwargs):
-    """`chunk_kernel` for compiled renders that record a graph in `_plain_configuration`.
+    """`chunk_kernel` for renders that record a graph in `_plain_configuration`.
 
     A function of its own, so that it is compiled separately from `_compiled_kernel` with
     torch's default autograd settings: its per-evaluation work is inside `pixel_partials_op`
