@@ -482,8 +482,7 @@ def _backward(ctx, grad_b):
 lattice_sum_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("nbfunc::pixel_partials", mutates_args=())
-def pixel_partials_op(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor,
+def _pixel_partials_body(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor,
                       pix0: torch.Tensor, pixel_size: torch.Tensor, layer_depth: torch.Tensor,
                       incident: torch.Tensor, wavelength: torch.Tensor, orient: torch.Tensor,
                       n_cells: torch.Tensor, default_f: torch.Tensor, close_distance: torch.Tensor,
@@ -492,9 +491,9 @@ def pixel_partials_op(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor
                       spix: torch.Tensor, sub_f: torch.Tensor, sub_s: torch.Tensor,
                       layer: torch.Tensor, oversample: int, layered: bool, point_pixel: bool,
                       polarized: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pixel_partials` as an operator (compiled unless compilation is disabled), at most
-    `PATHS_PER_CALL` paths per call (the first group's call adds the others' `lattice_partials`);
-    differentiable in its first output through `pixel_partials_vjp`."""
+    """`pixel_partials` (compiled unless compilation is disabled), at most `PATHS_PER_CALL` paths
+    per call (the first group's call adds the others' `lattice_partials`): the forward of
+    `pixel_partials_op` and `_EagerPixelPartials`."""
     *inputs, sub_f, sub_s, layer = _plain_inputs(
         fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
         default_f, close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s,
@@ -512,6 +511,11 @@ def pixel_partials_op(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor
         return _compiled_pixel(*lattice, *pixel, fpix, spix, sub_f[:size], sub_s[:size], layer[:size],
                                *carried, oversample=oversample, layered=layered,
                                point_pixel=point_pixel, polarized=polarized)
+
+
+pixel_partials_op = torch.library.custom_op("nbfunc::pixel_partials", mutates_args=())(_pixel_partials_body)
+"""`pixel_partials` as the operator ``nbfunc::pixel_partials``, opaque to the compiled chunk
+kernel around it; differentiable in its first output through `pixel_partials_vjp`."""
 
 
 @pixel_partials_op.register_fake
@@ -540,3 +544,21 @@ def _pixel_backward(ctx, grad_v, _):
 
 
 pixel_partials_op.register_autograd(_pixel_backward, setup_context=_pixel_setup_context)
+
+
+class _EagerPixelPartials(torch.autograd.Function):
+    """`pixel_partials_op`'s forward and backward for eager callers, without the operator's
+    dispatch (whose first call imports torch._dynamo, about 1.5 s, which an eager process
+    otherwise never loads)."""
+
+    forward = staticmethod(_pixel_partials_body)
+    setup_context = staticmethod(_pixel_setup_context)
+    backward = staticmethod(_pixel_backward)
+
+
+def pixel_partials_call(*args):
+    """`pixel_partials_op` in code being compiled, `_EagerPixelPartials` otherwise; the
+    arguments and results of `pixel_partials_op`."""
+    if torch.compiler.is_compiling():
+        return pixel_partials_op(*args)
+    return _EagerPixelPartials.apply(*args)

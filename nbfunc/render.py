@@ -36,7 +36,7 @@ from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor
-from nbfunc.lattice_sum import (lattice_sum_op, miller_indices, per_orientation, pixel_partials_op,
+from nbfunc.lattice_sum import (lattice_sum_op, miller_indices, per_orientation, pixel_partials_call,
                                 pixel_rows)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
@@ -399,14 +399,14 @@ def _lattice_source(setup: Setup, plan: Plan, paths: Paths):
 
 def _plain_pixel_values(setup: Setup, orient, fpix, spix, paths: Paths, plan: Plan, finish):
     """(P,) photons per pixel of a chunk on the ``"partials"`` route: one call of
-    `pixel_partials_op` (lattice sum, first-path solid angle and polarization, scale)."""
+    `pixel_partials_call` (lattice sum, first-path solid angle and polarization, scale)."""
     f = setup.frame
     incident, wavelength = _lattice_source(setup, plan, paths)
     if plan.polarization:
         e_in, b_in = (torch.stack(x) for x in polarization_axes(setup.incident[0], setup.polar_axis))
     else:
         e_in = b_in = torch.zeros_like(f.fdet)
-    return pixel_partials_op(
+    return pixel_partials_call(
         f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
         orient, setup.n_cells, setup.default_f, f.close_distance, e_in, b_in, setup.kahn, *finish,
         fpix, spix, paths.sub_f, paths.sub_s, paths.layer, plan.oversample, plan.thicksteps > 1,

@@ -25,8 +25,8 @@ import nbfunc.lattice_sum as lattice_module
 from nbfunc.beam import polarization_axes
 from nbfunc.detector import solid_angle
 from nbfunc.lattice_sum import (lattice_partials, lattice_sum, lattice_sum_op, lattice_sum_vjp,
-                                pixel_partials, pixel_partials_op, pixel_partials_vjp, pixel_rows,
-                                plain_geometry)
+                                pixel_partials, pixel_partials_call, pixel_partials_op,
+                                pixel_partials_vjp, pixel_rows, plain_geometry)
 from _transforms_support import assert_close_scaled, eager_mode, leaves_dict, poisson_nll
 
 needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
@@ -87,9 +87,9 @@ def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, 
 
     def counted(*args):
         calls.append(len(args))
-        return pixel_partials_op(*args)
+        return pixel_partials_call(*args)
 
-    monkeypatch.setattr(nbfunc.render, "pixel_partials_op", counted)
+    monkeypatch.setattr(nbfunc.render, "pixel_partials_call", counted)
     _, grad, target = reference
     leaves = {path: nbfunc.tree.get_leaf(tiny, path).detach().clone().requires_grad_(True)
               for path in ("detector.distance", "crystal.cell_a", "beam.kahn_factor")}
@@ -271,6 +271,28 @@ def test_pixel_partials_operator_splits_paths_and_differentiates_through_the_par
     got = torch.autograd.grad((value * weights).sum(), a)
     for g, e in zip(got, _pixel_vjp(weights, rows, inputs, True, point_pixel=False, polarized=True)):
         assert torch.equal(g, e)
+
+
+_EAGER_GRADIENT = """
+import sys, torch, nbfunc, nbfunc.render as render
+from _transforms_support import make_params
+calls = []
+call = render.pixel_partials_call
+render.pixel_partials_call = lambda *a: (calls.append(1), call(*a))[1]
+p = make_params()
+leaf = p.detector.distance.detach().clone().requires_grad_(True)
+(g,) = torch.autograd.grad(nbfunc.simulate(nbfunc.replace_leaves(p, {"detector.distance": leaf})).sum(), leaf)
+print(len(calls), bool(g != 0), "torch._dynamo" in sys.modules)
+"""
+
+
+def test_an_eager_gradient_does_not_load_torch_dynamo():
+    """With compilation disabled, a gradient through the pixel partials stays off torch._dynamo
+    (a custom operator's first call imports it, about 1.5 s)."""
+    out = subprocess.run([sys.executable, "-c", _EAGER_GRADIENT], capture_output=True, text=True,
+                         env={**os.environ, "NANOBRAGG_DISABLE_COMPILE": "1"},
+                         cwd=os.path.dirname(__file__), check=True)
+    assert out.stdout.split() == ["1", "True", "False"], out.stdout + out.stderr
 
 
 def test_hand_gradient_choice(tiny):
