@@ -18,9 +18,9 @@ matrix-vector product (`pixel_partials_vjp`, traced into the chunk kernel's comp
 instead of a second pass over every evaluation. Eager renders that record a graph use it too.
 
 torch.func transforms and the re-run of a ``create_graph`` backward run the renderer's own
-code, not the operators (`nbfunc.compile.differentiating_twice`), so they need no jvp or vmap
-rule, and their backward is first order only: in a backward that records a graph it passes
-nothing.
+code, not the operators (`nbfunc.compile.differentiating_twice`), so the operators need no jvp
+or vmap rule and only a first-order backward, which passes nothing in a backward that records
+a graph.
 """
 from __future__ import annotations
 
@@ -467,8 +467,9 @@ def _setup_context(ctx, inputs, output):
 
 def _recording() -> bool:
     """True in an eager backward that records a graph: the operators' backward is first order
-    only and passes nothing there; `first_order_gradients` (around every eager caller) then
-    differentiates the renderer's own code instead."""
+    only and passes nothing there; the `_Switch` of `nbfunc.compile` around every caller (the
+    compile wrapper, or `first_order_gradients`) differentiates the renderer's own code
+    instead."""
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
@@ -482,15 +483,15 @@ def _backward(ctx, grad_b):
 lattice_sum_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _pixel_partials_body(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor,
-                      pix0: torch.Tensor, pixel_size: torch.Tensor, layer_depth: torch.Tensor,
-                      incident: torch.Tensor, wavelength: torch.Tensor, orient: torch.Tensor,
-                      n_cells: torch.Tensor, default_f: torch.Tensor, close_distance: torch.Tensor,
-                      e_in: torch.Tensor, b_in: torch.Tensor, kahn: torch.Tensor,
-                      scale: torch.Tensor, background: torch.Tensor, fpix: torch.Tensor,
-                      spix: torch.Tensor, sub_f: torch.Tensor, sub_s: torch.Tensor,
-                      layer: torch.Tensor, oversample: int, layered: bool, point_pixel: bool,
-                      polarized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixel_partials_body(
+        fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor, pix0: torch.Tensor,
+        pixel_size: torch.Tensor, layer_depth: torch.Tensor, incident: torch.Tensor,
+        wavelength: torch.Tensor, orient: torch.Tensor, n_cells: torch.Tensor,
+        default_f: torch.Tensor, close_distance: torch.Tensor, e_in: torch.Tensor,
+        b_in: torch.Tensor, kahn: torch.Tensor, scale: torch.Tensor, background: torch.Tensor,
+        fpix: torch.Tensor, spix: torch.Tensor, sub_f: torch.Tensor, sub_s: torch.Tensor,
+        layer: torch.Tensor, oversample: int, layered: bool, point_pixel: bool,
+        polarized: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """`pixel_partials` (compiled unless compilation is disabled), at most `PATHS_PER_CALL` paths
     per call (the first group's call adds the others' `lattice_partials`): the forward of
     `pixel_partials_op` and `_EagerPixelPartials`."""
@@ -513,7 +514,8 @@ def _pixel_partials_body(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Ten
                                point_pixel=point_pixel, polarized=polarized)
 
 
-pixel_partials_op = torch.library.custom_op("nbfunc::pixel_partials", mutates_args=())(_pixel_partials_body)
+pixel_partials_op = torch.library.custom_op("nbfunc::pixel_partials",
+                                            mutates_args=())(_pixel_partials_body)
 """`pixel_partials` as the operator ``nbfunc::pixel_partials``, opaque to the compiled chunk
 kernel around it; differentiable in its first output through `pixel_partials_vjp`."""
 

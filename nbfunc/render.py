@@ -31,7 +31,8 @@ import torch.utils.checkpoint
 from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_axes, polarization_factor, sources
-from nbfunc.compile import compiled, differentiating_twice, first_order_gradients, in_functorch_transform
+from nbfunc.compile import (compiled, differentiating_twice, first_order_gradients,
+                            in_functorch_transform)
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
