@@ -240,16 +240,15 @@ def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wav
     unrolled (one fused loop over the pixels keeps every per-evaluation value in registers);
     eagerly, they are evaluated together as (E, P) arrays and summed (a few hundred
     operations instead of a few hundred per path)."""
-    if not torch.compiler.is_compiling():
-        rows = _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                              orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer,
-                              oversample, layered)
-        return [x.sum(0, keepdim=True) for x in rows]
+    n_paths = sub_f.shape[0]
+    groups = ([slice(e, e + 1) for e in range(n_paths)] if torch.compiler.is_compiling()
+              else [slice(0, n_paths)])
     total = None
-    for e in range(sub_f.shape[0]):
+    for g in groups:
         rows = _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                              orient, n_cells, default_f, fpix, spix, sub_f[e:e + 1], sub_s[e:e + 1],
-                              layer[e:e + 1], oversample, layered)
+                              orient, n_cells, default_f, fpix, spix, sub_f[g], sub_s[g], layer[g],
+                              oversample, layered)
+        rows = [x.sum(0, keepdim=True) for x in rows]
         total = rows if total is None else [a + b for a, b in zip(total, rows)]
     return total
 
