@@ -44,6 +44,8 @@ import torch
 import torch._functorch.config
 import torch.utils._pytree as pytree
 
+from nbfunc.derived import derived_call
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -63,6 +65,22 @@ def _read_flag(name: str, default: bool) -> bool:
 COMPILE_DISABLED = _read_flag("NANOBRAGG_DISABLE_COMPILE", False)
 """True when ``NANOBRAGG_DISABLE_COMPILE`` turned compilation off (read once at import)."""
 COMPILE_STRICT = _read_flag("NANOBRAGG_COMPILE_STRICT", False)
+
+COMPILE_AFTER = 50_000_000
+"""Evaluations (pixel x path x orientation) after which a compiled function's callers switch
+from its eager form to its compiled form (`compiled`'s ``worth_compiling``): a render is
+compiled once the evaluations rendered eagerly in this process through the same function,
+its own included, reach this number. Eager renders run about 6-10 M evaluations/s in float64
+on two cores, so a user's first renders (and every small one) return without the 10-40 s
+of a cold compile, and compiling starts when it has paid for itself. Set it to 0 to compile
+every render."""
+
+COMPILE_AFTER_TRANSFORMS = 200_000_000
+"""`COMPILE_AFTER` for renders inside torch.func transforms (``grad``, ``jacfwd``,
+``hessian``, ...), whose eager work is counted apart. Each function derived for a transform
+(`nbfunc.derived`) takes one to several minutes to compile on two cores, against a few
+seconds of eager transforms per 10 M evaluations, so these compile after four times the
+work. Set it to 0 to compile every transformed render."""
 
 
 def _keep_freed_memory() -> bool:
@@ -316,6 +334,17 @@ def _unflatten_output(leaves, spec):
     return dict(zip(layout, leaves)) if kind == "dict" else pytree.tree_unflatten(leaves, layout)
 
 
+def _report_failure(name: str, err: Exception) -> None:
+    """A failed compile: a RuntimeWarning naming the function and the error (the caller then
+    runs it eagerly), or `CompileError` with ``NANOBRAGG_COMPILE_STRICT=1``."""
+    if COMPILE_STRICT:
+        raise CompileError(f"torch.compile failed for {name}: {err}") from err
+    warnings.warn(f"torch.compile failed for {name} ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly. "
+                  "Set NANOBRAGG_DISABLE_COMPILE=1 to skip compilation.", RuntimeWarning,
+                  stacklevel=3)
+
+
 def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: dict | None = None,
              **compile_kwargs) -> Callable:
     """``fn`` compiled with torch.compile, unless compilation is disabled.
@@ -333,9 +362,25 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
     if COMPILE_DISABLED:
         fn.eager = fn
         fn.runs_compiled = lambda: False
+        fn.worth_compiling = lambda evaluations: False
         return fn
     options = {"dynamic": False, **compile_kwargs}
-    state = {"compiled": None, "failed": False}
+    state = {"compiled": None, "failed": False, "derived": {}, "eager_work": {}}
+
+    def worth_compiling(evaluations: int) -> bool:
+        """Whether a call doing ``evaluations`` should run compiled: the eager work done so
+        far with it reaches `COMPILE_AFTER` (`COMPILE_AFTER_TRANSFORMS` inside torch.func
+        transforms, counted apart). A call answered no counts as eager work."""
+        if state["failed"]:
+            return False
+        kind = "transformed" if in_functorch_transform() else "plain"
+        after = COMPILE_AFTER_TRANSFORMS if kind == "transformed" else COMPILE_AFTER
+        done = state["eager_work"].get(kind, 0)
+        if done + evaluations >= after:
+            state["eager_work"][kind] = max(done, after)  # and stays compiled
+            return True
+        state["eager_work"][kind] = done + evaluations
+        return False
 
     def vmap_fast_path(flat) -> bool:
         return (single_vmap_level()
@@ -348,7 +393,7 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
             return fn(*args, **kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
         if in_functorch_transform() and not vmap_fast_path(flat):
-            return fn(*args, **kwargs)
+            return derived_call(state["derived"], fn, fn.__qualname__, args, kwargs, _report_failure)
         try:
             if state["compiled"] is None:
                 state["compiled"] = torch.compile(fn, **options)
@@ -365,16 +410,11 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
                     node.register_hook(_drop_when_recording)
             return _unflatten_output(_switched(fn, flat, spec, out), out_spec)
         except Exception as err:  # reported, then eager for the rest of the process
-            if COMPILE_STRICT:
-                raise CompileError(f"torch.compile failed for {fn.__qualname__}: {err}") from err
             state["failed"] = True
-            warnings.warn(f"torch.compile failed for {fn.__qualname__} ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly. "
-                          "Set NANOBRAGG_DISABLE_COMPILE=1 to skip compilation.", RuntimeWarning,
-                          stacklevel=2)
+            _report_failure(fn.__qualname__, err)
             return fn(*args, **kwargs)
 
     wrapper.eager = fn
-    wrapper.runs_compiled = lambda: not state["failed"] and (not in_functorch_transform()
-                                                              or single_vmap_level())
+    wrapper.worth_compiling = worth_compiling
+    wrapper.runs_compiled = lambda: not state["failed"]
     return wrapper

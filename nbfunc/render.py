@@ -662,35 +662,43 @@ the renderer's own code."""
 _ONE_CALL[_eager_plain_kernel] = first_order_gradients(plain_image_kernel)
 
 
-def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress=None,
+def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, progress=None,
             full_image: bool = True):
     """Render ``p``: the (slow, fast) image, or with ``full_image=False`` the (N,) rendered
-    pixels in raster order; and the carry after the render (None without ``carry``)."""
-    runs_compiled = getattr(kernel, "runs_compiled", None)
-    compiled_now = runs_compiled is not None and runs_compiled()
-    plan, pixel_list = make_plan(p, large_chunks=compiled_now)
+    pixels in raster order; and the carry after the render (None without ``carry``).
+
+    ``compile``: run the compiled kernel (when compilation is on) or the eager one; None
+    decides by the eager work done so far (`nbfunc.compile.COMPILE_AFTER`). The decision is
+    made here, once per render, and every chunk follows it."""
+    plan, pixel_list = make_plan(p)
+    kernel = _compiled_kernel
+    if compile is None:
+        compile = kernel.worth_compiling(plan.evaluations(len(pixel_list)))
+    compiled_now = compile and kernel.runs_compiled()
+    if not compiled_now:
+        kernel = chunk_kernel
+        plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
     records_graph = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(p))
     route = ""
     if (records_graph and carry is None and _plain_configuration(plan, p.crystal.fhkl.numel() > 0)
-            and (compiled_now or not in_functorch_transform())):
+            and not in_functorch_transform()):
         route = hand_gradient(plan, len(pixel_list), p.crystal.cell_a.dtype.itemsize, compiled_now)
     if route:
         if not compiled_now:
             kernel = _eager_plain_kernel
-        elif kernel is _compiled_kernel:
+        else:
             kernel = _compiled_plain_kernel
         plan = dataclasses.replace(plan, hand_gradient=route)
-    elif compiled_now and records_graph:
+    elif compiled_now and records_graph and not in_functorch_transform():
         # autograd through the whole kernel: small chunks keep its backward in cache
         plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
     carry_orientation = None if carry is None else carry.orientation
     pixels = pixel_list.to(p.crystal.cell_a.device)
-    # under a plain vmap (the only transform that runs compiled code) the set-up runs batched
-    # and eagerly, one call for every member, and only the chunk kernel runs per member
-    batched = in_functorch_transform()
+    # under torch.func the set-up and the chunks are separate compiled calls (inductor in
+    # torch 2.13 fails to generate code for the VJP of the two as one graph)
     one_call = (_ONE_CALL.get(kernel) if plan.single_block and len(pixels) == plan.tile
-                and not batched else None)
+                and not in_functorch_transform() else None)
     if one_call is not None:
         value, seen, after = one_call(p, carry_orientation, pixels[None], plan=plan,
                                       capture_col=plan.capture_path)
@@ -698,8 +706,8 @@ def _render(p: Params, carry: PhiCarry | None, kernel=_compiled_kernel, progress
             progress(1, 1)
     else:
         value, seen, after = _render_chunks(p, plan, pixels, kernel, carry_orientation,
-                                            _compiled_image_setup if compiled_now and not batched
-                                            else image_setup, progress)
+                                            _compiled_image_setup if compiled_now else image_setup,
+                                            progress)
     out = _assemble(p, plan, pixels, value) if full_image else value
     if carry is None:
         return out, None
@@ -815,7 +823,7 @@ def render_for_cli(p: Params, carry: PhiCarry, compile: bool, progress=None) -> 
     """`simulate_with_carry`, optionally without compilation (the command line renders small
     images eagerly because a compile would cost more than it saves), calling
     ``progress(done, total)`` after every chunk when given."""
-    return _render(p, carry, _compiled_kernel if compile else chunk_kernel, progress)
+    return _render(p, carry, compile, progress)
 
 
 def evaluation_count(p: Params) -> int:

@@ -27,7 +27,12 @@ def _unflatten(children, context):
     cls, names, static = context
     values = dict(static)
     values.update(zip(names, children))
-    return cls.model_construct(**values)
+    node = object.__new__(cls)
+    object.__setattr__(node, "__dict__", values)
+    object.__setattr__(node, "__pydantic_fields_set__", set(values))
+    object.__setattr__(node, "__pydantic_extra__", None)
+    object.__setattr__(node, "__pydantic_private__", None)
+    return node
 
 
 def _flatten_with_keys(node: Node):

@@ -33,6 +33,14 @@ needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
                                    reason="NANOBRAGG_DISABLE_COMPILE=1: nothing is compiled")
 
 
+@pytest.fixture(autouse=True)
+def compile_every_render(monkeypatch):
+    """Renders here run compiled however small (elsewhere they compile only after
+    `nbfunc.compile.COMPILE_AFTER` evaluations); references are made in `eager_mode`."""
+    monkeypatch.setattr(nbcompile, "COMPILE_AFTER", 0)
+    monkeypatch.setattr(nbcompile, "COMPILE_AFTER_TRANSFORMS", 0)
+
+
 # --------------------------------------------------------------------------------------------
 # compiled equals eager
 # --------------------------------------------------------------------------------------------
@@ -42,7 +50,8 @@ def reference(tiny):
     with eager_mode():
         image = nbfunc.simulate(tiny)
     target = (image * 1.1).detach()
-    grad = torch.func.grad(lambda p: poisson_nll(nbfunc.simulate(p), target))(tiny)
+    with eager_mode():
+        grad = torch.func.grad(lambda p: poisson_nll(nbfunc.simulate(p), target))(tiny)
     return image, grad, target
 
 
@@ -94,7 +103,7 @@ def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, 
     leaves = {path: nbfunc.tree.get_leaf(tiny, path).detach().clone().requires_grad_(True)
               for path in ("detector.distance", "crystal.cell_a", "beam.kahn_factor")}
     loss = lambda: poisson_nll(nbfunc.render._render(
-        nbfunc.replace_leaves(tiny, leaves), None, kernel=nbfunc.render.chunk_kernel)[0], target)
+        nbfunc.replace_leaves(tiny, leaves), None, compile=False)[0], target)
     got = torch.autograd.grad(loss(), list(leaves.values()), create_graph=True)
     assert len(calls) == 1
     expected = leaves_dict(grad)
@@ -294,7 +303,7 @@ def test_float32_gradient_through_the_pixel_partials(kernel, reference):
     leaves = {path: nbfunc.tree.get_leaf(p32, path).detach().clone().requires_grad_(True) for path in paths}
     tree = nbfunc.replace_leaves(p32, leaves)
     if kernel == "eager":
-        image = nbfunc.render._render(tree, None, kernel=nbfunc.render.chunk_kernel)[0]
+        image = nbfunc.render._render(tree, None, compile=False)[0]
     else:
         image = nbfunc.simulate(tree)
     got = torch.autograd.grad(poisson_nll(image, target.to(torch.float32)), list(leaves.values()))
@@ -329,6 +338,101 @@ def test_an_eager_gradient_does_not_load_torch_dynamo():
     assert out.stdout.split() == ["1", "True", "False"], out.stdout + out.stderr
 
 
+_FIRST_RENDER = """
+import sys, torch, nbfunc
+from _transforms_support import make_params
+p = make_params(base="-cell 100 100 100 90 90 90 -default_F 100 -lambda 1 -distance 100 -N 5 -detpixels 128")
+image = nbfunc.simulate(p)
+g = torch.func.grad(lambda q: nbfunc.simulate(q).sum())(p)
+print(bool(image.sum() > 0), bool(g.detector.distance != 0), "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def test_a_first_small_render_and_gradient_do_not_compile():
+    """With compilation on and the default `COMPILE_AFTER`, a fresh process renders a 128x128
+    image and its gradient without compiling (inductor, which every compile loads, is never
+    imported; torch.func itself imports torch._dynamo)."""
+    env = {k: v for k, v in os.environ.items() if k != "NANOBRAGG_DISABLE_COMPILE"}
+    out = subprocess.run([sys.executable, "-c", _FIRST_RENDER], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(__file__), check=True)
+    assert out.stdout.split() == ["True", "True", "False"], out.stdout + out.stderr
+
+
+def test_worth_compiling_counts_eager_work(monkeypatch):
+    monkeypatch.setattr(nbcompile, "COMPILE_DISABLED", False)
+    monkeypatch.setattr(nbcompile, "COMPILE_AFTER", 100)
+    f = nbcompile.compiled(_double)
+    assert [f.worth_compiling(n) for n in (60, 30, 20, 1)] == [False, False, True, True]
+    monkeypatch.setattr(nbcompile, "COMPILE_AFTER", 1000)
+    assert not f.worth_compiling(1)            # the threshold is read at every decision
+    assert nbcompile.compiled(_double).worth_compiling(1000)
+    monkeypatch.setattr(nbcompile, "COMPILE_AFTER_TRANSFORMS", 50)
+    g = nbcompile.compiled(_double)
+    assert not g.worth_compiling(40)
+    inside = []
+    for _ in range(2):
+        torch.func.grad(lambda x: (inside.append(g.worth_compiling(30)), x.sum())[1])(torch.ones(2))
+    assert inside == [False, True]
+    assert not g.worth_compiling(40)           # plain and transformed work counted apart
+
+
+def test_renders_below_the_threshold_run_the_eager_kernel(tiny, monkeypatch):
+    calls = []
+    monkeypatch.setattr(nbfunc.render._compiled_kernel, "worth_compiling",
+                        lambda n: calls.append(n) or False)
+    monkeypatch.setattr(nbfunc.render, "_compiled_image_setup", None)   # must not be called
+    nbfunc.simulate(tiny)
+    assert calls == [nbfunc.render.evaluation_count(tiny)]
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """torch.compile with torch's ``aot_eager`` backend: dynamo and AOT autograd trace the
+    functions as inductor's would be traced, without inductor's minutes of code generation."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, **{**options, "backend": "aot_eager"}))
+
+
+def _leaf_fn(p, names, fn):
+    return (lambda *x: fn(nbfunc.replace_leaves(p, dict(zip(names, x))))), tuple(
+        leaves_dict(p)[n] for n in names)
+
+
+@needs_compile
+def test_compiled_transforms_equal_eager_transforms(tiny, reference, aot_eager):
+    """grad, jacfwd and hessian of a render through the compiled functions derived from the
+    set-up and the kernel (VJPs, JVPs as VJPs of VJPs, their batched forms) equal the eager
+    transforms in float64. (jacrev, jvp and vmap of them compose the same derived functions;
+    `test_transforms_run_compiled_derived_functions` runs each of them.)"""
+    _, expected_grad, target = reference
+    names = ["detector.distance", "crystal.cell_a", "crystal.misset"]
+    image, x = _leaf_fn(tiny, names, nbfunc.simulate)
+    nll, _ = _leaf_fn(tiny, names[:2], lambda q: poisson_nll(nbfunc.simulate(q), target))
+    jobs = {
+        "grad": lambda: torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target))(tiny),
+        "jacfwd": lambda: torch.func.jacfwd(image, argnums=(0, 1, 2))(*x),
+        "hessian": lambda: torch.func.hessian(nll, argnums=(0, 1))(*x[:2]),
+    }
+    for name, job in jobs.items():
+        got = job()
+        with eager_mode():
+            want = job()
+        for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
+            assert_close_scaled(a, b, 1e-10, name, atol=1e-300)
+    for a, b in zip(pytree.tree_leaves(jobs["grad"]()), pytree.tree_leaves(expected_grad)):
+        assert_close_scaled(a, b, 1e-10, "grad vs reference", atol=1e-300)
+
+
+@pytest.mark.slow
+@needs_compile
+def test_inductor_compiled_gradient_equals_eager(tiny, reference):
+    """The same with torch's default backend (inductor): the gradient of the whole tree."""
+    _, expected, target = reference
+    got = torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target))(tiny)
+    for path, a in leaves_dict(got).items():
+        assert_close_scaled(a, leaves_dict(expected)[path], 1e-9, path, atol=1e-300)
+
+
 def test_hand_gradient_choice(tiny):
     """Partial sums with one source and one orientation within the memory budget; otherwise a
     compiled backward recomputes the evaluations, and an eager one differentiates the kernel."""
@@ -351,7 +455,7 @@ def test_compiled_autograd_equals_transform_gradient_with_many_paths(name, confi
     p = configs[name]
     with eager_mode():
         target = (nbfunc.simulate(p) * 1.1).detach()
-    expected = torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target))(p)
+        expected = torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target))(p)
     assert_autograd_matches(p, target, expected, 1e-9, float_only=True)
 
 
@@ -515,15 +619,41 @@ def test_first_order_gradients_differentiate_the_function_again():
         assert f(x, seen)["b"].grad_fn is None
 
 
-def test_differentiating_and_nested_transforms_run_the_eager_function(wrapper_on):
+def _unwrapped(calls) -> bool:
+    """Every recorded call received plain tensors (no transform was active)."""
+    return all(not any(flags) for flags in calls)
+
+
+def test_transforms_run_compiled_derived_functions(recording_compile):
+    """grad, jacfwd, jacrev, hessian, jvp and vmap of grad call compiled functions (the
+    function and the ones torch.func derives from it), always with plain tensors: torch.func
+    peels every transform level before the compiled code runs."""
+    f = nbcompile.compiled(_cube_sum)
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    y = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+
+    def loss(t):
+        out = f(t, y)
+        return out["b"].sum() + out["a"]
+
+    torch.testing.assert_close(torch.func.grad(loss)(x), 3 * x**2 * y + y)
+    torch.testing.assert_close(torch.func.jacfwd(lambda t: f(t, y)["b"])(x), torch.diag(3 * x**2 * y))
+    torch.testing.assert_close(torch.func.jacrev(lambda t: f(t, y)["b"])(x), torch.diag(3 * x**2 * y))
+    torch.testing.assert_close(torch.func.hessian(loss)(x), torch.diag(6 * x * y))
+    _, tangent = torch.func.jvp(lambda t: f(t, y)["b"], (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangent, 3 * x**2 * y)
+    grid = torch.stack([x, 2 * x])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(grid), 3 * grid**2 * y + y)
+    assert len(recording_compile) >= 6
+    assert _unwrapped(recording_compile)
+
+
+def test_compile_failure_under_a_transform_is_reported_then_eager(wrapper_on):
     f = nbcompile.compiled(_double)
     x = torch.arange(3.0)
-    assert torch.equal(torch.func.grad(lambda t: f(t).sum())(x), torch.full((3,), 2.0))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed for _double"):
+        assert torch.equal(torch.func.grad(lambda t: f(t).sum())(x), torch.full((3,), 2.0))
     assert torch.equal(torch.func.jacfwd(f)(x), 2 * torch.eye(3))
-    assert torch.equal(torch.func.vmap(torch.func.grad(lambda t: f(t)))(x), torch.full((3,), 2.0))
-    grid = torch.arange(6.0).reshape(2, 3)
-    assert torch.equal(torch.func.vmap(torch.func.vmap(f))(grid), 2 * grid)
-    assert wrapper_on == []     # torch.compile never reached
 
 
 def test_plain_vmap_runs_the_compiled_function_once_per_member(recording_compile):
@@ -536,13 +666,14 @@ def test_plain_vmap_runs_the_compiled_function_once_per_member(recording_compile
     assert torch.equal(out["a"], (x * y).sum(1))
 
 
-def test_vmap_of_tensors_that_need_a_gradient_runs_eagerly(recording_compile):
+def test_vmap_of_tensors_that_need_a_gradient_runs_the_batched_function(recording_compile):
     f = nbcompile.compiled(_cube_sum)
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
     out = torch.func.vmap(f, in_dims=(0, None))(x, torch.ones(2, dtype=torch.float64))
-    assert recording_compile == []
+    assert recording_compile == [[False, False]]   # one call of the batched function
     (g,) = torch.autograd.grad(out["b"].sum(), x)
     assert torch.equal(g, 3 * x.detach() ** 2)
+    assert _unwrapped(recording_compile)
 
 
 @pytest.mark.slow
