@@ -4,9 +4,11 @@
 ``NANOBRAGG_DISABLE_COMPILE`` is read once, at import: ``1`` (or ``true``/``yes``) runs every
 function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected.
 
-Calls made inside a ``torch.func`` transform (jacfwd, jacrev, grad, hessian, or vmap mixed with
-them) run the eager function: the transform differentiates or batches the same pure code, so
-results are identical. Inside a plain ``vmap`` (one vmap level, nothing requiring a gradient)
+Callers decide once per call whether to run compiled (`COMPILE_AFTER`: the render decides,
+with the kernel's ``worth_compiling``). Calls made inside a ``torch.func`` transform (jacfwd,
+jacrev, grad, hessian, jvp, or vmap mixed with them) go through `nbfunc.derived.derived_call`:
+the transform's rules call compiled functions derived from the eager one (its VJP, its JVP,
+its batched form), so transforms of every order run compiled code. Inside a plain ``vmap`` (one vmap level, nothing requiring a gradient)
 the call goes through the custom operator ``nbfunc::vmapped_call``, whose batching rule runs
 the compiled function once per batch member and stacks the results: everything around the
 kernel stays batched, and the kernel itself runs compiled. torch.compile cannot run while a
@@ -22,8 +24,9 @@ operators) takes its plain autograd route; `first_order_gradients(fn)` gives eag
 that use such code the same re-run.
 
 Do not wrap nbfunc functions in ``torch.compile`` yourself
-(``torch.compile(torch.func.grad(loss))``): dynamo stops at the pydantic tree, falls back to
-eager and, in torch 2.13, then skips nbfunc's own compiled kernel for the rest of the process.
+(``torch.compile(torch.func.grad(loss))``): nbfunc compiles the functions a transform derives
+already, and dynamo, tracing nbfunc's render loop from outside, breaks its graph there and
+may skip nbfunc's own compiled kernel for the rest of the process.
 
 A compile that fails is reported with a warning that names the function and the error, and
 that function then runs eagerly; it is never swallowed silently.
@@ -44,7 +47,7 @@ import torch
 import torch._functorch.config
 import torch.utils._pytree as pytree
 
-from nbfunc.derived import derived_call
+from nbfunc.derived import derived_call, own_code
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -77,10 +80,10 @@ every render."""
 
 COMPILE_AFTER_TRANSFORMS = 200_000_000
 """`COMPILE_AFTER` for renders inside torch.func transforms (``grad``, ``jacfwd``,
-``hessian``, ...), whose eager work is counted apart. Each function derived for a transform
-(`nbfunc.derived`) takes one to several minutes to compile on two cores, against a few
-seconds of eager transforms per 10 M evaluations, so these compile after four times the
-work. Set it to 0 to compile every transformed render."""
+``hessian``, ...), whose eager work is counted apart. The functions derived for a transform
+(`nbfunc.derived`) take far longer to compile than a forward (a first gradient on bench_1024's
+256x256 ROI: 90-115 s on two cores) while an eager gradient runs about 2 M evaluations/s, so
+these compile after four times the work. Set it to 0 to compile every transformed render."""
 
 
 def _keep_freed_memory() -> bool:
@@ -345,6 +348,24 @@ def _report_failure(name: str, err: Exception) -> None:
                   stacklevel=3)
 
 
+def per_call_under_transforms(fn: Callable) -> Callable:
+    """``fn``, an eager function, whose calls inside torch.func transforms go through
+    `derived_call` with eager derived functions: the transform keeps no graph between a call's
+    forward and its backward, so a render's memory under grad, jacfwd or hessian is set by
+    one chunk (the backward recomputes the chunk), not by the whole image. Outside transforms
+    ``fn`` runs as it is."""
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not in_functorch_transform():
+            return fn(*args, **kwargs)
+        return derived_call(cache, fn, fn.__qualname__, args, kwargs, _report_failure, compile=False)
+
+    wrapper.eager = fn
+    return wrapper
+
+
 def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: dict | None = None,
              **compile_kwargs) -> Callable:
     """``fn`` compiled with torch.compile, unless compilation is disabled.
@@ -396,7 +417,10 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
             return derived_call(state["derived"], fn, fn.__qualname__, args, kwargs, _report_failure)
         try:
             if state["compiled"] is None:
-                state["compiled"] = torch.compile(fn, **options)
+                # a code object of its own: dynamo's caches and "skip this frame" marks are
+                # per code object, so a user's torch.compile that traced (and gave up on) the
+                # eager function cannot switch this one off
+                state["compiled"] = torch.compile(own_code(fn, f"nbfunc_{fn.__name__}"), **options)
             if in_functorch_transform():
                 return _vmap_members(state["compiled"], flat, spec)
             if not _needs_grad(flat):

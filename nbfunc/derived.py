@@ -27,12 +27,14 @@ def _is_float(x) -> bool:
     return isinstance(x, torch.Tensor) and torch.is_floating_point(x)
 
 
-def _own_code(fn: Callable, name: str) -> Callable:
+def own_code(fn: Callable, name: str) -> Callable:
     """``fn`` with a code object of its own, so that torch.compile caches its graphs apart
     from those of other functions made from the same Python source (dynamo keeps one cache,
     with a recompile limit, per code object)."""
     code = fn.__code__.replace(co_name=name)
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 class Derived:
@@ -43,8 +45,9 @@ class Derived:
             and the error when a compile fails (the function then runs eagerly).
     """
 
-    def __init__(self, eager: Callable, name: str, on_failure: Callable[[str, Exception], None]):
-        self.eager, self.name, self.on_failure = eager, name, on_failure
+    def __init__(self, eager: Callable, name: str, on_failure: Callable[[str, Exception], None],
+                 compile: bool = True):
+        self.eager, self.name, self.on_failure, self.compile = eager, name, on_failure, compile
         self._run = None
         self._children: dict = {}
 
@@ -53,7 +56,8 @@ class Derived:
 
         A compile that fails is reported to ``on_failure``, then this function runs eagerly."""
         if self._run is None:
-            self._run = torch.compile(_own_code(self.eager, f"nbfunc_{self.name}"), dynamic=False)
+            self._run = (torch.compile(own_code(self.eager, f"nbfunc_{self.name}"), dynamic=False)
+                         if self.compile else self.eager)
         if self._run is self.eager:
             return self.eager(*xs)
         try:
@@ -65,7 +69,8 @@ class Derived:
 
     def _child(self, key, make: Callable) -> "Derived":
         if key not in self._children:
-            self._children[key] = Derived(make(), f"{key[0]}_{self.name}"[:200], self.on_failure)
+            self._children[key] = Derived(make(), f"{key[0]}_{self.name}"[:200], self.on_failure,
+                                          self.compile)
         return self._children[key]
 
     def _restricted(self, xs, float_in, float_out):
@@ -92,11 +97,19 @@ class Derived:
     def jvp(self, n_in: int, float_in: tuple, float_out: tuple) -> "Derived":
         """``(*xs, *tangents of the floating inputs) -> tangents of the floating outputs``.
 
-        Computed as the VJP of the VJP (``J t`` is the gradient of the linear map
+        Compiled, computed as the VJP of the VJP (``J t`` is the gradient of the linear map
         ``u -> J^T u`` in ``u``, with cotangent ``t``), not with forward-mode AD: inside
         compiled code forward AD makes storage-less zero tensors that inductor's CPU kernels
-        read (a segmentation fault in torch 2.13)."""
+        read (a segmentation fault in torch 2.13). Eager, forward-mode AD."""
         def make():
+            def forward_mode(*args):
+                xs, ts = args[:n_in], args[n_in:]
+                # fresh primals and tangents: under vmap either may be an expanded view,
+                # which forward AD cannot make a dual tensor of
+                return tuple(torch.func.jvp(self._restricted(xs, float_in, float_out),
+                                            tuple(xs[i].clone() for i in float_in),
+                                            tuple(t.clone() for t in ts))[1])
+
             def jvp_fn(*args):
                 xs, ts = args[:n_in], args[n_in:]
                 out, back = torch.func.vjp(self._restricted(xs, float_in, float_out),
@@ -104,7 +117,7 @@ class Derived:
                 _, transpose = torch.func.vjp(lambda *u: tuple(back(u)),
                                               *[torch.zeros_like(o) for o in out])
                 return tuple(transpose(tuple(ts)))
-            return jvp_fn
+            return jvp_fn if self.compile else forward_mode
         return self._child(("jvp", n_in, float_in, float_out), make)
 
     def vmap(self, in_dims: tuple) -> "Derived":
@@ -169,12 +182,15 @@ class _Call(torch.autograd.Function):
 
 
 def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict,
-                 on_failure: Callable[[str, Exception], None]):
+                 on_failure: Callable[[str, Exception], None], compile: bool = True):
     """``fn(*args, **kwargs)`` through `_Call`: torch.func transforms and autograd of the call
     run compiled derived functions.
 
     The tensors among ``args``/``kwargs`` (found by pytree) are the call's inputs; everything
     else (static values, None, the tree structure) selects the `Derived` in ``cache``.
+    With ``compile=False`` the derived functions run eagerly: a transform then keeps no graph
+    of the call between its forward and its backward (the VJP recomputes the call), so the
+    memory of a chunked render is that of one chunk.
     Returns ``fn``'s result with the same structure (dicts with sorted keys).
     """
     flat, spec = pytree.tree_flatten((args, kwargs))
@@ -201,7 +217,7 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
             return tuple(o for o in out if o is not None)
 
         flat_template = [None if isinstance(x, torch.Tensor) else x for x in flat]
-        entry = cache[key] = (Derived(flat_fn, f"{name}_{len(cache)}", on_failure), layout)
+        entry = cache[key] = (Derived(flat_fn, f"{name}_{len(cache)}", on_failure, compile), layout)
     derived, layout = entry
     out = list(_Call.apply(derived, *[flat[i] for i in positions]))
     for j in layout["none_at"]:

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_axes, polarization_factor, sources
 from nbfunc.compile import (compiled, differentiating_twice, first_order_gradients,
-                            in_functorch_transform)
+                            in_functorch_transform, per_call_under_transforms)
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
@@ -655,6 +655,9 @@ _ONE_CALL = {
 }
 """The one-call form of each compiled chunk kernel."""
 
+_eager_kernel = per_call_under_transforms(chunk_kernel)
+"""The eager `chunk_kernel`; under torch.func transforms one chunk at a time (memory)."""
+
 _eager_plain_kernel = first_order_gradients(plain_chunk_kernel)
 """`chunk_kernel` for eager renders that record a graph in `_plain_configuration`: the same
 hand-written gradients as compiled renders (`hand_gradient`), and double backward through
@@ -676,7 +679,7 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
         compile = kernel.worth_compiling(plan.evaluations(len(pixel_list)))
     compiled_now = compile and kernel.runs_compiled()
     if not compiled_now:
-        kernel = chunk_kernel
+        kernel = _eager_kernel
         plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
     records_graph = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(p))

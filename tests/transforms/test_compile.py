@@ -423,6 +423,24 @@ def test_compiled_transforms_equal_eager_transforms(tiny, reference, aot_eager):
         assert_close_scaled(a, b, 1e-10, "grad vs reference", atol=1e-300)
 
 
+@needs_compile
+def test_torch_compile_over_a_transform_works_and_leaves_the_kernel_compiled(tiny, reference):
+    """A user's own ``torch.compile(torch.func.grad(loss))`` gives the gradient (torch's
+    ``eager`` backend: dynamo traces what it can of nbfunc's render and runs the rest), and a
+    plain render afterwards still runs nbfunc's compiled kernel."""
+    _, expected, target = reference
+    user = torch.compile(torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target)),
+                         backend="eager")
+    got = user(tiny)
+    for path, a in leaves_dict(got).items():
+        assert_close_scaled(a, leaves_dict(expected)[path], 1e-9, path, atol=1e-300)
+    image, _, _ = reference
+    with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+        nbfunc.simulate(tiny)       # compiled already (test_compiled_simulate_equals_eager)
+    with torch.no_grad():
+        assert_close_scaled(nbfunc.simulate(tiny), image, 1e-10, "image after")
+
+
 @pytest.mark.slow
 @needs_compile
 def test_inductor_compiled_gradient_equals_eager(tiny, reference):
