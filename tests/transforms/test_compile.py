@@ -27,7 +27,8 @@ from nbfunc.detector import solid_angle
 from nbfunc.lattice_sum import (lattice_partials, lattice_sum, lattice_sum_op, lattice_sum_vjp,
                                 pixel_partials, pixel_partials_call, pixel_partials_op,
                                 pixel_partials_vjp, pixel_rows, plain_geometry)
-from _transforms_support import assert_close_scaled, eager_mode, leaves_dict, poisson_nll
+from _transforms_support import (CONFIGS, assert_close_scaled, eager_mode, leaves_dict, make_params,
+                                 poisson_nll)
 
 needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
                                    reason="NANOBRAGG_DISABLE_COMPILE=1: nothing is compiled")
@@ -467,10 +468,10 @@ def test_hand_gradient_choice(tiny):
 
 @pytest.mark.slow
 @needs_compile
-@pytest.mark.parametrize("name", ["mosaic_phi", "divergence_dispersion"])
-def test_compiled_autograd_equals_transform_gradient_with_many_paths(name, configs):
-    """Several sources (paths) or orientations through the compiled, hand-written backward."""
-    p = configs[name]
+def test_compiled_autograd_equals_transform_gradient_with_many_paths(input_files):
+    """Several sources (paths) and several orientations through the compiled, hand-written
+    backward (one tree with both: one compile of the kernel instead of two)."""
+    p = make_params(CONFIGS["mosaic_phi"][0] + " " + CONFIGS["divergence_dispersion"][0], input_files)
     with eager_mode():
         target = (nbfunc.simulate(p) * 1.1).detach()
         expected = torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target))(p)
