@@ -23,10 +23,10 @@ graph's autograd node drops what it passes (`_drop_when_recording`). During that
 operators) takes its plain autograd route; `first_order_gradients(fn)` gives eager functions
 that use such code the same re-run.
 
-Do not wrap nbfunc functions in ``torch.compile`` yourself
-(``torch.compile(torch.func.grad(loss))``): nbfunc compiles the functions a transform derives
-already, and dynamo, tracing nbfunc's render loop from outside, breaks its graph there and
-may skip nbfunc's own compiled kernel for the rest of the process.
+A user's ``torch.compile(torch.func.grad(loss))`` works: the render inside is hidden from
+dynamo (`nbfunc.render._untraced_render`) and compiles its own functions as without it;
+those are compiled from code objects of their own, so dynamo's per-code "skip" marks from
+tracing the eager functions do not reach them.
 
 A compile that fails is reported with a warning that names the function and the error, and
 that function then runs eagerly; it is never swallowed silently.
