@@ -23,10 +23,10 @@ graph's autograd node drops what it passes (`_drop_when_recording`). During that
 operators) takes its plain autograd route; `first_order_gradients(fn)` gives eager functions
 that use such code the same re-run.
 
-A user's ``torch.compile(torch.func.grad(loss))`` works: the render inside is hidden from
-dynamo (`nbfunc.render._untraced_render`) and compiles its own functions as without it;
-those are compiled from code objects of their own, so dynamo's per-code "skip" marks from
-tracing the eager functions do not reach them.
+Do not wrap nbfunc functions in ``torch.compile`` yourself
+(``torch.compile(torch.func.grad(loss))``): nbfunc compiles the functions a transform derives
+already, and dynamo, tracing nbfunc's render from outside, fails (in torch 2.13 an internal
+assertion while tracing `nbfunc.derived._Call`'s backward).
 
 A compile that fails is reported with a warning that names the function and the error, and
 that function then runs eagerly; it is never swallowed silently.
@@ -47,7 +47,9 @@ import torch
 import torch._functorch.config
 import torch.utils._pytree as pytree
 
-from nbfunc.derived import derived_call, own_code
+from nbfunc.derived import derived_call
+from nbfunc.derived import flatten_output as _flatten_output
+from nbfunc.derived import unflatten_output as _unflatten_output
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -322,21 +324,6 @@ def _differentiated(outputs, grads) -> list:
             if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
 
 
-def _flatten_output(out):
-    """Leaves of a function result in a canonical order (dict keys sorted: a compiled function
-    may build its result dict in another key order than the eager one)."""
-    if isinstance(out, dict):
-        keys = sorted(out)
-        return [out[k] for k in keys], ("dict", keys)
-    leaves, spec = pytree.tree_flatten(out)
-    return leaves, ("tree", spec)
-
-
-def _unflatten_output(leaves, spec):
-    kind, layout = spec
-    return dict(zip(layout, leaves)) if kind == "dict" else pytree.tree_unflatten(leaves, layout)
-
-
 def _report_failure(name: str, err: Exception) -> None:
     """A failed compile: a RuntimeWarning naming the function and the error (the caller then
     runs it eagerly), or `CompileError` with ``NANOBRAGG_COMPILE_STRICT=1``."""
@@ -417,10 +404,7 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
             return derived_call(state["derived"], fn, fn.__qualname__, args, kwargs, _report_failure)
         try:
             if state["compiled"] is None:
-                # a code object of its own: dynamo's caches and "skip this frame" marks are
-                # per code object, so a user's torch.compile that traced (and gave up on) the
-                # eager function cannot switch this one off
-                state["compiled"] = torch.compile(own_code(fn, f"nbfunc_{fn.__name__}"), **options)
+                state["compiled"] = torch.compile(fn, **options)
             if in_functorch_transform():
                 return _vmap_members(state["compiled"], flat, spec)
             if not _needs_grad(flat):

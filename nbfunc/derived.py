@@ -12,7 +12,9 @@ where torch.compile can run it. Derivatives of every order compose the same way,
 derived function is compiled once (per static arguments and shapes) and then reused.
 
 A `Derived` holds one function and its derived functions; a compiled function keeps one per
-call signature (the non-tensor arguments, the tree structure).
+call signature (the non-tensor arguments, the tree structure). Run eagerly (``compile=False``)
+the same route bounds memory: a transform keeps no graph of the call between its forward and
+its backward, which recomputes it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def _is_float(x) -> bool:
     return isinstance(x, torch.Tensor) and torch.is_floating_point(x)
 
 
-def own_code(fn: Callable, name: str) -> Callable:
+def _own_code(fn: Callable, name: str) -> Callable:
     """``fn`` with a code object of its own, so that torch.compile caches its graphs apart
     from those of other functions made from the same Python source (dynamo keeps one cache,
     with a recompile limit, per code object)."""
@@ -42,7 +44,8 @@ class Derived:
 
     Args:
         eager: the function; name: shown in compile errors; on_failure: called with the name
-            and the error when a compile fails (the function then runs eagerly).
+            and the error when a compile fails (the function then runs eagerly); compile:
+            False runs it and its derived functions eagerly (`derived_call`).
     """
 
     def __init__(self, eager: Callable, name: str, on_failure: Callable[[str, Exception], None],
@@ -56,7 +59,7 @@ class Derived:
 
         A compile that fails is reported to ``on_failure``, then this function runs eagerly."""
         if self._run is None:
-            self._run = (torch.compile(own_code(self.eager, f"nbfunc_{self.name}"), dynamic=False)
+            self._run = (torch.compile(_own_code(self.eager, f"nbfunc_{self.name}"), dynamic=False)
                          if self.compile else self.eager)
         if self._run is self.eager:
             return self.eager(*xs)
@@ -212,7 +215,7 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
             for i, t in zip(positions, tensors):
                 leaves[i] = t
             a, k = pytree.tree_unflatten(leaves, spec)
-            out, layout["out"] = _flatten(fn(*a, **k))
+            out, layout["out"] = flatten_output(fn(*a, **k))
             layout["none_at"] = [j for j, o in enumerate(out) if o is None]
             return tuple(o for o in out if o is not None)
 
@@ -222,7 +225,7 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
     out = list(_Call.apply(derived, *[flat[i] for i in positions]))
     for j in layout["none_at"]:
         out.insert(j, None)
-    return _unflatten(out, layout["out"])
+    return unflatten_output(out, layout["out"])
 
 
 class _Empty(NamedTuple):
@@ -233,7 +236,9 @@ class _Empty(NamedTuple):
     device: torch.device
 
 
-def _flatten(out):
+def flatten_output(out):
+    """Leaves of a function result in a canonical order, and its layout (dict keys sorted: a
+    compiled function may build its result dict in another key order than the eager one)."""
     if isinstance(out, dict):
         keys = sorted(out)
         return [out[k] for k in keys], ("dict", keys)
@@ -241,6 +246,7 @@ def _flatten(out):
     return leaves, ("tree", spec)
 
 
-def _unflatten(leaves, layout):
+def unflatten_output(leaves, layout):
+    """The result of `flatten_output`'s ``layout`` with the given leaves."""
     kind, spec = layout
     return dict(zip(spec, leaves)) if kind == "dict" else pytree.tree_unflatten(leaves, spec)

@@ -22,9 +22,7 @@ the order-dependent behaviours of the C program exact:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -719,21 +717,6 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
     return out, PhiCarry(torch.where(seen, after, carry.orientation))
 
 
-@functools.cache
-def _untraced_render():
-    """`_render` hidden from torch.compile: a user's ``torch.compile(torch.func.grad(loss))``
-    runs the render as it is (its kernel and the functions torch.func derives from it compile
-    in nbfunc), instead of tracing nbfunc's loops from outside."""
-    return torch.compiler.disable(_render)
-
-
-def _entry(p: Params, carry: PhiCarry | None, **kwargs):
-    """`_render`, through `_untraced_render` once torch._dynamo is loaded (a process that
-    never compiles does not pay its import)."""
-    render = _untraced_render() if "torch._dynamo" in sys.modules else _render
-    return render(p, carry, **kwargs)
-
-
 def _render_chunks(p: Params, plan: Plan, pixels, kernel, carry_orientation, image_setup_now, progress):
     """The set-up, then every chunk in raster order.
 
@@ -819,7 +802,7 @@ def simulate(p: Params) -> torch.Tensor:
     >>> image = simulate(params_from_args(["-cell", "50", "50", "50", "90", "90", "90",
     ...                                    "-default_F", "100", "-N", "5", "-detpixels", "32"]))  # doctest: +SKIP
     """
-    return _entry(p, None)[0]
+    return _render(p, None)[0]
 
 
 def simulate_pixels(p: Params) -> torch.Tensor:
@@ -830,7 +813,7 @@ def simulate_pixels(p: Params) -> torch.Tensor:
     so a fit over a small region does not fill, scatter and gather a whole detector (and
     its gradient) per evaluation. Works under ``torch.func`` transforms like `simulate`.
     """
-    return _entry(p, None, full_image=False)[0]
+    return _render(p, None, full_image=False)[0]
 
 
 def rendered_pixels(p: Params) -> torch.Tensor:
@@ -843,7 +826,7 @@ def render_for_cli(p: Params, carry: PhiCarry, compile: bool, progress=None) -> 
     """`simulate_with_carry`, optionally without compilation (the command line renders small
     images eagerly because a compile would cost more than it saves), calling
     ``progress(done, total)`` after every chunk when given."""
-    return _entry(p, carry, compile=compile, progress=progress)
+    return _render(p, carry, compile, progress)
 
 
 def evaluation_count(p: Params) -> int:
@@ -871,4 +854,4 @@ def simulate_with_carry(p: Params, carry: PhiCarry) -> tuple[torch.Tensor, PhiCa
     Returns:
         (image (slow, fast) in photons per pixel, carry after the render).
     """
-    return _entry(p, carry)
+    return _render(p, carry)
