@@ -8,8 +8,8 @@ Callers decide once per call whether to run compiled (`COMPILE_AFTER`: the rende
 with the kernel's ``worth_compiling``). Calls made inside a ``torch.func`` transform (jacfwd,
 jacrev, grad, hessian, jvp, or vmap mixed with them) go through `nbfunc.derived.derived_call`:
 the transform's rules call compiled functions derived from the eager one (its VJP, its JVP,
-its batched form), so transforms of every order run compiled code. Inside a plain ``vmap`` (one vmap level, nothing requiring a gradient)
-the call goes through the custom operator ``nbfunc::vmapped_call``, whose batching rule runs
+its batched form), so transforms of every order run compiled code. Inside a plain ``vmap``
+(one vmap level, nothing requiring a gradient) the call goes through the custom operator ``nbfunc::vmapped_call``, whose batching rule runs
 the compiled function once per batch member and stacks the results: everything around the
 kernel stays batched, and the kernel itself runs compiled. torch.compile cannot run while a
 functorch transform is active on the calling thread, so the members run on a helper thread

@@ -19,7 +19,7 @@ its backward, which recomputes it.
 from __future__ import annotations
 
 import types
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -197,11 +197,8 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
     Returns ``fn``'s result with the same structure (dicts with sorted keys).
     """
     flat, spec = pytree.tree_flatten((args, kwargs))
-    # an empty tensor holds no value: it is made inside the function (compiled code given an
-    # empty input may read its null data pointer under vmap)
-    positions = tuple(i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.numel())
-    others = tuple((i, _Empty(x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x)
-                   for i, x in enumerate(flat) if i not in positions)
+    positions = tuple(i for i, x in enumerate(flat) if isinstance(x, torch.Tensor))
+    others = tuple((i, x) for i, x in enumerate(flat) if i not in positions)
     key = (spec, others)
     entry = cache.get(key)
     if entry is None:
@@ -209,9 +206,6 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
 
         def flat_fn(*tensors):
             leaves = list(flat_template)
-            for i, x in others:
-                if isinstance(x, _Empty):
-                    leaves[i] = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             for i, t in zip(positions, tensors):
                 leaves[i] = t
             a, k = pytree.tree_unflatten(leaves, spec)
@@ -226,14 +220,6 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
     for j in layout["none_at"]:
         out.insert(j, None)
     return unflatten_output(out, layout["out"])
-
-
-class _Empty(NamedTuple):
-    """An empty tensor argument, by its shape, dtype and device."""
-
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
 
 
 def flatten_output(out):
