@@ -5,23 +5,11 @@
 function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected.
 
 Callers decide once per call whether to run compiled (`COMPILE_AFTER`: the render decides,
-with the kernel's ``worth_compiling``). Calls made inside a ``torch.func`` transform (jacfwd,
-jacrev, grad, hessian, jvp, or vmap mixed with them) go through `nbfunc.derived.derived_call`:
-the transform's rules call compiled functions derived from the eager one (its VJP, its JVP,
-its batched form), so transforms of every order run compiled code. Inside a plain ``vmap``
-(one vmap level, nothing requiring a gradient) the call goes through the custom operator ``nbfunc::vmapped_call``, whose batching rule runs
-the compiled function once per batch member and stacks the results: everything around the
-kernel stays batched, and the kernel itself runs compiled. torch.compile cannot run while a
-functorch transform is active on the calling thread, so the members run on a helper thread
-(the caller waits for it). Under ordinary autograd the compiled function's graph is part of
-the caller's: first-order gradients go through its compiled backward. Compiled graphs cannot
-be differentiated twice: in a backward that must itself be differentiable
-(``create_graph=True``: grad-of-grad, gradgradcheck) an identity node on the outputs
-(`_Switch`) re-runs the eager function and differentiates that, and a hook on the compiled
-graph's autograd node drops what it passes (`_drop_when_recording`). During that re-run
-`differentiating_twice()` is True, and code with first-order-only gradients (nbfunc's custom
-operators) takes its plain autograd route; `first_order_gradients(fn)` gives eager functions
-that use such code the same re-run.
+with the kernel's ``worth_compiling``). A call made inside a ``torch.func`` transform (grad, jacrev,
+jacfwd, hessian, jvp, vmap, and their compositions) or whose inputs require a gradient goes
+through `nbfunc.derived.derived_call`: autograd's and the transforms' rules call compiled
+functions derived from the eager one (its VJP, its JVP, its batched form), so ``.backward()``,
+derivatives of every order and batches run compiled code.
 
 Do not wrap nbfunc functions in ``torch.compile`` yourself
 (``torch.compile(torch.func.grad(loss))``): nbfunc compiles the functions a transform derives
@@ -34,22 +22,15 @@ that function then runs eagerly; it is never swallowed silently.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import functools
-import itertools
 import os
-import threading
 import warnings
 from typing import Callable
 
 import torch
-import torch._functorch.config
 import torch.utils._pytree as pytree
 
 from nbfunc.derived import derived_call
-from nbfunc.derived import flatten_output as _flatten_output
-from nbfunc.derived import unflatten_output as _unflatten_output
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -148,183 +129,18 @@ def _underlying_requires_grad(x: torch.Tensor) -> bool:
     return x.requires_grad
 
 
-_PENDING: dict[int, dict] = {}
-_KEYS = itertools.count()
-_HELPER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbfunc-vmap")
-
-
-@torch.library.custom_op("nbfunc::vmapped_call", mutates_args=())
-def _vmapped_call(key: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A registered call (see `_vmap_members`) with no batched input: run it once."""
-    return [t.clone() for t in _run_members(key, tensors, None, None)]
-
-
-def _run_members(key: int, tensors, in_dims, batch_size):
-    """Run the registered compiled call for every batch member on the helper thread.
-
-    Returns the flat outputs, stacked along a new leading axis when ``batch_size`` is given.
-    """
-    entry = _PENDING[key]
-    flat, positions, spec, call = entry["flat"], entry["positions"], entry["spec"], entry["call"]
-
-    def member(b):
-        leaves = list(flat)
-        for i, t, d in zip(positions, tensors, in_dims or [None] * len(tensors)):
-            leaves[i] = t if d is None else t.select(d, b)
-        a, k = pytree.tree_unflatten(leaves, spec)
-        out, entry["out_spec"] = _flatten_output(call(*a, **k))
-        entry["none_at"] = [i for i, x in enumerate(out) if x is None]  # an operator returns tensors only
-        return [x for x in out if x is not None]
-
-    def run():
-        with torch.no_grad():
-            if batch_size is None:
-                return member(None)
-            results = [member(b) for b in range(batch_size)]
-            return [torch.stack(column) for column in zip(*results)]
-
-    return _HELPER.submit(run).result()
-
-
-@_vmapped_call.register_vmap
-def _vmapped_call_rule(info, in_dims, key, tensors):
-    out = _run_members(key, tensors, in_dims[1], info.batch_size)
-    return out, [0] * len(out)
-
-
-def _vmap_members(call, flat, spec):
-    """``call(*args, **kwargs)`` (flattened as ``flat``/``spec``) under one vmap level."""
-    positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
-    key = next(_KEYS)
-    entry = _PENDING[key] = {"flat": flat, "positions": positions, "spec": spec, "call": call}
-    try:
-        out = list(_vmapped_call(key, [flat[i] for i in positions]))
-        for i in entry["none_at"]:
-            out.insert(i, None)
-        return _unflatten_output(out, entry["out_spec"])
-    finally:
-        del _PENDING[key]
-
-
 def _needs_grad(leaves) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
 
 
-def _tensors(values) -> list:
-    return [x for x in values if isinstance(x, torch.Tensor)]
+def only_batching(tensors) -> bool:
+    """True inside one plain ``vmap`` whose inputs ``tensors`` carry no gradient (nothing will
+    be differentiated)."""
+    return (single_vmap_level()
+            and not (torch.is_grad_enabled() and any(_underlying_requires_grad(x) for x in tensors)))
 
 
-_RERUN = threading.local()
-
-
-def differentiating_twice() -> bool:
-    """True while `_Switch` re-runs a function in a backward that records a graph: code with
-    first-order-only gradients (custom operators) must then take its plain autograd route."""
-    return getattr(_RERUN, "active", False)
-
-
-@contextlib.contextmanager
-def _rerun():
-    before = differentiating_twice()
-    _RERUN.active = True
-    try:
-        yield
-    finally:
-        _RERUN.active = before
-
-
-_COMPILED_NODE = "CompiledFunctionBackward"
-"""Class name of the autograd node of a torch.compile'd graph."""
-
-
-def _drop_when_recording(grad_inputs, grad_outputs):
-    """Hook on a compiled graph's autograd node: in a backward that records a graph
-    (``create_graph=True``) the node's gradients, which could not be differentiated again,
-    are dropped (`_Switch` passes the eager function's instead)."""
-    if torch.is_grad_enabled():
-        return tuple(None for _ in grad_inputs)
-    return None
-
-
-class _Switch(torch.autograd.Function):
-    """Identity on the differentiable outputs of a compiled call (``outputs`` of them, then
-    the inputs that need a gradient). An ordinary backward passes the outputs' gradients on
-    to the compiled graph. A backward that records a graph re-runs the eager function from
-    those inputs, differentiates it with ``create_graph`` and returns its gradients to them
-    directly (the compiled graph gets zeros, and `_drop_when_recording` drops its result)."""
-
-    @staticmethod
-    def forward(ctx, run, outputs, *tensors):
-        ctx.run = run
-        ctx.save_for_backward(*tensors[outputs:])
-        return tuple(o.view_as(o) for o in tensors[:outputs])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        wanted = ctx.saved_tensors
-        if not torch.is_grad_enabled():
-            return (None, None) + grads + (None,) * len(wanted)
-        eager, flat, positions, picked = ctx.run
-        inputs = list(flat)
-        # one differentiable alias per position, so that a tensor passed twice gets its two
-        # partial gradients separately (as the compiled graph's per-position inputs do)
-        wanted = [x.view_as(x) for x in wanted]
-        for i, x in zip(positions, wanted):
-            inputs[i] = x
-        with torch.enable_grad(), _rerun():
-            again = eager(*inputs)
-        pairs = _differentiated([again[j] for j in picked], grads)
-        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
-        return (None, None) + tuple(torch.zeros_like(g) for g in grads) + got
-
-
-def _switched(fn: Callable, flat: list, spec, out: list) -> list:
-    """``out``, the flat outputs of ``fn`` called with the flat arguments ``flat``/``spec``,
-    with `_Switch` applied to those that require a gradient."""
-    picked = [j for j, o in enumerate(out) if isinstance(o, torch.Tensor) and o.requires_grad]
-    if not picked:
-        return out
-    positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
-
-    def eager(*leaves):
-        a, k = pytree.tree_unflatten(list(leaves), spec)
-        return _flatten_output(fn(*a, **k))[0]
-
-    switched = _Switch.apply((eager, flat, positions, picked), len(picked),
-                             *[out[j] for j in picked], *[flat[i] for i in positions])
-    out = list(out)
-    for j, x in zip(picked, switched):
-        out[j] = x
-    return out
-
-
-def first_order_gradients(fn: Callable) -> Callable:
-    """``fn``, an eager function whose autograd graph may hold operators with first-order
-    gradients only, made safe for double backward: a backward that records a graph
-    (``create_graph=True``) re-runs ``fn`` with `differentiating_twice` True, when ``fn`` must
-    take its plain autograd route, and differentiates that. The operators' backward returns
-    no gradient in such a backward. Calls without a gradient pass straight through."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        out = fn(*args, **kwargs)
-        if not _needs_grad(flat):
-            return out
-        leaves, out_spec = _flatten_output(out)
-        return _unflatten_output(_switched(fn, flat, spec, leaves), out_spec)
-
-    return wrapper
-
-
-def _differentiated(outputs, grads) -> list:
-    """(output, incoming gradient) pairs of the outputs that carry a gradient."""
-    return [(o, g) for o, g in zip(outputs, grads)
-            if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-
-
-def _report_failure(name: str, err: Exception) -> None:
+def report_failure(name: str, err: Exception) -> None:
     """A failed compile: a RuntimeWarning naming the function and the error (the caller then
     runs it eagerly), or `CompileError` with ``NANOBRAGG_COMPILE_STRICT=1``."""
     if COMPILE_STRICT:
@@ -347,21 +163,18 @@ def per_call_under_transforms(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         if not in_functorch_transform():
             return fn(*args, **kwargs)
-        return derived_call(cache, fn, fn.__qualname__, args, kwargs, _report_failure, compile=False)
+        return derived_call(cache, fn, fn.__qualname__, args, kwargs, report_failure, compile=False)
 
     wrapper.eager = fn
     return wrapper
 
 
-def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: dict | None = None,
-             **compile_kwargs) -> Callable:
+def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), **compile_kwargs) -> Callable:
     """``fn`` compiled with torch.compile, unless compilation is disabled.
 
     Args:
         fn: a pure function of tensors; ``static_argnames`` are keyword arguments holding
             plain hashable Python values (loop counts, flags) that select a code path.
-        grad_config: ``torch._functorch.config`` settings for calls that record an autograd
-            graph (they apply when the forward-backward pair is compiled).
         compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``).
     Returns:
         a function with the same signature. ``wrapper.eager`` is the original function;
@@ -390,36 +203,20 @@ def compiled(fn: Callable, static_argnames: tuple[str, ...] = (), grad_config: d
         state["eager_work"][kind] = done + evaluations
         return False
 
-    def vmap_fast_path(flat) -> bool:
-        return (single_vmap_level()
-                and not (torch.is_grad_enabled()
-                         and any(_underlying_requires_grad(x) for x in _tensors(flat))))
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if state["failed"]:
             return fn(*args, **kwargs)
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if in_functorch_transform() and not vmap_fast_path(flat):
-            return derived_call(state["derived"], fn, fn.__qualname__, args, kwargs, _report_failure)
+        flat = pytree.tree_leaves((args, kwargs))
+        if in_functorch_transform() or _needs_grad(flat):
+            return derived_call(state["derived"], fn, fn.__qualname__, args, kwargs, report_failure)
         try:
             if state["compiled"] is None:
                 state["compiled"] = torch.compile(fn, **options)
-            if in_functorch_transform():
-                return _vmap_members(state["compiled"], flat, spec)
-            if not _needs_grad(flat):
-                return state["compiled"](*args, **kwargs)
-            # no donated buffers: a backward with retain_graph=True may run the compiled
-            # backward twice
-            with torch._functorch.config.patch(donated_buffer=False, **(grad_config or {})):
-                out, out_spec = _flatten_output(state["compiled"](*args, **kwargs))
-            for node in {o.grad_fn for o in out if isinstance(o, torch.Tensor) and o.grad_fn is not None}:
-                if type(node).__name__ == _COMPILED_NODE:
-                    node.register_hook(_drop_when_recording)
-            return _unflatten_output(_switched(fn, flat, spec, out), out_spec)
+            return state["compiled"](*args, **kwargs)
         except Exception as err:  # reported, then eager for the rest of the process
             state["failed"] = True
-            _report_failure(fn.__qualname__, err)
+            report_failure(fn.__qualname__, err)
             return fn(*args, **kwargs)
 
     wrapper.eager = fn

@@ -15,6 +15,12 @@ A `Derived` holds one function and its derived functions; a compiled function ke
 call signature (the non-tensor arguments, the tree structure). Run eagerly (``compile=False``)
 the same route bounds memory: a transform keeps no graph of the call between its forward and
 its backward, which recomputes it.
+
+A function may come with `Rules`: a faster way to compute its forward together with
+*residuals* (tensors its gradient needs, saved by the transform) and its VJP from them. The
+first derivatives (the VJP, and the JVP as the VJP's transpose) then run the rules; every
+derivative of those is still derived from the function itself, so second and higher orders
+stay exact whatever the rules compute. Rules are an optimisation of the first order only.
 """
 from __future__ import annotations
 
@@ -39,41 +45,75 @@ def _own_code(fn: Callable, name: str) -> Callable:
     return copy
 
 
+class Rules:
+    """A faster first derivative of a function of flat tensors (`Derived`).
+
+    ``forward(xs) -> (outputs, residuals)``: the function's outputs (a tuple, as the function
+    returns them) and a tuple of residual tensors; ``vjp(xs, residuals, cotangents) ->
+    gradients``: the gradients of the floating inputs from the cotangents of the floating
+    outputs, linear in the cotangents (a tuple in input order). Both run with no transform
+    active (the VJP may itself use ``torch.func``); the VJP equals the function's to rounding.
+    `derived_call` makes these from structured ones (`StructuredRules`).
+    """
+
+    def forward(self, xs):
+        raise NotImplementedError
+
+    def vjp(self, xs, residuals, cotangents):
+        raise NotImplementedError
+
+
 class Derived:
     """A pure function of tensors ``(*xs) -> tuple of tensors`` with its derived functions.
 
     Args:
         eager: the function; name: shown in compile errors; on_failure: called with the name
             and the error when a compile fails (the function then runs eagerly); compile:
-            False runs it and its derived functions eagerly (`derived_call`).
+            False runs it and its derived functions eagerly (`derived_call`); rules: `Rules`
+            for its first derivatives, or None; fast: a function run (compiled) in place of
+            ``eager`` that equals it (a first derivative computed by the parent's rules),
+            while every derivative of this function is still derived from ``eager``.
     """
 
     def __init__(self, eager: Callable, name: str, on_failure: Callable[[str, Exception], None],
-                 compile: bool = True):
+                 compile: bool = True, rules: Rules | None = None, fast: Callable | None = None):
         self.eager, self.name, self.on_failure, self.compile = eager, name, on_failure, compile
+        self.rules, self.fast = rules, fast
+        self.n_residuals = 0
         self._run = None
         self._children: dict = {}
 
+    def forward(self, xs):
+        """(outputs, residuals) of a call with no transform active: `run`, or the rules'
+        forward (the residuals are then what the rules' VJP takes)."""
+        if self.rules is None:
+            return self.run(xs), ()
+        out, residuals = self.rules.forward(xs)
+        self.n_residuals = len(residuals)
+        return tuple(out), tuple(residuals)
+
     def run(self, xs):
-        """Call the function (compiled on first use), with no transform active.
+        """Call the function (``fast`` when given; compiled on first use), with no transform
+        active.
 
         A compile that fails is reported to ``on_failure``, then this function runs eagerly."""
+        body = self.fast or self.eager
         if self._run is None:
-            self._run = (torch.compile(_own_code(self.eager, f"nbfunc_{self.name}"), dynamic=False)
-                         if self.compile else self.eager)
-        if self._run is self.eager:
-            return self.eager(*xs)
+            self._run = (torch.compile(_own_code(body, f"nbfunc_{self.name}"), dynamic=False)
+                         if self.compile else body)
+        if self._run is body:
+            return body(*xs)
         try:
             return self._run(*xs)
         except Exception as err:  # reported, then eager for the rest of the process
-            self._run = self.eager
+            self._run = body
             self.on_failure(self.name, err)
-            return self.eager(*xs)
+            return body(*xs)
 
-    def _child(self, key, make: Callable) -> "Derived":
+    def _child(self, key, make: Callable, fast: Callable | None = None) -> "Derived":
         if key not in self._children:
             self._children[key] = Derived(make(), f"{key[0]}_{self.name}"[:200], self.on_failure,
-                                          self.compile)
+                                          self.compile, fast=fast)
         return self._children[key]
 
     def _restricted(self, xs, float_in, float_out):
@@ -86,27 +126,41 @@ class Derived:
             return tuple(out[j] for j in float_out)
         return g
 
-    def vjp(self, n_in: int, float_in: tuple, float_out: tuple) -> "Derived":
-        """``(*xs, *cotangents) -> gradients of the floating inputs``."""
+    def vjp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int = 0) -> "Derived":
+        """``(*xs, *residuals, *cotangents) -> gradients of the floating inputs``: the rules'
+        VJP when there are rules (``n_res`` residuals), derived from the function otherwise
+        and for every derivative of this one (which ignores the residuals)."""
         def make():
             def vjp_fn(*args):
-                xs, gs = args[:n_in], args[n_in:]
+                xs, gs = args[:n_in], args[n_in + n_res:]
                 _, back = torch.func.vjp(self._restricted(xs, float_in, float_out),
                                          *[xs[i] for i in float_in])
                 return tuple(back(tuple(gs)))
             return vjp_fn
-        return self._child(("vjp", n_in, float_in, float_out), make)
+        return self._child(("vjp", n_in, float_in, float_out, n_res), make, self._fast_vjp(n_in, n_res))
 
-    def jvp(self, n_in: int, float_in: tuple, float_out: tuple) -> "Derived":
-        """``(*xs, *tangents of the floating inputs) -> tangents of the floating outputs``.
+    def _fast_vjp(self, n_in: int, n_res: int) -> Callable | None:
+        if self.rules is None:
+            return None
+        rules = self.rules
+
+        def fast_vjp(*args):
+            return tuple(rules.vjp(args[:n_in], args[n_in:n_in + n_res], args[n_in + n_res:]))
+        return fast_vjp
+
+    def jvp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int = 0,
+            out_meta: tuple = ()) -> "Derived":
+        """``(*xs, *residuals, *tangents of the floating inputs) -> tangents of the floating
+        outputs`` (``out_meta``: their shapes, dtypes and devices).
 
         Compiled, computed as the VJP of the VJP (``J t`` is the gradient of the linear map
         ``u -> J^T u`` in ``u``, with cotangent ``t``), not with forward-mode AD: inside
         compiled code forward AD makes storage-less zero tensors that inductor's CPU kernels
-        read (a segmentation fault in torch 2.13). Eager, forward-mode AD."""
+        read (a segmentation fault in torch 2.13). Eager, forward-mode AD. With rules, the
+        transpose of the rules' VJP (which is linear in its cotangents)."""
         def make():
             def forward_mode(*args):
-                xs, ts = args[:n_in], args[n_in:]
+                xs, ts = args[:n_in], args[n_in + n_res:]
                 # fresh primals and tangents: under vmap either may be an expanded view,
                 # which forward AD cannot make a dual tensor of
                 return tuple(torch.func.jvp(self._restricted(xs, float_in, float_out),
@@ -114,19 +168,36 @@ class Derived:
                                             tuple(t.clone() for t in ts))[1])
 
             def jvp_fn(*args):
-                xs, ts = args[:n_in], args[n_in:]
+                xs, ts = args[:n_in], args[n_in + n_res:]
                 out, back = torch.func.vjp(self._restricted(xs, float_in, float_out),
                                            *[xs[i] for i in float_in])
                 _, transpose = torch.func.vjp(lambda *u: tuple(back(u)),
                                               *[torch.zeros_like(o) for o in out])
                 return tuple(transpose(tuple(ts)))
             return jvp_fn if self.compile else forward_mode
-        return self._child(("jvp", n_in, float_in, float_out), make)
+
+        return self._child(("jvp", n_in, float_in, float_out, n_res, out_meta), make,
+                           self._fast_jvp(n_in, n_res, out_meta))
+
+    def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple) -> Callable | None:
+        fast_vjp = self._fast_vjp(n_in, n_res)
+        if fast_vjp is None:
+            return None
+
+        def fast_jvp(*args):
+            head, ts = args[:n_in + n_res], args[n_in + n_res:]
+            zeros = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in out_meta]
+            _, transpose = torch.func.vjp(lambda *u: fast_vjp(*head, *u), *zeros)
+            return tuple(transpose(tuple(ts)))
+        return fast_jvp
 
     def vmap(self, in_dims: tuple) -> "Derived":
-        """The function batched over ``in_dims`` (None: not batched), outputs batched at 0."""
+        """The function batched over ``in_dims`` (None: not batched), outputs batched at 0
+        (``fast`` batched too). Not for a function with rules (`_Call` loops over the
+        members instead: each member's residuals are its own)."""
+        fast = None if self.fast is None else torch.func.vmap(self.fast, in_dims=in_dims, out_dims=0)
         return self._child(("vmap", in_dims),
-                           lambda: torch.func.vmap(self.eager, in_dims=in_dims, out_dims=0))
+                           lambda: torch.func.vmap(self.eager, in_dims=in_dims, out_dims=0), fast)
 
 
 def _zeros(like) -> torch.Tensor:
@@ -135,7 +206,10 @@ def _zeros(like) -> torch.Tensor:
 
 
 class _Call(torch.autograd.Function):
-    """``derived.run(xs)``, with every transform rule answered by a derived function."""
+    """``derived.forward(xs)``, with every transform rule answered by a derived function.
+
+    Its outputs are the function's, then the residuals of its rules (non-differentiable;
+    `derived_call` drops them)."""
 
     @staticmethod
     def forward(derived, *xs):
@@ -143,26 +217,29 @@ class _Call(torch.autograd.Function):
         # compiled code cannot read
         xs = tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if x._is_zerotensor() else x
                    for x in xs)
+        out, residuals = derived.forward(xs)
         # an input returned as it is must leave as a view (autograd.Function's rule)
         ids = {id(x) for x in xs}
-        return tuple(o.view_as(o) if id(o) in ids else o for o in derived.run(xs))
+        return tuple(o.view_as(o) if id(o) in ids else o for o in out + residuals)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         derived, *xs = inputs
-        ctx.derived, ctx.n_in = derived, len(xs)
+        ctx.derived, ctx.n_in, ctx.n_res = derived, len(xs), derived.n_residuals
+        out, residuals = output[:len(output) - ctx.n_res], output[len(output) - ctx.n_res:]
         ctx.float_in = tuple(i for i, x in enumerate(xs) if _is_float(x))
-        ctx.float_out = tuple(j for j, o in enumerate(output) if _is_float(o))
-        ctx.outputs = [(o.shape, o.dtype, o.device) for o in output]
-        ctx.mark_non_differentiable(*[o for o in output if not _is_float(o)])
-        ctx.save_for_backward(*xs)
-        ctx.save_for_forward(*xs)
+        ctx.float_out = tuple(j for j, o in enumerate(out) if _is_float(o))
+        ctx.outputs = [(o.shape, o.dtype, o.device) for o in out]
+        ctx.mark_non_differentiable(*[o for o in out if not _is_float(o)], *residuals)
+        ctx.save_for_backward(*xs, *residuals)
+        ctx.save_for_forward(*xs, *residuals)
 
     @staticmethod
     def backward(ctx, *grads):
-        xs = ctx.saved_tensors
+        saved = ctx.saved_tensors
         gs = [grads[j] if grads[j] is not None else _zeros(ctx.outputs[j]) for j in ctx.float_out]
-        got = _Call.apply(ctx.derived.vjp(ctx.n_in, ctx.float_in, ctx.float_out), *xs, *gs)
+        got = _Call.apply(ctx.derived.vjp(ctx.n_in, ctx.float_in, ctx.float_out, ctx.n_res),
+                          *saved, *gs)
         out = [None] * ctx.n_in
         for i, g in zip(ctx.float_in, got):
             out[i] = g
@@ -170,22 +247,78 @@ class _Call(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _derived, *tangents):
-        xs = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        xs = saved[:ctx.n_in]
         ts = [tangents[i] if tangents[i] is not None else torch.zeros_like(xs[i]) for i in ctx.float_in]
-        got = _Call.apply(ctx.derived.jvp(ctx.n_in, ctx.float_in, ctx.float_out), *xs, *ts)
-        out = [None] * len(ctx.outputs)
+        meta = tuple(ctx.outputs[j] for j in ctx.float_out)
+        got = _Call.apply(ctx.derived.jvp(ctx.n_in, ctx.float_in, ctx.float_out, ctx.n_res, meta),
+                          *saved, *ts)
+        out = [None] * (len(ctx.outputs) + ctx.n_res)
         for j, t in zip(ctx.float_out, got):
             out[j] = t
         return tuple(out)
 
     @staticmethod
     def vmap(info, in_dims, derived, *xs):
-        out = _Call.apply(derived.vmap(tuple(in_dims[1:])), *xs)
+        if derived.rules is None:
+            out = _Call.apply(derived.vmap(tuple(in_dims[1:])), *xs)
+            return out, (0,) * len(out)
+        # rules compute one member's residuals: call them member by member
+        members = [_Call.apply(derived, *[x if d is None else x.select(d, b)
+                                          for x, d in zip(xs, in_dims[1:])])
+                   for b in range(info.batch_size)]
+        out = tuple(torch.stack(column) for column in zip(*members))
         return out, (0,) * len(out)
 
 
+class StructuredRules:
+    """`Rules` written for ``fn(*args, **kwargs)`` (`derived_call`) with its own structures.
+
+    ``forward(args, kwargs) -> (fn's result, residuals)``; ``vjp(args, kwargs, residuals,
+    cotangent) -> (grad_args, grad_kwargs)``: the cotangent has the structure of ``fn``'s
+    result (None at non-floating outputs), the gradients that of ``(args, kwargs)`` (any
+    value at non-floating inputs, a tensor at every floating one)."""
+
+    def forward(self, args, kwargs):
+        raise NotImplementedError
+
+    def vjp(self, args, kwargs, residuals, cotangent):
+        raise NotImplementedError
+
+
+class _FlatRules(Rules):
+    """`StructuredRules` of a call flattened by `derived_call`."""
+
+    def __init__(self, rules: StructuredRules, rebuild: Callable, spec, positions, layout: dict):
+        self.rules, self.rebuild, self.spec, self.positions, self.layout = (
+            rules, rebuild, spec, positions, layout)
+
+    def forward(self, xs):
+        out, residuals = self.rules.forward(*self.rebuild(xs))
+        out, self.layout["out"] = flatten_output(out)
+        self.layout["none_at"] = [j for j, o in enumerate(out) if o is None]
+        kept = [o for o in out if o is not None]
+        self.layout["float_out"] = [j for j, o in enumerate(kept) if _is_float(o)]
+        return tuple(kept), residuals
+
+    def vjp(self, xs, residuals, cotangents):
+        kept = [None] * (len(self.layout["out"][1]) - len(self.layout["none_at"]))
+        for j, g in zip(self.layout["float_out"], cotangents):
+            kept[j] = g
+        for j in self.layout["none_at"]:
+            kept.insert(j, None)
+        args, kwargs = self.rebuild(xs)
+        grads, spec = pytree.tree_flatten(self.rules.vjp(args, kwargs, residuals,
+                                                         unflatten_output(kept, self.layout["out"])))
+        if spec != self.spec:
+            raise TypeError(f"{type(self.rules).__name__}.vjp returned gradients of another "
+                            f"structure than its arguments: {spec} != {self.spec}")
+        return tuple(grads[self.positions[i]] for i, x in enumerate(xs) if _is_float(x))
+
+
 def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict,
-                 on_failure: Callable[[str, Exception], None], compile: bool = True):
+                 on_failure: Callable[[str, Exception], None], compile: bool = True,
+                 rules: StructuredRules | None = None):
     """``fn(*args, **kwargs)`` through `_Call`: torch.func transforms and autograd of the call
     run compiled derived functions.
 
@@ -193,7 +326,8 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
     else (static values, None, the tree structure) selects the `Derived` in ``cache``.
     With ``compile=False`` the derived functions run eagerly: a transform then keeps no graph
     of the call between its forward and its backward (the VJP recomputes the call), so the
-    memory of a chunked render is that of one chunk.
+    memory of a chunked render is that of one chunk. ``rules``: `StructuredRules` for the
+    call's first derivatives (the same for every call that shares ``cache``).
     Returns ``fn``'s result with the same structure (dicts with sorted keys).
     """
     flat, spec = pytree.tree_flatten((args, kwargs))
@@ -202,21 +336,30 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
     key = (spec, others)
     entry = cache.get(key)
     if entry is None:
-        layout = {}
+        # the keys exist before the first compile: dynamo guards on the keys of a dict that a
+        # compiled function writes to (not on values it only writes), so a first call that
+        # added them would be compiled again on the second call
+        layout = {"out": None, "none_at": None, "float_out": None}
+        flat_template = [None if isinstance(x, torch.Tensor) else x for x in flat]
 
-        def flat_fn(*tensors):
+        def rebuild(tensors):
             leaves = list(flat_template)
             for i, t in zip(positions, tensors):
                 leaves[i] = t
-            a, k = pytree.tree_unflatten(leaves, spec)
+            return pytree.tree_unflatten(leaves, spec)
+
+        def flat_fn(*tensors):
+            a, k = rebuild(tensors)
             out, layout["out"] = flatten_output(fn(*a, **k))
             layout["none_at"] = [j for j, o in enumerate(out) if o is None]
             return tuple(o for o in out if o is not None)
 
-        flat_template = [None if isinstance(x, torch.Tensor) else x for x in flat]
-        entry = cache[key] = (Derived(flat_fn, f"{name}_{len(cache)}", on_failure, compile), layout)
+        flat_rules = None if rules is None else _FlatRules(rules, rebuild, spec, positions, layout)
+        entry = cache[key] = (Derived(flat_fn, f"{name}_{len(cache)}", on_failure, compile,
+                                      rules=flat_rules), layout)
     derived, layout = entry
     out = list(_Call.apply(derived, *[flat[i] for i in positions]))
+    out = out[:len(out) - derived.n_residuals]
     for j in layout["none_at"]:
         out.insert(j, None)
     return unflatten_output(out, layout["out"])

@@ -1,30 +1,21 @@
-"""The per-pixel lattice sum of the common configuration, with a hand-written gradient.
+"""Photons per pixel of the common configuration with per-pixel partial sums for its gradient.
 
-``B = sum over paths and orientations of (F F_latt)^2`` per pixel, for a square crystal with
-``default_F`` only, a flat detector, no absorption, no resolution cut and no oversample
-flags. Compiled renders that record an autograd graph in that configuration call it as the
-custom operator ``nbfunc::lattice_sum`` (eager ones differentiate the kernel instead; measured
-faster eagerly): its forward and its backward
-(``nbfunc::lattice_sum_vjp``) each run as their own compiled function, opaque to the
-compiled chunk kernel around them. Autograd through the renderer's own code made inductor's
-backward several times the forward (many loops over the chunk, each storing per-evaluation
-arrays); the hand-written backward accumulates every parameter gradient in few loops.
+For a square crystal with ``default_F`` only, a flat detector, no absorption, no resolution
+cut, no oversample flags, one source and one orientation, `pixel_partials` computes the
+photons per pixel (the lattice sum over the paths, the first path's solid angle and
+polarization, the scale) and, per pixel, the few sums from which the derivative with respect
+to every input follows; `pixel_partials_vjp` turns them into the gradients with one
+matrix-vector product. `nbfunc.render.PartialsRules` uses the two as the first derivatives
+of the render's chunk kernel (`nbfunc.derived`): a gradient then costs one pass over the
+evaluations (the forward, with the sums) instead of two (forward and backward), and a
+Jacobian with respect to many leaves the same pass and one product per leaf. Derivatives of
+higher order are derived from the renderer's own code.
 
-With one source and one orientation, and when the memory is small (`render` decides), the
-operator ``nbfunc::pixel_partials`` is used instead: it computes the photons per pixel (the
-lattice sum, the first path's solid angle and polarization, the scale) and, per pixel, the few
-sums from which every parameter gradient follows (`pixel_partials`), so the backward is one
-matrix-vector product (`pixel_partials_vjp`, traced into the chunk kernel's compiled backward)
-instead of a second pass over every evaluation. Eager renders that record a graph use it too.
-
-torch.func transforms and the re-run of a ``create_graph`` backward run the renderer's own
-code, not the operators (`nbfunc.compile.differentiating_twice`), so the operators need no jvp
-or vmap rule and only a first-order backward, which passes nothing in a backward that records
-a graph.
+Compiled, the paths of a pixel are unrolled into one loop over the pixels
+(`pixel_partials_sum`), which keeps every per-evaluation value in registers.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -32,14 +23,7 @@ import torch
 from nbfunc.compile import compiled
 from nbfunc.beam import polarization_and_derivatives
 from nbfunc.detector import flat_positions, solid_angle
-from nbfunc.lattice import grating_and_derivatives, square_lattice
-
-DIFFERENTIABLE = 11
-"""`lattice_sum` inputs ``fdet`` to ``default_f`` have gradients; the pixel and path indices
-after them do not."""
-PIXEL_DIFFERENTIABLE = 17
-"""`pixel_partials` inputs ``fdet`` to ``background`` have gradients."""
-
+from nbfunc.lattice import grating_and_derivatives
 
 def miller_indices(q, orient: torch.Tensor):
     """Fractional indices ``h = a.q, k = b.q, l = c.q`` for every orientation.
@@ -59,15 +43,10 @@ def per_orientation(hkl, orient):
     return tuple(x[..., 0] for x in hkl) if orient.shape[0] == 1 else hkl
 
 
-def sum_to(x: torch.Tensor, shape) -> torch.Tensor:
-    """Sum an (E, P) array over the axes where ``shape`` (one path or every path, 1 pixel) is 1."""
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return x.sum(dims, keepdim=True) if dims else x
-
-
 def plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                    fpix, spix, sub_f, sub_s, layer, oversample):
-    """`lattice_sum`'s geometry, as the renderer's `path_rays` and `miller_indices` compute it.
+    """The geometry of `lattice_partials`, as the renderer's `path_rays` and
+    `miller_indices` compute it (arguments as `lattice_partials`).
 
     Returns:
         (Fdet, Sdet, depth (m), airpath (m), diffracted unit vector, q (1/m), hkl), vectors as
@@ -90,25 +69,6 @@ def plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix, sub_
     return fd, sd, depth, airpath, tuple(x / airpath for x in pos)
 
 
-def lattice_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample: int):
-    """``sum over paths and orientations of (F F_latt)^2`` per pixel (F^2 units).
-
-    Args:
-        fdet, sdet, odet: (3,) detector unit axes; pix0: (3,) corner of pixel (0, 0) (m);
-        pixel_size, layer_depth: 0-d (m); incident: (E or 1, 1, 3) unit vectors;
-        wavelength: (E or 1, 1) (m); orient: (O, 3, 3) rows a, b, c (m); n_cells: (3,);
-        default_f: 0-d; fpix, spix: (1, P) pixel indices; sub_f, sub_s, layer: (E, 1)
-        sub-pixel and layer indices; oversample: sub-pixels per pixel edge.
-    Returns:
-        (P,) the sum per pixel.
-    """
-    hkl = plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                         orient, fpix, spix, sub_f, sub_s, layer, oversample)[-1]
-    term = (default_f * square_lattice(hkl, n_cells)) ** 2
-    return term.sum(0) if orient.shape[0] == 1 else term.sum((0, 2))
-
-
 def grating_parts(hkl, n_cells):
     """The three grating factors with their derivatives (`grating_and_derivatives`; an axis
     with N <= 1 has the factor 1), the product of the other two per axis, and F_latt.
@@ -129,71 +89,6 @@ def position_gradient(g_d, d, airpath):
     position ``pos`` (m): ``(g - d (d.g)) / |pos|``, components as tuples."""
     dot = d[0] * g_d[0] + d[1] * g_d[1] + d[2] * g_d[2]
     return tuple((a - b * dot) / airpath for a, b in zip(g_d, d))
-
-
-def lattice_sum_vjp(grad_b, fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                    orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample: int,
-                    layered: bool):
-    """Gradients of ``sum(grad_b * lattice_sum(...))`` with respect to the first 11 inputs
-    of `lattice_sum` (``fdet`` to ``default_f``), each of its input's shape.
-
-    Recomputes the geometry and the grating factors with their derivatives
-    (`grating_and_derivatives`) and accumulates every parameter gradient in a few passes over
-    the chunk: differentiating the forward's polynomial chains and normalisations operation
-    by operation made inductor's backward several times the forward. Sums that follow from
-    others are derived from them: with one source, ``sum(dL/dq . q) / wavelength`` is
-    ``sum(orient * dL/dorient) / wavelength``; the pixel size and layer depth gradients are
-    projections of the detector-axis sums.
-
-    Args:
-        grad_b: (P,) gradient of the loss with respect to the per-pixel sum; the rest as in
-            `lattice_sum`; layered: False when every layer index is 0 (one sensor layer).
-    """
-    one_source = wavelength.shape[0] == 1
-    if one_source:
-        # every reduction runs over all (path, pixel) pairs. Laid out flat, as (1, E*P), they
-        # fuse into far fewer loops over the chunk than as (E, P) broadcasts (inductor's
-        # backward on a 256x256 bench_1024 ROI: 4.6 -> 2.9 ms)
-        n_paths, n_pix = sub_f.shape[0], fpix.shape[-1]
-        flat = lambda x: x.expand(n_paths, n_pix).reshape(1, n_paths * n_pix)
-        fpix, spix, sub_f, sub_s, layer = (flat(x) for x in (fpix, spix, sub_f, sub_s, layer))
-        grad_b = flat(grad_b[None])[0]
-    single = orient.shape[0] == 1
-    per_orient = (lambda x: x) if single else (lambda x: x[..., None])
-    total = (lambda x: x.sum()) if single else (lambda x: x.sum((0, 1)))
-    fd, sd, depth, airpath, d, q, hkl = plain_geometry(
-        fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
-        spix, sub_f, sub_s, layer, oversample)
-    parts, others, f_latt = grating_parts(hkl, n_cells)
-    w = per_orient(grad_b[None, :])
-    g_latt = w * 2.0 * default_f * default_f * f_latt
-    g_h = [g_latt * o * p[1] for o, p in zip(others, parts)]
-    d_orient = torch.stack([total(g_h[i] * per_orient(q[j])) for i in range(3) for j in range(3)],
-                           -1).reshape(orient.shape)
-    g_n = torch.stack([(g_latt * o * p[2]).sum() for o, p in zip(others, parts)])
-    d_n = torch.where(n_cells > 1, g_n, torch.zeros_like(g_n))
-    d_f = (w * 2.0 * default_f * f_latt * f_latt).sum()
-    # dL/dq per (path, pixel), orientations summed; q = (d - incident) / wavelength
-    sum_o = (lambda x: x) if single else (lambda x: x.sum(-1))
-    g_q = tuple(sum_o(sum(g_h[i] * (orient[0, i, j] if single else orient[:, i, j]) for i in range(3)))
-                for j in range(3))
-    g_d = tuple(x / wavelength for x in g_q)
-    d_incident = torch.stack([-sum_to(x, wavelength.shape) for x in g_d], -1)
-    if one_source:
-        d_wavelength = -(orient * d_orient).sum().reshape(1, 1) / wavelength
-    else:
-        d_wavelength = -sum_to(g_d[0] * q[0] + g_d[1] * q[1] + g_d[2] * q[2], wavelength.shape)
-    g_pos = position_gradient(g_d, d, airpath)
-    d_fdet = torch.stack([(x * fd).sum() for x in g_pos])
-    d_sdet = torch.stack([(x * sd).sum() for x in g_pos])
-    d_pix0 = torch.stack([x.sum() for x in g_pos])
-    if layered:
-        along_layer = torch.stack([(x * layer).sum() for x in g_pos])
-    else:
-        along_layer = torch.zeros_like(d_pix0)
-    d_pixel_size = (fdet * d_fdet + sdet * d_sdet).sum() / pixel_size
-    return (d_fdet, d_sdet, along_layer * layer_depth, d_pix0, d_pixel_size,
-            (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f)
 
 
 PIXEL_ROWS = 26
@@ -256,15 +151,20 @@ def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wav
 def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                      n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample: int,
                      layered: bool):
-    """`lattice_sum` for one source and one orientation, with per-pixel sums over the paths of
-    the derivatives of ``L = (F F_latt)^2`` (the part of `pixel_partials` that loops over paths).
+    """``B = sum over the paths of (F F_latt)^2`` per pixel for one source and one orientation,
+    with per-pixel sums over the paths of the derivatives of ``L = (F F_latt)^2`` (the part of
+    `pixel_partials` that loops over paths).
 
     The paths are unrolled (one pass over the pixels accumulates every path), so the
     per-evaluation values never leave the registers.
 
     Args:
-        as `lattice_sum`, with incident (1, 1, 3), wavelength (1, 1), orient (1, 3, 3);
-        layered: False when every layer index is 0 (the layer rows are left out).
+        fdet, sdet, odet: (3,) detector unit axes; pix0: (3,) corner of pixel (0, 0) (m);
+        pixel_size, layer_depth: 0-d (m); incident: (1, 1, 3) unit vector; wavelength: (1, 1)
+        (m); orient: (1, 3, 3) rows a, b, c (m); n_cells: (3,); default_f: 0-d; fpix, spix:
+        (1, P) pixel indices; sub_f, sub_s, layer: (E, 1) sub-pixel and layer indices;
+        oversample: sub-pixels per pixel edge; layered: False when every layer index is 0
+        (the layer rows are left out).
     Returns:
         ((P,) the sum B, (R, P) rows: sums over the paths of each pixel of 0-8
         ``dL/dh_i q_j`` (i, j = 0..2; 1/m), 9-11 ``dL/dN_i``, 12-14 ``dL/dd_j`` (d the
@@ -384,13 +284,6 @@ def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, 
             d_e, d_b, d_k, d_scale, g[24])
 
 
-_compiled_sum = compiled(lattice_sum, static_argnames=("oversample",))
-# inductor's default realises a per-evaluation value read by more than 4 expressions into an
-# array; the gradient's products read each of them more often, and keeping them in registers
-# (up to 8 reads) with larger fused kernels was measured 10-20 % faster on bench_1024's ROI
-_compiled_vjp = compiled(lattice_sum_vjp, static_argnames=("oversample", "layered"),
-                         options={"realize_reads_threshold": 8, "cpp.max_horizontal_fusion_size": 64,
-                                  "max_fusion_size": 512})
 # the unrolled paths make one large fused loop: inductor's default node limit would split it
 # into several loops that store the per-path values
 _PARTIALS_OPTIONS = {"realize_reads_threshold": 8, "max_fusion_size": 4096}
@@ -400,166 +293,28 @@ _compiled_pixel = compiled(pixel_partials, static_argnames=("oversample", "layer
                                                             "polarized"), options=_PARTIALS_OPTIONS)
 
 
-@contextlib.contextmanager
-def _plain_call():
-    """The state in which the operators run their compiled functions: no autograd, and the
-    dispatcher below its ADInplaceOrView key. The first call of an operator inside a
-    compiled graph arrives with that key excluded, later calls without; the compiled
-    function's guards include the key, so without this it compiled a second variant."""
-    with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
-        yield
-
-
-def _plain_inputs(*tensors):
-    """The operators' inputs detached (they may arrive requiring grad), so that the compiled
-    functions do not compile a second variant for them."""
-    return [x.detach() for x in tensors]
-
-
-@torch.library.custom_op("nbfunc::lattice_sum", mutates_args=())
-def lattice_sum_op(fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor, pix0: torch.Tensor,
-                   pixel_size: torch.Tensor, layer_depth: torch.Tensor, incident: torch.Tensor,
-                   wavelength: torch.Tensor, orient: torch.Tensor, n_cells: torch.Tensor,
-                   default_f: torch.Tensor, fpix: torch.Tensor, spix: torch.Tensor,
-                   sub_f: torch.Tensor, sub_s: torch.Tensor, layer: torch.Tensor,
-                   oversample: int, layered: bool) -> torch.Tensor:
-    """`lattice_sum` as an operator (compiled unless compilation is disabled), differentiable
-    through `lattice_sum_vjp`; ``layered`` (False when every layer index is 0) is passed on
-    to it."""
-    inputs = _plain_inputs(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                           orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer)
-    with _plain_call():
-        return _compiled_sum(*inputs, oversample=oversample)
-
-
-@lattice_sum_op.register_fake
-def _(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
-      default_f, fpix, spix, sub_f, sub_s, layer, oversample, layered):
-    return fpix.new_empty(fpix.shape[-1:])
-
-
-@torch.library.custom_op("nbfunc::lattice_sum_vjp", mutates_args=())
-def lattice_sum_vjp_op(grad_b: torch.Tensor, fdet: torch.Tensor, sdet: torch.Tensor,
-                       odet: torch.Tensor, pix0: torch.Tensor, pixel_size: torch.Tensor,
-                       layer_depth: torch.Tensor, incident: torch.Tensor, wavelength: torch.Tensor,
-                       orient: torch.Tensor, n_cells: torch.Tensor, default_f: torch.Tensor,
-                       fpix: torch.Tensor, spix: torch.Tensor, sub_f: torch.Tensor,
-                       sub_s: torch.Tensor, layer: torch.Tensor, oversample: int,
-                       layered: bool) -> list[torch.Tensor]:
-    """`lattice_sum_vjp` as an operator (compiled unless compilation is disabled)."""
-    inputs = _plain_inputs(grad_b, fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
-                           wavelength, orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer)
-    with _plain_call():
-        return list(_compiled_vjp(*inputs, oversample=oversample, layered=layered))
-
-
-@lattice_sum_vjp_op.register_fake
-def _(grad_b, *inputs):
-    return [torch.empty_like(x) for x in inputs[:DIFFERENTIABLE]]
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.n_inputs = len(inputs)
-    ctx.oversample, ctx.layered = inputs[-2:]
-    ctx.save_for_backward(*inputs[:-2])
-
-
-def _recording() -> bool:
-    """True in an eager backward that records a graph: the operators' backward is first order
-    only and passes nothing there; the `_Switch` of `nbfunc.compile` around every caller (the
-    compile wrapper, or `first_order_gradients`) differentiates the renderer's own code
-    instead."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _backward(ctx, grad_b):
-    if _recording():
-        return (None,) * ctx.n_inputs
-    grads = lattice_sum_vjp_op(grad_b.contiguous(), *ctx.saved_tensors, ctx.oversample, ctx.layered)
-    return (*grads,) + (None,) * (ctx.n_inputs - DIFFERENTIABLE)
-
-
-lattice_sum_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _pixel_partials_body(
-        fdet: torch.Tensor, sdet: torch.Tensor, odet: torch.Tensor, pix0: torch.Tensor,
-        pixel_size: torch.Tensor, layer_depth: torch.Tensor, incident: torch.Tensor,
-        wavelength: torch.Tensor, orient: torch.Tensor, n_cells: torch.Tensor,
-        default_f: torch.Tensor, close_distance: torch.Tensor, e_in: torch.Tensor,
-        b_in: torch.Tensor, kahn: torch.Tensor, scale: torch.Tensor, background: torch.Tensor,
-        fpix: torch.Tensor, spix: torch.Tensor, sub_f: torch.Tensor, sub_s: torch.Tensor,
-        layer: torch.Tensor, oversample: int, layered: bool, point_pixel: bool,
-        polarized: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pixel_partials` (compiled unless compilation is disabled), at most `PATHS_PER_CALL` paths
-    per call (the first group's call adds the others' `lattice_partials`): the forward of
-    `pixel_partials_op` and `_EagerPixelPartials`."""
-    *inputs, sub_f, sub_s, layer = _plain_inputs(
-        fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
-        default_f, close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s,
-        layer)
-    lattice, pixel, (fpix, spix) = inputs[:DIFFERENTIABLE], inputs[DIFFERENTIABLE:-2], inputs[-2:]
-    n_paths = sub_f.shape[0]
-    size = math.ceil(n_paths / math.ceil(n_paths / PATHS_PER_CALL))
-    carried = [None, None]
-    with _plain_call():
+def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
+                       orient, n_cells, default_f, close_distance, e_in, b_in, kahn, scale,
+                       background, fpix, spix, sub_f, sub_s, layer, *, oversample: int,
+                       layered: bool, point_pixel: bool, polarized: bool, compile: bool):
+    """`pixel_partials` without autograd, compiled (``compile``) at most `PATHS_PER_CALL` paths
+    per call (the first group's call adds the others' `lattice_partials`) or eager in one
+    call. Arguments and result as `pixel_partials`."""
+    lattice = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+               n_cells, default_f)
+    pixel = (close_distance, e_in, b_in, kahn, scale, background)
+    flags = {"oversample": oversample, "layered": layered, "point_pixel": point_pixel,
+             "polarized": polarized}
+    with torch.no_grad():
+        if not compile:
+            return pixel_partials(*lattice, *pixel, fpix, spix, sub_f, sub_s, layer, **flags)
+        n_paths = sub_f.shape[0]
+        size = math.ceil(n_paths / math.ceil(n_paths / PATHS_PER_CALL))
+        carried = [None, None]
         for start in range(size, n_paths, size):
             group = slice(start, start + size)
             sums = _compiled_partials(*lattice, fpix, spix, sub_f[group], sub_s[group], layer[group],
                                       oversample=oversample, layered=layered)
             carried = list(sums) if carried[0] is None else [a + b for a, b in zip(carried, sums)]
-        return _compiled_pixel(*lattice, *pixel, fpix, spix, sub_f[:size], sub_s[:size], layer[:size],
-                               *carried, oversample=oversample, layered=layered,
-                               point_pixel=point_pixel, polarized=polarized)
-
-
-pixel_partials_op = torch.library.custom_op("nbfunc::pixel_partials",
-                                            mutates_args=())(_pixel_partials_body)
-"""`pixel_partials` as the operator ``nbfunc::pixel_partials``, opaque to the compiled chunk
-kernel around it; differentiable in its first output through `pixel_partials_vjp`."""
-
-
-@pixel_partials_op.register_fake
-def _(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, n_cells,
-      default_f, close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s,
-      layer, oversample, layered, point_pixel, polarized):
-    n_pix = fpix.shape[-1]
-    return fpix.new_empty(n_pix), fpix.new_empty(pixel_rows(layered, polarized), n_pix)
-
-
-def _pixel_setup_context(ctx, inputs, output):
-    (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
-     close_distance, _, _, _, scale, background) = inputs[:PIXEL_DIFFERENTIABLE]
-    ctx.n_inputs = len(inputs)
-    ctx.flags = inputs[-3:]
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1], fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
-                          n_cells, default_f, close_distance, scale, background)
-
-
-def _pixel_backward(ctx, grad_v, _):
-    if _recording():
-        return (None,) * ctx.n_inputs
-    grads = pixel_partials_vjp(grad_v, *ctx.saved_tensors, *ctx.flags)
-    return (*grads,) + (None,) * (ctx.n_inputs - PIXEL_DIFFERENTIABLE)
-
-
-pixel_partials_op.register_autograd(_pixel_backward, setup_context=_pixel_setup_context)
-
-
-class _EagerPixelPartials(torch.autograd.Function):
-    """`pixel_partials_op`'s forward and backward for eager callers, without the operator's
-    dispatch (whose first call imports torch._dynamo, about 1.5 s, which an eager process
-    otherwise never loads)."""
-
-    forward = staticmethod(_pixel_partials_body)
-    setup_context = staticmethod(_pixel_setup_context)
-    backward = staticmethod(_pixel_backward)
-
-
-def pixel_partials_call(*args):
-    """`pixel_partials_op` in code being compiled, `_EagerPixelPartials` otherwise; the
-    arguments and results of `pixel_partials_op`."""
-    if torch.compiler.is_compiling():
-        return pixel_partials_op(*args)
-    return _EagerPixelPartials.apply(*args)
+        return _compiled_pixel(*lattice, *pixel, fpix, spix, sub_f[:size], sub_s[:size],
+                               layer[:size], *carried, **flags)

@@ -27,17 +27,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.utils.checkpoint
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from nbfunc.beam import polarization_axes, polarization_factor, sources
-from nbfunc.compile import (compiled, differentiating_twice, first_order_gradients,
-                            in_functorch_transform, per_call_under_transforms)
+from nbfunc.compile import (compiled, in_functorch_transform, only_batching, per_call_under_transforms,
+                            report_failure)
+from nbfunc.derived import StructuredRules, derived_call
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor
-from nbfunc.lattice_sum import (lattice_sum_op, miller_indices, per_orientation, pixel_partials_call,
+from nbfunc.lattice_sum import (miller_indices, per_orientation, pixel_partials_sum, pixel_partials_vjp,
                                 pixel_rows)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
@@ -47,18 +47,15 @@ DEFAULT_CHUNK = 1 << 18
 """Evaluations per chunk of the compiled kernel when ``sampling.chunk`` is 0."""
 SMALL_CHUNK = 1 << 16
 """Evaluations per chunk, when ``sampling.chunk`` is 0, of the eager kernel (torch.func
-transforms, NANOBRAGG_DISABLE_COMPILE, small command-line renders) and of compiled renders
-that record a graph outside the hand-written backward's configuration: both make many
-passes over per-evaluation arrays, and arrays of 2^16 values stay in the CPU caches
-(measured on 2 cores: eager bench_1024 about 2x faster than with 2^18 chunks, a compiled
-gradient with the round shape about 1.8x faster). With the hand-written backward
-(`lattice_sum_op`) 2^18 is faster (fewer calls; best times 12 vs 16 ms on a 256x256 image)."""
+transforms, NANOBRAGG_DISABLE_COMPILE, small command-line renders) and of the derivatives of
+compiled renders outside `PartialsRules`: both make many passes over per-evaluation arrays,
+and arrays of 2^16 values stay in the CPU caches (measured on 2 cores: eager bench_1024
+about 2x faster than with 2^18 chunks)."""
 
 PARTIALS_BUDGET = 1 << 26
-"""Bytes of per-pixel partial sums (`pixel_partials_op`) that a render recording a graph may
-keep for its backward (64 MiB: about 250 000 pixels in float64); larger compiled renders
-recompute every evaluation in the backward (`lattice_sum_op`), larger eager ones
-differentiate the kernel (`hand_gradient`)."""
+"""Bytes of per-pixel partial sums (`PartialsRules`) that a render whose derivative is taken
+may keep for its backward (64 MiB: about 250 000 pixels in float64); larger renders
+differentiate the kernel (`nbfunc.derived`)."""
 
 
 class PhiCarry(NamedTuple):
@@ -109,11 +106,6 @@ class Plan:
     dmin: float
     tile: int
     block: int
-    hand_gradient: str = ""
-    """How a render that records a graph in `_plain_configuration` differentiates its pixels
-    (`hand_gradient`): ``"partials"`` (`pixel_partials_op`) or ``"recompute"``
-    (`lattice_sum_op`, compiled renders only); ``""`` for every other render (autograd through
-    the kernel, or no graph)."""
 
     @property
     def n_paths(self) -> int:
@@ -330,88 +322,90 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
-    """The configuration the hand-written gradients (`pixel_partials_op`,
-    `lattice_sum_op`) cover: square shape, ``default_F`` only, flat detector, no absorption,
-    no resolution cut, no oversample flags."""
+    """The configuration `PartialsRules` cover: square shape, ``default_F`` only, flat
+    detector, no absorption, no resolution cut, no oversample flags; one source and one
+    orientation."""
     return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
-            and not plan.absorption and not plan.curved)
+            and not plan.absorption and not plan.curved and plan.n_sources == 1
+            and plan.n_orient == 1)
 
 
-def hand_gradient(plan: Plan, n_pixels: int, itemsize: int, compiled_now: bool) -> str:
-    """`Plan.hand_gradient` for a render of ``n_pixels`` in `_plain_configuration` that records
-    a graph: ``"partials"`` with one source and one orientation when the partial sums fit
-    `PARTIALS_BUDGET`; else ``"recompute"`` when compiled, ``""`` (autograd through the
-    kernel) when eager.
-
-    Gradient time over forward time measured on bench_1024's 256x256 ROI (float64, 2 cores),
-    each route forced: compiled 2.9 ("partials"), 3.5 ("recompute"), 6.4 (through the
-    kernel); eager 2.6, 4.0 and 3.2."""
+def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
+    """Whether a render whose derivative may be taken uses `PartialsRules`: the plain
+    configuration, every path of a pixel in one chunk, and partial sums that fit
+    `PARTIALS_BUDGET`."""
     fits = n_pixels * pixel_rows(plan.thicksteps > 1, plan.polarization) * itemsize <= PARTIALS_BUDGET
-    if plan.n_sources == 1 and plan.n_orient == 1 and fits:
-        return "partials"
-    return "recompute" if compiled_now else ""
+    return _plain_configuration(plan, has_hkl) and plan.single_block and fits
 
 
-def _hand_gradient_applies(plan: Plan, orient_first, finish) -> bool:
-    """Whether this chunk takes a hand-written gradient (`_plain_pixel_values` or
-    `_plain_chunk_sums`): the plan says so, the chunk holds every path of its pixels, there is
-    no carry, and the kernel is being compiled or runs eagerly outside torch.func transforms
-    (which the operators have no rules for) and outside the re-run of a backward that records
-    a graph (their backward is first order only; `first_order_gradients`)."""
-    return (bool(plan.hand_gradient) and finish is not None and orient_first is None
-            and (torch.compiler.is_compiling()
-                 or not (in_functorch_transform() or differentiating_twice())))
+def _pixel_coordinates(pixel_index, plan: Plan, dtype):
+    """(fast, slow) float pixel indices, each (1, P), of (1, P) int64 flat indices."""
+    # row and column by float64 arithmetic, exact below 2^52 (int64 division does not vectorise)
+    flat = pixel_index.to(torch.float64)
+    rows = torch.floor((flat + 0.5) * (1.0 / plan.fpixels))
+    return (flat - rows * plan.fpixels).to(dtype), rows.to(dtype)
 
 
-def _first_path_factors(setup: Setup, plan: Plan, fpix, spix, first: Paths):
-    """Solid angle and polarization of the first path, each (1, P)."""
-    diffracted, airpath, incident, _, _ = path_rays(setup, plan, fpix, spix, first)
-    omega, _, polar = path_factors(setup, plan, diffracted, airpath, incident, first.layer)
-    return omega, polar
-
-
-def _plain_chunk_sums(setup: Setup, orient, fpix, spix, paths: Paths, disabled_in, seen_in, plan: Plan):
-    """`_chunk_sums` for the chunks of `_hand_gradient_applies` on the ``"recompute"`` route:
-    the sum through `lattice_sum_op`, the first path's solid angle and polarization through
-    ordinary autograd (recomputed in the backward)."""
+def _partials_inputs(setup: Setup, orient, plan: Plan, finish):
+    """The 17 differentiable inputs of `nbfunc.lattice_sum.pixel_partials` (``fdet`` to
+    ``background``) for a chunk of the plain configuration."""
     f = setup.frame
-    b = lattice_sum_op(f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
-                       *_lattice_source(setup, plan, paths), orient, setup.n_cells,
-                       setup.default_f, fpix, spix, paths.sub_f, paths.sub_s, paths.layer,
-                       plan.oversample, plan.thicksteps > 1)
-    first = Paths(*(x[:1] for x in paths))
-    # recomputed in the backward from the pixel indices instead of saved as some twenty
-    # per-pixel arrays (measured 4 % faster for the whole gradient on bench_1024's ROI)
-    omega, polar = torch.utils.checkpoint.checkpoint(_first_path_factors, setup, plan, fpix, spix,
-                                                     first, use_reentrant=False)
-    ones = torch.ones_like(b)
-    return {"A": ones, "B": b, "polar_found": torch.ones_like(b, dtype=torch.bool),
-            "polar_first": polar[0], "omega": omega[0], "capture": ones,
-            "disabled": disabled_in, "seen": seen_in}
-
-
-def _lattice_source(setup: Setup, plan: Plan, paths: Paths):
-    """(incident (E or 1, 1, 3), wavelength (E or 1, 1)) of the paths for the operators: one
-    row when there is one source, so that its gradients are plain sums."""
-    if plan.n_sources == 1:
-        return setup.incident[:1, None], setup.wavelengths[:1, None]
-    return paths.incident, paths.wavelength
-
-
-def _plain_pixel_values(setup: Setup, orient, fpix, spix, paths: Paths, plan: Plan, finish):
-    """(P,) photons per pixel of a chunk on the ``"partials"`` route: one call of
-    `pixel_partials_call` (lattice sum, first-path solid angle and polarization, scale)."""
-    f = setup.frame
-    incident, wavelength = _lattice_source(setup, plan, paths)
     if plan.polarization:
         e_in, b_in = (torch.stack(x) for x in polarization_axes(setup.incident[0], setup.polar_axis))
     else:
         e_in = b_in = torch.zeros_like(f.fdet)
-    return pixel_partials_call(
-        f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
-        orient, setup.n_cells, setup.default_f, f.close_distance, e_in, b_in, setup.kahn, *finish,
-        fpix, spix, paths.sub_f, paths.sub_s, paths.layer, plan.oversample, plan.thicksteps > 1,
-        plan.point_pixel, plan.polarization)[0]
+    return (f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
+            setup.incident[:1, None], setup.wavelengths[:1, None], orient, setup.n_cells,
+            setup.default_f, f.close_distance, e_in, b_in, setup.kahn, *finish)
+
+
+class PartialsRules(StructuredRules):
+    """First derivatives of `chunk_kernel` in the plain configuration (`partials_apply`) from
+    per-pixel partial sums.
+
+    The forward computes the photons per pixel with `nbfunc.lattice_sum.pixel_partials`
+    (lattice sum, first-path solid angle and polarization, scale) together with, per pixel,
+    the derivatives of the value with respect to its inputs, summed over the paths (the
+    residual, (R, P)); the VJP is then one matrix-vector product with the incoming per-pixel
+    gradient (`nbfunc.lattice_sum.pixel_partials_vjp`) chained through the few (3,)-sized
+    inputs (`_partials_inputs`), instead of a second pass over every evaluation. The JVP is
+    that VJP's transpose (`nbfunc.derived`). Second and higher derivatives are derived from
+    `chunk_kernel` itself.
+
+    Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
+    ("Transforms").
+
+    Args:
+        compile: run the compiled partial sums (else eager).
+    """
+
+    def __init__(self, compile: bool):
+        self.compile = compile
+
+    def forward(self, args, kwargs):
+        setup, orient, _, pixel_index, paths, disabled, seen = args
+        plan, finish = kwargs["plan"], kwargs["finish"]
+        fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
+        value, rows = pixel_partials_sum(
+            *_partials_inputs(setup, orient, plan, finish), fpix, spix, paths.sub_f,
+            paths.sub_s, paths.layer, oversample=plan.oversample, layered=plan.thicksteps > 1,
+            point_pixel=plan.point_pixel, polarized=plan.polarization, compile=self.compile)
+        return {"value": value, "disabled": disabled, "seen": seen}, (rows,)
+
+    def vjp(self, args, kwargs, residuals, cotangent):
+        setup, orient = args[:2]
+        plan, finish = kwargs["plan"], kwargs["finish"]
+        inputs, back = torch.func.vjp(lambda s, o, f: _partials_inputs(s, o, plan, f),
+                                      setup, orient, finish)
+        (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, _, n_cells, default_f,
+         close_distance, _, _, _, scale, background) = inputs
+        grads = pixel_partials_vjp(cotangent["value"], residuals[0], fdet, sdet, odet, pixel_size,
+                                   layer_depth, wavelength, orient, n_cells, default_f,
+                                   close_distance, scale, background, layered=plan.thicksteps > 1,
+                                   point_pixel=plan.point_pixel, polarized=plan.polarization)
+        g_setup, g_orient, g_finish = back(grads)
+        zeros = lambda x: tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, x)
+        return (g_setup, g_orient, *zeros(args[2:])), {**kwargs, "finish": g_finish}
 
 
 def pixel_values(plan: Plan, scale, intensity, capture_last, polar_found, polar_first, omega_first):
@@ -455,19 +449,9 @@ def chunk_kernel(setup: Setup, orient: torch.Tensor, orient_first: torch.Tensor 
         ``polar_first`` (P,), optional ``omega``/``capture`` (P,), ``disabled``, ``seen``;
         with ``finish``, only ``value`` (P,) photons per pixel, ``disabled`` and ``seen``.
     """
-    # row and column by float64 arithmetic, exact below 2^52 (int64 division does not vectorise)
-    flat = pixel_index.to(torch.float64)
-    rows = torch.floor((flat + 0.5) * (1.0 / plan.fpixels))
-    fpix = (flat - rows * plan.fpixels).to(setup.incident.dtype)
-    spix = rows.to(setup.incident.dtype)
-    if _hand_gradient_applies(plan, orient_first, finish):
-        if plan.hand_gradient == "partials":
-            return {"value": _plain_pixel_values(setup, orient, fpix, spix, paths, plan, finish),
-                    "disabled": disabled_in, "seen": seen_in}
-        out = _plain_chunk_sums(setup, orient, fpix, spix, paths, disabled_in, seen_in, plan)
-    else:
-        out = _chunk_sums(setup, orient, orient_first, fpix, spix, paths, disabled_in, seen_in,
-                          plan, omega_col, capture_col)
+    fpix, spix = _pixel_coordinates(pixel_index, plan, setup.incident.dtype)
+    out = _chunk_sums(setup, orient, orient_first, fpix, spix, paths, disabled_in, seen_in,
+                      plan, omega_col, capture_col)
     if finish is None:
         return out
     scale, background = finish
@@ -556,23 +540,24 @@ def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, di
     return out
 
 
-_compiled_kernel = compiled(chunk_kernel, static_argnames=("plan", "omega_col", "capture_col"),
-                            # recompute rather than save per-evaluation values for the backward:
-                            # saving splits the forward's fused loop (measured 3-5x slower
-                            # forward under autograd on bench_1024)
-                            grad_config={"activation_memory_budget": 0.0})
+_compiled_kernel = compiled(chunk_kernel, static_argnames=("plan", "omega_col", "capture_col"))
+
+_eager_kernel = per_call_under_transforms(chunk_kernel)
+"""The eager `chunk_kernel`; under torch.func transforms one chunk at a time (memory)."""
+
+_PARTIALS = {mode: ({}, PartialsRules(mode)) for mode in (False, True)}
+"""Per compile mode: the derived functions of `chunk_kernel` with `PartialsRules`, and the rules."""
 
 
-def plain_chunk_kernel(*args, **kwargs):
-    """`chunk_kernel` for renders that record a graph in `_plain_configuration`.
+def _partials_kernel(compile: bool):
+    """`chunk_kernel` with `PartialsRules` for its first derivatives (`nbfunc.derived`),
+    compiled or eager."""
+    cache, rules = _PARTIALS[compile]
 
-    A function of its own, so that it is compiled separately from `_compiled_kernel` with
-    torch's default autograd settings: its per-evaluation work is inside `pixel_partials_op`
-    or `lattice_sum_op`, whose outputs the backward should keep rather than recompute."""
-    return chunk_kernel(*args, **kwargs)
-
-
-_compiled_plain_kernel = compiled(plain_chunk_kernel, static_argnames=("plan", "omega_col", "capture_col"))
+    def kernel(*args, **kwargs):
+        return derived_call(cache, chunk_kernel, "chunk_kernel_partials", args, kwargs,
+                            report_failure, compile=compile, rules=rules)
+    return kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,26 +628,8 @@ def image_kernel(p: Params, carry_orientation: torch.Tensor | None, pixel_index:
     return out["value"], out["seen"], after
 
 
-def plain_image_kernel(*args, **kwargs):
-    """`image_kernel` compiled with torch's default autograd settings (see `plain_chunk_kernel`)."""
-    return image_kernel(*args, **kwargs)
-
-
-_ONE_CALL = {
-    _compiled_kernel: compiled(image_kernel, static_argnames=("plan", "capture_col"),
-                               grad_config={"activation_memory_budget": 0.0}),
-    _compiled_plain_kernel: compiled(plain_image_kernel, static_argnames=("plan", "capture_col")),
-}
-"""The one-call form of each compiled chunk kernel."""
-
-_eager_kernel = per_call_under_transforms(chunk_kernel)
-"""The eager `chunk_kernel`; under torch.func transforms one chunk at a time (memory)."""
-
-_eager_plain_kernel = first_order_gradients(plain_chunk_kernel)
-"""`chunk_kernel` for eager renders that record a graph in `_plain_configuration`: the same
-hand-written gradients as compiled renders (`hand_gradient`), and double backward through
-the renderer's own code."""
-_ONE_CALL[_eager_plain_kernel] = first_order_gradients(plain_image_kernel)
+_one_call_kernel = compiled(image_kernel, static_argnames=("plan", "capture_col"))
+"""The compiled `image_kernel`, for compiled renders that fit one chunk and record no graph."""
 
 
 def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, progress=None,
@@ -674,37 +641,28 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
     decides by the eager work done so far (`nbfunc.compile.COMPILE_AFTER`). The decision is
     made here, once per render, and every chunk follows it."""
     plan, pixel_list = make_plan(p)
-    kernel = _compiled_kernel
+    n_pix = len(pixel_list)
     if compile is None:
-        compile = kernel.worth_compiling(plan.evaluations(len(pixel_list)))
-    compiled_now = compile and kernel.runs_compiled()
-    if not compiled_now:
-        kernel = _eager_kernel
-        plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
-    records_graph = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(p))
-    route = ""
-    if (records_graph and carry is None and _plain_configuration(plan, p.crystal.fhkl.numel() > 0)
-            and not in_functorch_transform()):
-        route = hand_gradient(plan, len(pixel_list), p.crystal.cell_a.dtype.itemsize, compiled_now)
-    if route:
-        if not compiled_now:
-            kernel = _eager_plain_kernel
-        else:
-            kernel = _compiled_plain_kernel
-        plan = dataclasses.replace(plan, hand_gradient=route)
-    elif compiled_now and records_graph and not in_functorch_transform():
-        # autograd through the whole kernel: small chunks keep its backward in cache
-        plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, len(pixel_list))
+        compile = _compiled_kernel.worth_compiling(plan.evaluations(n_pix))
+    compiled_now = compile and _compiled_kernel.runs_compiled()
+    tensors = [x for x in tree_leaves(p) if isinstance(x, torch.Tensor)]
+    if in_functorch_transform():
+        differentiated = not only_batching(tensors)
+    else:
+        differentiated = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    partials = differentiated and carry is None and partials_apply(
+        plan, n_pix, p.crystal.cell_a.dtype.itemsize, p.crystal.fhkl.numel() > 0)
+    if not compiled_now or (differentiated and not partials):
+        plan = plan.chunked(p.sampling.chunk or SMALL_CHUNK, n_pix)
+    if partials:
+        kernel = _partials_kernel(compiled_now)
+    else:
+        kernel = _compiled_kernel if compiled_now else _eager_kernel
     carry_orientation = None if carry is None else carry.orientation
     pixels = pixel_list.to(p.crystal.cell_a.device)
-    # under torch.func the set-up and the chunks are separate compiled calls (inductor in
-    # torch 2.13 fails to generate code for the VJP of the two as one graph)
-    one_call = (_ONE_CALL.get(kernel) if plan.single_block and len(pixels) == plan.tile
-                and not in_functorch_transform() else None)
-    if one_call is not None:
-        value, seen, after = one_call(p, carry_orientation, pixels[None], plan=plan,
-                                      capture_col=plan.capture_path)
+    if compiled_now and not differentiated and plan.single_block and n_pix == plan.tile:
+        value, seen, after = _one_call_kernel(p, carry_orientation, pixels[None], plan=plan,
+                                              capture_col=plan.capture_path)
         if progress is not None:
             progress(1, 1)
     else:

@@ -24,9 +24,9 @@ import nbfunc.render
 import nbfunc.lattice_sum as lattice_module
 from nbfunc.beam import polarization_axes
 from nbfunc.detector import solid_angle
-from nbfunc.lattice_sum import (lattice_partials, lattice_sum, lattice_sum_op, lattice_sum_vjp,
-                                pixel_partials, pixel_partials_call, pixel_partials_op,
-                                pixel_partials_vjp, pixel_rows, plain_geometry)
+from nbfunc.lattice import square_lattice
+from nbfunc.lattice_sum import (lattice_partials, pixel_partials, pixel_partials_sum, pixel_partials_vjp,
+                                pixel_rows, plain_geometry)
 from _transforms_support import (CONFIGS, assert_close_scaled, eager_mode, leaves_dict, make_params,
                                  poisson_nll)
 
@@ -76,10 +76,9 @@ def test_compiled_simulate_equals_eager(tiny, reference):
 
 
 def test_autograd_through_the_wrapper_equals_transform_gradient(tiny, reference):
-    """torch.autograd through the compiled `simulate` (one source, one orientation: the lattice
-    pixels through ``nbfunc::pixel_partials``) equals torch.func.grad; a second gradient
-    compiles nothing new (the operators' inner compiled functions used to compile a second
-    variant on their second call)."""
+    """torch.autograd through the compiled `simulate` (one source, one orientation: the first
+    derivatives from the pixel partials, `PartialsRules`) equals torch.func.grad; a second
+    gradient compiles nothing new."""
     _, grad, target = reference
     assert_autograd_matches(tiny, target, grad, 1e-10)
     with torch.compiler.set_stance("fail_on_recompile"), warnings.catch_warnings():
@@ -87,46 +86,43 @@ def test_autograd_through_the_wrapper_equals_transform_gradient(tiny, reference)
         assert_autograd_matches(tiny, target, grad, 1e-10)
 
 
-def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, reference, monkeypatch):
-    """An eager render under torch.autograd (the kernel not compiled, no transform) takes
-    ``nbfunc::pixel_partials`` like a compiled one: the gradient equals torch.func.grad's. A
-    backward with ``create_graph`` re-runs the kernel through autograd (the operator is not
-    called again) and its second derivatives equal those of a render without the operator."""
+@pytest.fixture
+def counted_partials(monkeypatch):
+    """Calls of `pixel_partials_sum` (the rules' forward), counted."""
     calls = []
 
-    def counted(*args):
-        calls.append(len(args))
-        return pixel_partials_call(*args)
+    def counted(*args, **kwargs):
+        calls.append(kwargs["compile"])
+        return pixel_partials_sum(*args, **kwargs)
 
-    monkeypatch.setattr(nbfunc.render, "pixel_partials_call", counted)
+    monkeypatch.setattr(nbfunc.render, "pixel_partials_sum", counted)
+    return calls
+
+
+def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, reference, counted_partials,
+                                                                          monkeypatch):
+    """An eager render under torch.autograd takes the pixel partials: the gradient equals
+    torch.func.grad's. A backward with ``create_graph`` differentiates the kernel itself for
+    the second derivatives (the partials are not computed again), which equal those of a
+    render without the rules."""
     _, grad, target = reference
     leaves = {path: nbfunc.tree.get_leaf(tiny, path).detach().clone().requires_grad_(True)
               for path in ("detector.distance", "crystal.cell_a", "beam.kahn_factor")}
     loss = lambda: poisson_nll(nbfunc.render._render(
         nbfunc.replace_leaves(tiny, leaves), None, compile=False)[0], target)
     got = torch.autograd.grad(loss(), list(leaves.values()), create_graph=True)
-    assert len(calls) == 1
+    assert counted_partials == [False]
     expected = leaves_dict(grad)
     for (path, leaf), g in zip(leaves.items(), got):
         assert_close_scaled(g, expected[path], 1e-10, path)
     second = torch.autograd.grad(got[0] + got[1], list(leaves.values()))
-    assert len(calls) == 1   # the re-run took the renderer's own code
-    monkeypatch.setattr(nbfunc.render, "_plain_configuration", lambda plan, has_hkl: False)
+    assert counted_partials == [False]
+    monkeypatch.setattr(nbfunc.render, "partials_apply", lambda *a: False)
     plain = torch.autograd.grad(loss(), list(leaves.values()), create_graph=True)
     plain_second = torch.autograd.grad(plain[0] + plain[1], list(leaves.values()))
-    assert len(calls) == 1
+    assert counted_partials == [False]
     for path, a, b in zip(leaves, second, plain_second):
         assert_close_scaled(a, b, 1e-10, path)
-
-
-@pytest.mark.slow
-@needs_compile
-def test_autograd_recomputing_the_lattice_sum_equals_transform_gradient(tiny, reference, monkeypatch):
-    """Renders whose partial sums exceed `PARTIALS_BUDGET` take ``nbfunc::lattice_sum``, whose
-    backward recomputes every evaluation (here with one source, the VJP's flat layout)."""
-    monkeypatch.setattr(nbfunc.render, "PARTIALS_BUDGET", 0)
-    _, grad, target = reference
-    assert_autograd_matches(tiny, target, grad, 1e-10)
 
 
 def assert_autograd_matches(p, target, expected, rtol: float, float_only: bool = False):
@@ -146,8 +142,8 @@ def assert_autograd_matches(p, target, expected, rtol: float, float_only: bool =
             assert_close_scaled(got, g, rtol, path, atol=1e-300)
 
 
-def _lattice_inputs(n_orient: int, n_sources: int, layered: bool):
-    """Random inputs of `lattice_sum` (differentiable ones, then the fixed indices)."""
+def _lattice_inputs(layered: bool):
+    """Random inputs of `lattice_partials` (differentiable ones, then the fixed indices)."""
     gen = torch.Generator().manual_seed(3)
     rnd = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)
     unit = lambda v: v / v.norm()
@@ -156,9 +152,8 @@ def _lattice_inputs(n_orient: int, n_sources: int, layered: bool):
     incident = unit(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + 0.01 * rnd(3))
     inputs = axes + [torch.tensor([0.05, 0.004, -0.003], dtype=torch.float64),
                      torch.tensor(1e-3, dtype=torch.float64), torch.tensor(2e-5, dtype=torch.float64),
-                     incident.expand(n_sources, 1, 3).clone(),
-                     torch.tensor([[1.0e-10], [1.1e-10]], dtype=torch.float64)[:n_sources],
-                     (torch.eye(3, dtype=torch.float64) * 4e-9 + 1e-10 * rnd(3, 3)).expand(n_orient, 3, 3).clone(),
+                     incident.reshape(1, 1, 3).clone(), torch.tensor([[1.0e-10]], dtype=torch.float64),
+                     (torch.eye(3, dtype=torch.float64) * 4e-9 + 1e-10 * rnd(3, 3)).reshape(1, 3, 3).clone(),
                      torch.tensor([5.0, 4.0, 1.0], dtype=torch.float64), torch.tensor(10.0, dtype=torch.float64)]
     fixed = [torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64), torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64),
              torch.tensor([[0.0], [1.0]], dtype=torch.float64), torch.tensor([[1.0], [0.0]], dtype=torch.float64),
@@ -166,43 +161,17 @@ def _lattice_inputs(n_orient: int, n_sources: int, layered: bool):
     return inputs, fixed
 
 
-@pytest.mark.parametrize("n_orient, n_sources, layered", [(1, 2, True), (2, 2, True), (1, 1, False)])
-def test_hand_written_lattice_gradient_equals_autograd(n_orient, n_sources, layered):
-    """`lattice_sum_vjp` against autograd through `lattice_sum` (both eager here; compiled
-    renders that record a graph use them through the operator ``nbfunc::lattice_sum`` for the
-    common configuration). Several sources, several orientations, one source with the flat
-    layout, one sensor layer."""
-    inputs, fixed = _lattice_inputs(n_orient, n_sources, layered)
-    weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
-    hand = lattice_sum_vjp(weights, *inputs, *fixed, oversample=2, layered=layered)
-    b = [x.clone().requires_grad_(True) for x in inputs]
-    auto = torch.autograd.grad((lattice_sum(*b, *fixed, 2) * weights).sum(), b)
-    for i, (got, expected) in enumerate(zip(hand, auto)):
-        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
-                                   msg=lambda m: f"input {i}: {m}")
-
-
-def test_lattice_sum_operator_differentiates_through_the_vjp(monkeypatch):
-    """The operator's forward is `lattice_sum` and its registered backward `lattice_sum_vjp`
-    (their compiled forms replaced by the functions themselves, to skip the compile here)."""
-    import nbfunc.lattice_sum as module
-
-    monkeypatch.setattr(module, "_compiled_sum", lattice_sum)
-    monkeypatch.setattr(module, "_compiled_vjp", lattice_sum_vjp)
-    inputs, fixed = _lattice_inputs(2, 2, True)
-    weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
-    a = [x.clone().requires_grad_(True) for x in inputs]
-    value = lattice_sum_op(*a, *fixed, 2, True)
-    assert torch.equal(value.detach(), lattice_sum(*inputs, *fixed, 2))
-    got = torch.autograd.grad((value * weights).sum(), a)
-    expected = lattice_sum_vjp(weights, *inputs, *fixed, oversample=2, layered=True)
-    for g, e in zip(got, expected):
-        assert torch.equal(g, e)
+def _lattice_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+                 n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample):
+    """``sum over paths of (F F_latt)^2`` per pixel from the renderer's pieces (`square_lattice`)."""
+    hkl = plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
+                         orient, fpix, spix, sub_f, sub_s, layer, oversample)[-1]
+    return ((default_f * square_lattice(hkl, n_cells)) ** 2).sum(0)
 
 
 def _pixel_inputs(layered: bool):
     """Random inputs of `pixel_partials` (the 17 differentiable ones, then the fixed indices)."""
-    inputs, fixed = _lattice_inputs(1, 1, layered)
+    inputs, fixed = _lattice_inputs(layered)
     e_in, b_in = (torch.stack(x) for x in polarization_axes(
         inputs[6].reshape(3), torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64)))
     f64 = lambda x: torch.tensor(x, dtype=torch.float64)
@@ -211,9 +180,9 @@ def _pixel_inputs(layered: bool):
 
 def _pixel_reference(*args, oversample, point_pixel, polarized):
     """`pixel_partials`' photons per pixel composed from the renderer's own pieces:
-    `lattice_sum`, `solid_angle` and the Kahn factor of the first path."""
+    `_lattice_sum`, `solid_angle` and the Kahn factor of the first path."""
     lattice, (close, e_in, b_in, kahn, scale, background), fixed = args[:11], args[11:17], args[17:]
-    b = lattice_sum(*lattice, *fixed, oversample)
+    b = _lattice_sum(*lattice, *fixed, oversample)
     fpix, spix, sub_f, sub_s, layer = fixed
     _, _, _, airpath, d, _, _ = plain_geometry(*lattice[:9], fpix, spix, sub_f[:1], sub_s[:1],
                                                layer[:1], oversample)
@@ -261,25 +230,21 @@ def _pixel_vjp(weights, rows, inputs, layered, **flags):
                               orient, n_cells, default_f, close, scale, background, layered, **flags)
 
 
-def test_pixel_partials_operator_splits_paths_and_differentiates_through_the_partial_sums(monkeypatch):
-    """The operator adds the partial sums of groups of at most `PATHS_PER_CALL` paths (here 1 of
-    2) and differentiates its first output through `pixel_partials_vjp`; the partial sums carry
-    no gradient (compiled forms replaced by the functions themselves, to skip the compile)."""
+def test_pixel_partials_sum_splits_paths(monkeypatch):
+    """Compiled, `pixel_partials_sum` adds the partial sums of groups of at most
+    `PATHS_PER_CALL` paths (here 1 of 2); the result equals `pixel_partials` of all paths
+    (compiled forms replaced by the functions themselves, to skip the compile)."""
     monkeypatch.setattr(lattice_module, "_compiled_partials", lattice_partials)
     monkeypatch.setattr(lattice_module, "_compiled_pixel", pixel_partials)
     monkeypatch.setattr(lattice_module, "PATHS_PER_CALL", 1)
     inputs, fixed = _pixel_inputs(True)
-    weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
-    a = [x.clone().requires_grad_(True) for x in inputs]
-    value, rows = pixel_partials_op(*a, *fixed, 2, True, False, True)
-    expected_value, expected_rows = pixel_partials(*inputs, *fixed, oversample=2, layered=True,
-                                                   point_pixel=False, polarized=True)
-    torch.testing.assert_close(value.detach(), expected_value, rtol=1e-14, atol=0.0)
-    torch.testing.assert_close(rows, expected_rows, rtol=1e-13, atol=1e-13 * float(expected_rows.abs().max()))
-    assert not rows.requires_grad
-    got = torch.autograd.grad((value * weights).sum(), a)
-    for g, e in zip(got, _pixel_vjp(weights, rows, inputs, True, point_pixel=False, polarized=True)):
-        assert torch.equal(g, e)
+    flags = {"oversample": 2, "layered": True, "point_pixel": False, "polarized": True}
+    expected_value, expected_rows = pixel_partials(*inputs, *fixed, **flags)
+    for compile in (True, False):
+        value, rows = pixel_partials_sum(*inputs, *fixed, **flags, compile=compile)
+        torch.testing.assert_close(value, expected_value, rtol=1e-14, atol=0.0)
+        torch.testing.assert_close(rows, expected_rows, rtol=1e-13,
+                                   atol=1e-13 * float(expected_rows.abs().max()))
 
 
 @pytest.mark.parametrize("kernel", ["eager", "compiled"])
@@ -291,7 +256,7 @@ def test_float32_gradient_through_the_pixel_partials(kernel, reference):
     float32 images differ from float64 by up to 2.5e-5 of the image maximum (eager; 6e-6
     compiled: single-precision cell, rotations and detector geometry put ~3e-7 on the Miller
     indices, which the grating amplifies near its zeros), and the misset gradient of the
-    eager float32 render through autograd, without the operator, is 3.6e-4 off (measured)."""
+    eager float32 render through autograd, without the partials, is 3.6e-4 off (measured)."""
     if kernel == "compiled" and nbcompile.COMPILE_DISABLED:
         pytest.skip("NANOBRAGG_DISABLE_COMPILE=1: nothing is compiled")
     from _transforms_support import BASE
@@ -314,28 +279,6 @@ def test_float32_gradient_through_the_pixel_partials(kernel, reference):
         assert_close_scaled(g.double(), e, 1e-3, path)
         big = e.abs() > 1e-2 * e.abs().max()
         assert torch.equal(torch.sign(g.double())[big], torch.sign(e)[big]), path
-
-
-_EAGER_GRADIENT = """
-import sys, torch, nbfunc, nbfunc.render as render
-from _transforms_support import make_params
-calls = []
-call = render.pixel_partials_call
-render.pixel_partials_call = lambda *a: (calls.append(1), call(*a))[1]
-p = make_params()
-leaf = p.detector.distance.detach().clone().requires_grad_(True)
-(g,) = torch.autograd.grad(nbfunc.simulate(nbfunc.replace_leaves(p, {"detector.distance": leaf})).sum(), leaf)
-print(len(calls), bool(g != 0), "torch._dynamo" in sys.modules)
-"""
-
-
-def test_an_eager_gradient_does_not_load_torch_dynamo():
-    """With compilation disabled, a gradient through the pixel partials stays off torch._dynamo
-    (a custom operator's first call imports it, about 1.5 s)."""
-    out = subprocess.run([sys.executable, "-c", _EAGER_GRADIENT], capture_output=True, text=True,
-                         env={**os.environ, "NANOBRAGG_DISABLE_COMPILE": "1"},
-                         cwd=os.path.dirname(__file__), check=True)
-    assert out.stdout.split() == ["1", "True", "False"], out.stdout + out.stderr
 
 
 _FIRST_RENDER = """
@@ -399,13 +342,17 @@ def _leaf_fn(p, names, fn):
 
 
 @needs_compile
-def test_compiled_transforms_equal_eager_transforms(tiny, reference, aot_eager):
+@pytest.mark.parametrize("partials", [True, False])
+def test_compiled_transforms_equal_eager_transforms(tiny, reference, aot_eager, partials, monkeypatch):
     """grad and jacfwd of a render through the compiled functions derived from the set-up and
-    the kernel (VJPs, JVPs as VJPs of VJPs, their batched forms) equal the eager transforms in
-    float64. (Hessians, jacrev, jvp and vmap of them compose the same rules: with eager
+    the kernel (VJPs, JVPs as VJPs of VJPs, their batched forms), with the first derivatives
+    from the pixel partials (`PartialsRules`) or from the kernel, equal the eager transforms
+    in float64. (Hessians, jacrev, jvp and vmap of them compose the same rules: with eager
     derived functions in every transform test, with a stand-in compile in
-    `test_transforms_run_compiled_derived_functions`; tracing a Hessian's derived functions
-    here took about a minute more.)"""
+    `test_transforms_run_compiled_derived_functions` and ``test_derived.py``; tracing a
+    Hessian's derived functions here took about a minute more.)"""
+    if not partials:
+        monkeypatch.setattr(nbfunc.render, "partials_apply", lambda *a: False)
     _, expected_grad, target = reference
     names = ["detector.distance", "crystal.cell_a", "crystal.misset"]
     image, x = _leaf_fn(tiny, names, nbfunc.simulate)
@@ -433,25 +380,26 @@ def test_inductor_compiled_gradient_equals_eager(tiny, reference):
         assert_close_scaled(a, leaves_dict(expected)[path], 1e-9, path, atol=1e-300)
 
 
-def test_hand_gradient_choice(tiny):
-    """Partial sums with one source and one orientation within the memory budget; otherwise a
-    compiled backward recomputes the evaluations, and an eager one differentiates the kernel."""
+def test_partials_choice(tiny):
+    """The pixel partials with one source and one orientation, no HKL file, within the memory
+    budget; otherwise the kernel's own derivatives."""
     plan, _ = nbfunc.render.make_plan(tiny)
     budget_pixels = nbfunc.render.PARTIALS_BUDGET // (pixel_rows(plan.thicksteps > 1, plan.polarization) * 8)
-    choice = nbfunc.render.hand_gradient
-    for compiled_now, otherwise in ((True, "recompute"), (False, "")):
-        assert choice(plan, budget_pixels, 8, compiled_now) == "partials"
-        assert choice(plan, budget_pixels + 1, 8, compiled_now) == otherwise
-        assert choice(plan, budget_pixels + 1, 4, compiled_now) == "partials"
-        for many in ({"n_sources": 2}, {"n_orient": 3}):
-            assert choice(dataclasses.replace(plan, **many), 16, 8, compiled_now) == otherwise
+    choice = nbfunc.render.partials_apply
+    assert choice(plan, budget_pixels, 8, False)
+    assert not choice(plan, budget_pixels + 1, 8, False)
+    assert choice(plan, budget_pixels + 1, 4, False)
+    assert not choice(plan, 16, 8, True)
+    for other in ({"n_sources": 2}, {"n_orient": 3}, {"shape": "round"}, {"curved": True},
+                  {"absorption": True}, {"dmin": 1e-10}, {"ordered": True}):
+        assert not choice(dataclasses.replace(plan, **other), 16, 8, False), other
 
 
 @pytest.mark.slow
 @needs_compile
 def test_compiled_autograd_equals_transform_gradient_with_many_paths(input_files):
-    """Several sources (paths) and several orientations through the compiled, hand-written
-    backward (one tree with both: one compile of the kernel instead of two)."""
+    """Several sources (paths) and several orientations: ``.backward()`` through the compiled
+    VJP derived from the kernel (one tree with both: one compile instead of two)."""
     p = make_params(CONFIGS["mosaic_phi"][0] + " " + CONFIGS["divergence_dispersion"][0], input_files)
     with eager_mode():
         target = (nbfunc.simulate(p) * 1.1).detach()
@@ -563,62 +511,6 @@ def test_double_backward_through_a_really_compiled_function():
     assert torch.autograd.gradgradcheck(lambda t: f(t, t)["b"], (x,))
 
 
-class _Calls:
-    """Records `differentiating_twice` at every call (an object, which pytree keeps as a leaf)."""
-
-    def __init__(self):
-        self.calls = []
-
-
-class _FirstOrderSquare(torch.autograd.Function):
-    """``x^2`` with a backward that is first order only, as nbfunc's operators: nothing in a
-    backward that records a graph."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            return None
-        (x,) = ctx.saved_tensors
-        return 2.0 * x * grad
-
-
-def _square_sum(x, seen: "_Calls"):
-    seen.calls.append(nbcompile.differentiating_twice())
-    y = x * x if nbcompile.differentiating_twice() else _FirstOrderSquare.apply(x)
-    return {"b": y * x, "a": y.sum()}
-
-
-def test_first_order_gradients_differentiate_the_function_again():
-    """`first_order_gradients`: first-order gradients through the function's first-order-only
-    path; grad-of-grad (also by ``.backward()``), gradgradcheck and a retained graph through
-    its re-run with `differentiating_twice` set."""
-    seen = _Calls()
-    f = nbcompile.first_order_gradients(_square_sum)
-    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    out = f(x, seen)
-    (g,) = torch.autograd.grad(out["b"].sum() + out["a"], x, create_graph=True)
-    torch.testing.assert_close(g, 3 * x**2 + 2 * x)
-    assert seen.calls == [False, True]
-    (h,) = torch.autograd.grad(g.sum(), x, retain_graph=True)
-    torch.testing.assert_close(h, 6 * x + 2)
-    g.sum().backward()
-    torch.testing.assert_close(x.grad, 6 * x.detach() + 2)
-    x.grad = None
-    loss = f(x, seen)["b"].sum()
-    loss.backward(retain_graph=True)
-    loss.backward()
-    torch.testing.assert_close(x.grad, 6 * x.detach()**2)
-    assert not nbcompile.differentiating_twice()
-    assert torch.autograd.gradgradcheck(lambda t: f(t, _Calls())["b"], (x,))
-    with torch.no_grad():
-        assert f(x, seen)["b"].grad_fn is None
-
-
 def _unwrapped(calls) -> bool:
     """Every recorded call received plain tensors (no transform was active)."""
     return all(not any(flags) for flags in calls)
@@ -656,12 +548,12 @@ def test_compile_failure_under_a_transform_is_reported_then_eager(wrapper_on):
     assert torch.equal(torch.func.jacfwd(f)(x), 2 * torch.eye(3))
 
 
-def test_plain_vmap_runs_the_compiled_function_once_per_member(recording_compile):
+def test_plain_vmap_runs_the_batched_function_compiled(recording_compile):
     f = nbcompile.compiled(_cube_sum)
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
     y = torch.tensor([0.5, 2.0], dtype=torch.float64)
     out = torch.func.vmap(f, in_dims=(0, None))(x, y)
-    assert recording_compile == [[False, False]] * 3     # plain tensors, one call per member
+    assert recording_compile == [[False, False]]     # one call of the batched function
     assert torch.equal(out["b"], x**3 * y)
     assert torch.equal(out["a"], (x * y).sum(1))
 
@@ -679,9 +571,9 @@ def test_vmap_of_tensors_that_need_a_gradient_runs_the_batched_function(recordin
 @pytest.mark.slow
 @needs_compile
 def test_compiled_vmap_of_renders_equals_the_loop(tiny):
-    """The chunk kernel runs compiled once per member under vmap, as in the loop; the
-    per-image set-up runs batched and eagerly under vmap but compiled in the loop (same
-    formulas, summed in another order), so the two agree to rounding, not bit for bit."""
+    """Under vmap the set-up and the chunk kernel run batched and compiled (the same formulas
+    as the loop's, compiled for a batch, may sum in another order), so the two agree to
+    rounding, not bit for bit."""
     changes = [{}, {"crystal.cell_a": torch.tensor(52.0, dtype=torch.float64),
                     "detector.distance": torch.tensor(55.0, dtype=torch.float64)}]
     members = [nbfunc.replace_leaves(tiny, c) for c in changes]

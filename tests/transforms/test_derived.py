@@ -1,0 +1,112 @@
+"""`nbfunc.derived`: rules for the first derivatives of a derived call.
+
+A toy function ``f(x, y) = {"b": x^3 y, "a": sum(x y)}`` with rules whose forward returns the
+residual ``3 x^2 y`` and whose VJP uses it: every transform and autograd give the exact
+derivatives, the first ones from the rules (counted), the higher ones from the function.
+Both compile modes: eager derived functions, and a stand-in ``torch.compile`` that records
+that compiled code only ever sees plain tensors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nbfunc.derived import StructuredRules, derived_call
+
+
+def _cube(x, y, *, scale: float):
+    return {"b": scale * x**3 * y, "a": (x * y).sum(), "n": x.argmax()}
+
+
+class _CubeRules(StructuredRules):
+    def __init__(self):
+        self.forwards = self.vjps = 0
+
+    def forward(self, args, kwargs):
+        self.forwards += 1
+        x, y = args
+        return _cube(x, y, **kwargs), (3 * kwargs["scale"] * x**2 * y,)
+
+    def vjp(self, args, kwargs, residuals, cotangent):
+        self.vjps += 1
+        x, y = args
+        (slope,) = residuals
+        gb, ga = cotangent["b"], cotangent["a"]
+        gx = slope * gb + ga * y
+        gy = kwargs["scale"] * x**3 * gb + ga * x
+        return (gx, gy), kwargs
+
+
+@pytest.fixture(params=["eager", "stand-in compile"])
+def call(request, monkeypatch):
+    """``f(x, y)`` through `derived_call` with `_CubeRules`, and the rules and compiled calls."""
+    compiled = []
+    if request.param != "eager":
+        def fake_compile(fn, **options):
+            def run(*args):
+                compiled.append(any(torch._C._functorch.is_batchedtensor(a)
+                                    or torch._C._functorch.is_gradtrackingtensor(a) for a in args))
+                return fn(*args)
+            return run
+        monkeypatch.setattr(torch, "compile", fake_compile)
+    rules, cache = _CubeRules(), {}
+    compile = request.param != "eager"
+
+    def f(x, y):
+        return derived_call(cache, _cube, "cube", (x, y), {"scale": 2.0}, _no_failure,
+                            compile=compile, rules=rules)
+    return f, rules, compiled
+
+
+def _no_failure(name, err):
+    raise AssertionError(f"{name}: {err}")
+
+
+X = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+Y = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+
+
+def test_first_derivatives_come_from_the_rules(call):
+    f, rules, compiled = call
+    loss = lambda t: f(t, Y)["b"].sum() + f(t, Y)["a"]
+    torch.testing.assert_close(torch.func.grad(loss)(X), 6 * X**2 * Y + Y)
+    assert rules.forwards == 2 and rules.vjps == 2
+    torch.testing.assert_close(torch.func.jacrev(lambda t: f(t, Y)["b"])(X), torch.diag(6 * X**2 * Y))
+    torch.testing.assert_close(torch.func.jacfwd(lambda t: f(t, Y)["b"])(X), torch.diag(6 * X**2 * Y))
+    _, tangent = torch.func.jvp(lambda t: f(t, Y)["b"], (X,), (torch.ones_like(X),))
+    torch.testing.assert_close(tangent, 6 * X**2 * Y)
+    assert rules.vjps >= 5       # the JVPs are the transpose of the rules' VJP
+    out = f(X, Y)
+    assert out["n"] == 2 and set(out) == {"a", "b", "n"}
+    assert not any(compiled)
+
+
+def test_autograd_and_higher_orders(call):
+    f, rules, compiled = call
+    x = X.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(x, Y)["b"].sum(), x, create_graph=True)
+    torch.testing.assert_close(g, 6 * X**2 * Y)
+    assert rules.vjps == 1
+    (h,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(h, 12 * X * Y)    # derived from the function, not the rules
+    loss = lambda t: f(t, Y)["b"].sum()
+    torch.testing.assert_close(torch.func.hessian(loss)(X), torch.diag(12 * X * Y))
+    grid = torch.stack([X, 2 * X])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(grid), 6 * grid**2 * Y)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(lambda t: f(t, Y)["b"]))(grid),
+                               torch.diag_embed(6 * grid**2 * Y))
+    assert torch.autograd.gradgradcheck(lambda t: f(t, Y)["b"], (x,))
+    assert not any(compiled)
+
+
+class _WrongStructure(_CubeRules):
+    def vjp(self, args, kwargs, residuals, cotangent):
+        return super().vjp(args, kwargs, residuals, cotangent)[0], {}
+
+
+def test_rules_returning_another_structure_are_refused():
+    def f(x):
+        return derived_call({}, _cube, "cube", (x, Y), {"scale": 2.0}, _no_failure, compile=False,
+                            rules=_WrongStructure())
+    with pytest.raises(TypeError, match="returned gradients of another structure"):
+        torch.func.grad(lambda t: f(t)["a"])(X)
