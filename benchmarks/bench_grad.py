@@ -11,14 +11,12 @@ Three measurements, each made in a compiled and in an eager subprocess (``mode``
   (``--reverse-roi`` pixels square): the likelihood of `nbfunc.likelihood`, which sums over
   the rendered pixels only.
 * ``jacfwd``: ``torch.func.jacfwd`` of the image with respect to 10 scalar leaves, over one
-  forward render, on a ``--jacfwd-roi`` square ROI of bench_1024. torch.func transforms run
-  the eager kernel in both modes, so ``ratio_vs_forward`` in the eager worker is the
-  like-for-like figure; the compiled worker's ratio is against a compiled forward.
+  forward render, on a ``--jacfwd-roi`` square ROI of bench_1024.
 * ``vmap``: ``torch.func.vmap(nbfunc.simulate)`` over 16 stacked 64x64 members with
   different cells and distances, against a Python loop of 16 `nbfunc.simulate` calls
-  (``loop_over_vmap`` > 1 means vmap is faster). In the compiled worker both run the
-  compiled kernel (vmap once per member, with everything around it batched); in the eager
-  worker both run eagerly.
+  (``loop_over_vmap`` > 1 means vmap is faster). In the compiled worker both run compiled
+  (vmap as compiled batched functions); in the eager worker both run eagerly. The compiled
+  worker compiles every render (`nbfunc.compile.COMPILE_AFTER` = 0).
 
 Each pair is timed interleaved (`common.measure_interleaved`: one call of each in turn), so
 both sides of a ratio see the same machine load; ratios are given of the warm medians and of
@@ -129,8 +127,12 @@ def worker(args) -> dict:
     """All three measurements in this process's compile mode."""
     import torch
 
+    import nbfunc.compile
     from nbfunc.compile import COMPILE_DISABLED
 
+    # every render compiled in the compiled worker (by default a process compiles only after
+    # nbfunc.compile.COMPILE_AFTER evaluations of eager work)
+    nbfunc.compile.COMPILE_AFTER = nbfunc.compile.COMPILE_AFTER_TRANSFORMS = 0
     dtype = getattr(torch, args.dtype)
     out = {"compile_disabled": COMPILE_DISABLED, "dtype": args.dtype, **common.code_version()}
     for name, fn in (("reverse", reverse), ("jacfwd", jacobian), ("vmap", ensemble)):

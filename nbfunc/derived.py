@@ -231,6 +231,8 @@ class _Call(torch.autograd.Function):
         ctx.float_out = tuple(j for j, o in enumerate(out) if _is_float(o))
         ctx.outputs = [(o.shape, o.dtype, o.device) for o in out]
         ctx.mark_non_differentiable(*[o for o in out if not _is_float(o)], *residuals)
+        # no zeros made for outputs without a gradient (the residuals: some tens of MB)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*xs, *residuals)
         ctx.save_for_forward(*xs, *residuals)
 

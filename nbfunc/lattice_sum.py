@@ -91,15 +91,42 @@ def position_gradient(g_d, d, airpath):
     return tuple((a - b * dot) / airpath for a, b in zip(g_d, d))
 
 
-PIXEL_ROWS = 26
-"""Rows of `pixel_partials`' per-pixel sums without polarization and with one sensor layer
-(`pixel_rows` gives the others)."""
+def _layout(parts) -> dict[str, slice]:
+    """Consecutive named row blocks: ``[(name, rows), ...] -> {name: slice}`` in that order."""
+    out, start = {}, 0
+    for name, n in parts:
+        out[name] = slice(start, start + n)
+        start += n
+    return out
+
+
+def lattice_row_layout(layered: bool) -> dict[str, slice]:
+    """The rows of `lattice_partials`' sums over the paths of ``L = (F F_latt)^2``'s
+    derivatives: ``hq`` ``dL/dh_i q_j`` (i-major, 1/m), ``n_cells`` ``dL/dN_i``,
+    ``direction`` ``dL/dd_j`` (d the diffracted unit vector), then ``dL/dpos_j`` (pos the
+    sub-pixel position, 1/m) times ``pos_fast`` the fast coordinate Fdet (m), ``pos_slow``
+    the slow coordinate Sdet (m), ``pos`` 1, and with ``layered`` ``pos_layer`` the layer
+    index."""
+    return _layout([("hq", 9), ("n_cells", 3), ("direction", 3), ("pos_fast", 3), ("pos_slow", 3),
+                    ("pos", 3)] + [("pos_layer", 3)] * layered)
+
+
+def pixel_row_layout(layered: bool, polarized: bool) -> dict[str, slice]:
+    """The rows of `pixel_partials`: per pixel the derivative of ``value/scale`` with respect
+    to ``orient`` the orientation matrix (row-major, m), ``n_cells`` N, ``incident`` the
+    incident direction, ``fdet``, ``sdet``, ``pix0`` (1/m), ``background`` (``P omega``),
+    then ``lattice`` ``P omega B`` (the derivative with respect to ``log F^2``); with
+    ``polarized`` ``e_in`` E, ``b_in`` B, ``kahn`` K; with ``layered`` ``layer``
+    ``dvalue/dpos`` times the layer index."""
+    return _layout([("orient", 9), ("n_cells", 3), ("incident", 3), ("fdet", 3), ("sdet", 3),
+                    ("pix0", 3), ("background", 1), ("lattice", 1)]
+                   + [("e_in", 3), ("b_in", 3), ("kahn", 1)] * polarized + [("layer", 3)] * layered)
 
 
 def pixel_rows(layered: bool, polarized: bool) -> int:
-    """Rows of `pixel_partials`' per-pixel sums: `PIXEL_ROWS`, 7 more with polarization, 3 more
-    with several sensor layers."""
-    return PIXEL_ROWS + 7 * polarized + 3 * layered
+    """Rows of `pixel_partials`' per-pixel sums (`pixel_row_layout`): 26, 7 more with
+    polarization, 3 more with several sensor layers."""
+    return max(block.stop for block in pixel_row_layout(layered, polarized).values())
 
 
 PATHS_PER_CALL = 9
@@ -166,12 +193,7 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
         oversample: sub-pixels per pixel edge; layered: False when every layer index is 0
         (the layer rows are left out).
     Returns:
-        ((P,) the sum B, (R, P) rows: sums over the paths of each pixel of 0-8
-        ``dL/dh_i q_j`` (i, j = 0..2; 1/m), 9-11 ``dL/dN_i``, 12-14 ``dL/dd_j`` (d the
-        diffracted unit vector), 15-17, 18-20, 21-23 ``dL/dpos_j`` (pos the sub-pixel position,
-        1/m) times the fast coordinate Fdet (m), the slow coordinate Sdet (m) and 1, with
-        ``layered`` 24-26 the same times the layer index. R is 24, or 27 with
-        ``layered``.)
+        ((P,) the sum B, (R, P) rows: `lattice_row_layout`; R is 24, or 27 with ``layered``.)
     """
     total = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
                           orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample,
@@ -202,12 +224,8 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         added before the pixel factors (or None); point_pixel: omega = 1/R^2;
         polarized: False for P = 1.
     Returns:
-        ((P,) photons per pixel, (R, P) rows, R = `pixel_rows`: per pixel the derivative of
-        ``value/scale`` with respect to 0-8 the orientation matrix (m), 9-11 N, 12-14 the
-        incident direction, 15-17 fdet, 18-20 sdet, 21-23 pix0 (1/m), then 24
-        ``P omega`` (the derivative with respect to the background), 25 ``P omega B``; with
-        ``polarized`` 26-28 E, 29-31 B, 32 K; with ``layered`` the last three rows
-        ``dvalue/dpos`` times the layer index.)
+        ((P,) photons per pixel, (R, P) rows as `pixel_row_layout` names them, R =
+        `pixel_rows`.)
     """
     lattice = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                n_cells, default_f)
@@ -232,20 +250,20 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     # the first path's position enters omega (through its distance) and P (through d)
     g_first = position_gradient(dp_dd, d, airpath)
     g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
-    rows = [u * x for x in raw[0:12]]
+    lat = {name: raw[block] for name, block in lattice_row_layout(layered).items()}
+    rows = {"orient": [u * x for x in lat["hq"]], "n_cells": [u * x for x in lat["n_cells"]],
+            "fdet": [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
+            "sdet": [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
+            "pix0": [u * y + x for x, y in zip(g_first, lat["pos"])],
+            "background": [u], "lattice": [u * b]}
     if polarized:
-        rows += [w * dp_dcos * x - u * y for x, y in zip(d, raw[12:15])]
+        rows["incident"] = [w * dp_dcos * x - u * y for x, y in zip(d, lat["direction"])]
+        rows.update(e_in=[w * dp_de * x for x in d], b_in=[w * dp_db * x for x in d], kahn=[w * dp_dk])
     else:
-        rows += [-u * y for y in raw[12:15]]
-    rows += [u * y + x * fd for x, y in zip(g_first, raw[15:18])]
-    rows += [u * y + x * sd for x, y in zip(g_first, raw[18:21])]
-    rows += [u * y + x for x, y in zip(g_first, raw[21:24])]
-    rows += [u, u * b]
-    if polarized:
-        rows += [w * dp_de * x for x in d] + [w * dp_db * x for x in d] + [w * dp_dk]
+        rows["incident"] = [-u * y for y in lat["direction"]]
     if layered:
-        rows += [u * y + x * layer[:1] for x, y in zip(g_first, raw[24:27])]
-    return value[0], torch.cat(rows)
+        rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
+    return value[0], torch.cat([x for name in pixel_row_layout(layered, polarized) for x in rows[name]])
 
 
 def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
@@ -255,18 +273,20 @@ def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, 
     to ``background`` (each of its input's shape) from its rows (R, P): one weighted sum per
     row, then the chain rule on (3,)-sized values. Without the pixel factors' dependence
     (``scale``, ``background``, ``default_F``, the distance and pixel size in omega) a
-    gradient follows from rows 24-25; the ``default_F`` gradient is ``2 scale sum(grad_v P
-    omega B) / F`` (exactly 0 at F = 0)."""
+    gradient follows from the ``background`` and ``lattice`` rows; the ``default_F`` gradient is
+    ``2 scale sum(grad_v P omega B) / F`` (exactly 0 at F = 0)."""
+    layout = pixel_row_layout(layered, polarized)
     s = rows @ grad_v
-    g = scale * s
-    d_orient = g[0:9].reshape(1, 3, 3)
-    d_n = torch.where(n_cells > 1, g[9:12], torch.zeros_like(g[9:12]))
-    d_incident = g[12:15].reshape(1, 1, 3)
-    d_fdet, d_sdet, d_pix0 = g[15:18], g[18:21], g[21:24]
-    along_layer = g[-3:] if layered else torch.zeros_like(d_pix0)
-    d_scale = s[25] + background * s[24]  # sum(grad_v value) / scale
+    g = {name: scale * s[block] for name, block in layout.items()}
+    s_background, s_lattice = s[layout["background"]][0], s[layout["lattice"]][0]
+    d_orient = g["orient"].reshape(1, 3, 3)
+    d_n = torch.where(n_cells > 1, g["n_cells"], torch.zeros_like(g["n_cells"]))
+    d_incident = g["incident"].reshape(1, 1, 3)
+    d_fdet, d_sdet, d_pix0 = g["fdet"], g["sdet"], g["pix0"]
+    along_layer = g["layer"] if layered else torch.zeros_like(d_pix0)
+    d_scale = s_lattice + background * s_background  # sum(grad_v value) / scale
     zero_f = default_f == 0
-    d_f = torch.where(zero_f, 0.0, 2.0 * g[25] / torch.where(zero_f, 1.0, default_f))
+    d_f = torch.where(zero_f, 0.0, 2.0 * scale * s_lattice / torch.where(zero_f, 1.0, default_f))
     d_wavelength = -(orient * d_orient).sum().reshape(1, 1) / wavelength
     d_pixel_size = (fdet * d_fdet + sdet * d_sdet).sum() / pixel_size
     if point_pixel:
@@ -275,13 +295,13 @@ def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, 
         d_close = scale * d_scale / close_distance
         d_pixel_size = d_pixel_size + 2.0 * scale * d_scale / pixel_size
     if polarized:
-        d_e, d_b, d_k = g[26:29], g[29:32], g[32]
+        d_e, d_b, d_k = g["e_in"], g["b_in"], g["kahn"][0]
     else:
         d_e = d_b = torch.zeros_like(d_pix0)
         d_k = torch.zeros_like(default_f)
     return (d_fdet, d_sdet, along_layer * layer_depth, d_pix0, d_pixel_size,
             (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f, d_close,
-            d_e, d_b, d_k, d_scale, g[24])
+            d_e, d_b, d_k, d_scale, scale * s_background)
 
 
 # the unrolled paths make one large fused loop: inductor's default node limit would split it
