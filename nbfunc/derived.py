@@ -301,10 +301,11 @@ class _FlatRules(Rules):
         self.layout["none_at"] = [j for j, o in enumerate(out) if o is None]
         kept = [o for o in out if o is not None]
         self.layout["float_out"] = [j for j, o in enumerate(kept) if _is_float(o)]
+        self.layout["n_kept"] = len(kept)
         return tuple(kept), residuals
 
     def vjp(self, xs, residuals, cotangents):
-        kept = [None] * (len(self.layout["out"][1]) - len(self.layout["none_at"]))
+        kept = [None] * self.layout["n_kept"]
         for j, g in zip(self.layout["float_out"], cotangents):
             kept[j] = g
         for j in self.layout["none_at"]:
@@ -341,7 +342,7 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
         # the keys exist before the first compile: dynamo guards on the keys of a dict that a
         # compiled function writes to (not on values it only writes), so a first call that
         # added them would be compiled again on the second call
-        layout = {"out": None, "none_at": None, "float_out": None}
+        layout = {"out": None, "none_at": None, "float_out": None, "n_kept": None}
         flat_template = [None if isinstance(x, torch.Tensor) else x for x in flat]
 
         def rebuild(tensors):

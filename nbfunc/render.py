@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from nbfunc.beam import polarization_axes, polarization_factor, sources
 from nbfunc.compile import (compiled, in_functorch_transform, only_batching, per_call_under_transforms,
@@ -397,15 +397,65 @@ class PartialsRules(StructuredRules):
         plan, finish = kwargs["plan"], kwargs["finish"]
         inputs, back = torch.func.vjp(lambda s, o, f: _partials_inputs(s, o, plan, f),
                                       setup, orient, finish)
-        (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, _, n_cells, default_f,
-         close_distance, _, _, _, scale, background) = inputs
-        grads = pixel_partials_vjp(cotangent["value"], residuals[0], fdet, sdet, odet, pixel_size,
-                                   layer_depth, wavelength, orient, n_cells, default_f,
-                                   close_distance, scale, background, layered=plan.thicksteps > 1,
-                                   point_pixel=plan.point_pixel, polarized=plan.polarization)
-        g_setup, g_orient, g_finish = back(grads)
-        zeros = lambda x: tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, x)
-        return (g_setup, g_orient, *zeros(args[2:])), {**kwargs, "finish": g_finish}
+        g_setup, g_orient, g_finish = back(_partials_vjp(cotangent["value"], residuals[0], inputs, plan))
+        return (g_setup, g_orient, *_zeros(args[2:])), {**kwargs, "finish": g_finish}
+
+
+def _zeros(tree):
+    return tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _partials_vjp(grad_value, rows, inputs, plan: Plan):
+    """`nbfunc.lattice_sum.pixel_partials_vjp`: the gradients of the 17 `_partials_inputs`."""
+    (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
+     close_distance, _, _, _, scale, background) = inputs
+    return pixel_partials_vjp(grad_value, rows, fdet, sdet, odet, pixel_size, layer_depth,
+                              wavelength, orient, n_cells, default_f, close_distance, scale,
+                              background, layered=plan.thicksteps > 1, point_pixel=plan.point_pixel,
+                              polarized=plan.polarization)
+
+
+class ImagePartialsRules(StructuredRules):
+    """`PartialsRules` for `image_kernel` without a carry: a render whose pixels fit one chunk
+    is one call (set-up and chunk), whose VJP chains the partial sums through the set-up's
+    VJP, instead of two calls, each with its own forward and backward.
+
+    Args:
+        compile: run the compiled set-up and partial sums (else eager).
+    """
+
+    def __init__(self, compile: bool):
+        self.compile = compile
+        self.chunk = PartialsRules(compile)
+
+    def forward(self, args, kwargs):
+        p, _, pixel_index = args
+        plan = kwargs["plan"]
+        setup, orient, _, _, finish = (_compiled_image_setup if self.compile else image_setup)(
+            p, None, plan=plan)
+        state = torch.zeros((), dtype=torch.bool, device=orient.device)
+        out, residuals = self.chunk.forward(
+            (setup, orient, None, pixel_index, path_block(setup, plan, 0, plan.n_paths), state, state),
+            {"plan": plan, "finish": finish})
+        return (out["value"], out["seen"], None), residuals
+
+    def vjp(self, args, kwargs, residuals, cotangent):
+        p, plan = args[0], kwargs["plan"]
+        leaves, spec = tree_flatten(p)
+        floating = [i for i, x in enumerate(leaves) if torch.is_floating_point(x)]
+
+        def inputs(*values):
+            tree = list(leaves)
+            for i, v in zip(floating, values):
+                tree[i] = v
+            setup, orient, _, _, finish = image_setup(tree_unflatten(tree, spec), None, plan=plan)
+            return _partials_inputs(setup, orient, plan, finish)
+
+        pp, back = torch.func.vjp(inputs, *[leaves[i] for i in floating])
+        grads = list(leaves)
+        for i, g in zip(floating, back(_partials_vjp(cotangent[0], residuals[0], pp, plan))):
+            grads[i] = g
+        return (tree_unflatten(grads, spec), None, torch.zeros_like(args[2])), kwargs
 
 
 def pixel_values(plan: Plan, scale, intensity, capture_last, polar_found, polar_first, omega_first):
@@ -545,19 +595,6 @@ _compiled_kernel = compiled(chunk_kernel, static_argnames=("plan", "omega_col", 
 _eager_kernel = per_call_under_transforms(chunk_kernel)
 """The eager `chunk_kernel`; under torch.func transforms one chunk at a time (memory)."""
 
-_PARTIALS = {mode: ({}, PartialsRules(mode)) for mode in (False, True)}
-"""Per compile mode: the derived functions of `chunk_kernel` with `PartialsRules`, and the rules."""
-
-
-def _partials_kernel(compile: bool):
-    """`chunk_kernel` with `PartialsRules` for its first derivatives (`nbfunc.derived`),
-    compiled or eager."""
-    cache, rules = _PARTIALS[compile]
-
-    def kernel(*args, **kwargs):
-        return derived_call(cache, chunk_kernel, "chunk_kernel_partials", args, kwargs,
-                            report_failure, compile=compile, rules=rules)
-    return kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,6 +668,23 @@ def image_kernel(p: Params, carry_orientation: torch.Tensor | None, pixel_index:
 _one_call_kernel = compiled(image_kernel, static_argnames=("plan", "capture_col"))
 """The compiled `image_kernel`, for compiled renders that fit one chunk and record no graph."""
 
+_PARTIALS = {(mode, one_call): ({}, (ImagePartialsRules if one_call else PartialsRules)(mode))
+             for mode in (False, True) for one_call in (False, True)}
+"""Per compile mode, for `chunk_kernel` and for `image_kernel`: the derived functions with
+`PartialsRules` or `ImagePartialsRules`, and the rules."""
+
+
+def _partials_kernel(compile: bool, one_call: bool = False):
+    """`chunk_kernel` (or with ``one_call`` `image_kernel`) with the pixel partials for its
+    first derivatives (`nbfunc.derived`), compiled or eager."""
+    cache, rules = _PARTIALS[compile, one_call]
+    fn = image_kernel if one_call else chunk_kernel
+
+    def kernel(*args, **kwargs):
+        return derived_call(cache, fn, f"{fn.__name__}_partials", args, kwargs,
+                            report_failure, compile=compile, rules=rules)
+    return kernel
+
 
 def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, progress=None,
             full_image: bool = True):
@@ -660,9 +714,11 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
         kernel = _compiled_kernel if compiled_now else _eager_kernel
     carry_orientation = None if carry is None else carry.orientation
     pixels = pixel_list.to(p.crystal.cell_a.device)
-    if compiled_now and not differentiated and plan.single_block and n_pix == plan.tile:
-        value, seen, after = _one_call_kernel(p, carry_orientation, pixels[None], plan=plan,
-                                              capture_col=plan.capture_path)
+    one_call = plan.single_block and n_pix == plan.tile
+    if one_call and (partials or (compiled_now and not differentiated)):
+        run = _partials_kernel(compiled_now, one_call=True) if partials else _one_call_kernel
+        value, seen, after = run(p, carry_orientation, pixels[None], plan=plan,
+                                 capture_col=plan.capture_path)
         if progress is not None:
             progress(1, 1)
     else:
