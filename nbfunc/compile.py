@@ -122,6 +122,14 @@ def single_vmap_level() -> bool:
     return len(levels) == 1 and levels[0].key() == torch._C._functorch.TransformType.Vmap
 
 
+def forward_mode_active() -> bool:
+    """True inside a forward-mode transform (``jvp``, ``jacfwd``, a Hessian's outer level)."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(level.key() == torch._C._functorch.TransformType.Jvp
+               for level in retrieve_all_functorch_interpreters())
+
+
 def _underlying_requires_grad(x: torch.Tensor) -> bool:
     functorch = torch._C._functorch
     while functorch.is_batchedtensor(x):

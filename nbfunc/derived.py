@@ -1,8 +1,9 @@
-"""Compiled functions that torch.func transforms differentiate and batch as compiled functions.
+"""nbfunc's one gradient design: compiled functions that autograd and torch.func transforms
+differentiate and batch as compiled functions.
 
 JAX differentiates a jitted function by deriving new functions (its VJP, its JVP, its batched
 form) and jitting those. `derived_call` does the same for a pure function of tensors under
-``torch.func``: the call becomes one `_Call` (a ``torch.autograd.Function`` with
+``torch.func`` and ``torch.autograd``: the call becomes one `_Call` (a ``torch.autograd.Function`` with
 ``setup_context``, ``backward``, ``jvp`` and ``vmap`` rules). Its forward runs the function
 compiled. Each rule answers with another `_Call`, of a function derived from the eager one
 with ``torch.func`` (``vjp``, ``jvp`` or ``vmap``), which again runs compiled. A transform
@@ -53,7 +54,9 @@ class Rules:
     gradients``: the gradients of the floating inputs from the cotangents of the floating
     outputs, linear in the cotangents (a tuple in input order). Both run with no transform
     active (the VJP may itself use ``torch.func``); the VJP equals the function's to rounding.
-    `derived_call` makes these from structured ones (`StructuredRules`).
+    The forward runs as it is (it calls compiled functions itself where it wants them); the
+    VJP, and its transpose, are compiled like any derived function. `derived_call` makes
+    these from structured ones (`StructuredRules`).
     """
 
     def forward(self, xs):
