@@ -442,7 +442,8 @@ class ImagePartialsRules(StructuredRules):
     def vjp(self, args, kwargs, residuals, cotangent):
         p, plan = args[0], kwargs["plan"]
         leaves, spec = tree_flatten(p)
-        floating = [i for i, x in enumerate(leaves) if torch.is_floating_point(x)]
+        floating = [i for i, x in enumerate(leaves)
+                    if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
         def inputs(*values):
             tree = list(leaves)
