@@ -279,33 +279,43 @@ class _Call(torch.autograd.Function):
 class StructuredRules:
     """`Rules` written for ``fn(*args, **kwargs)`` (`derived_call`) with its own structures.
 
-    ``forward(args, kwargs) -> (fn's result, residuals)``; ``vjp(args, kwargs, residuals,
-    cotangent) -> (grad_args, grad_kwargs)``: the cotangent has the structure of ``fn``'s
-    result (None at non-floating outputs), the gradients that of ``(args, kwargs)`` (any
-    value at non-floating inputs, a tensor at every floating one)."""
+    ``forward(args, kwargs) -> (fn's result, residuals)``. The VJP comes in two parts:
+    ``inputs(args, kwargs) -> tuple of tensors``, the quantities the hand-written VJP is
+    written for, as a differentiable function of the call's floating tensors (`_FlatRules`
+    chains through it with ``torch.func.vjp``); ``vjp(kwargs, inputs, residuals, cotangent)
+    -> gradients of inputs`` (a tuple of the same length), with the cotangent in the
+    structure of ``fn``'s result (None at non-floating outputs)."""
 
     def forward(self, args, kwargs):
         raise NotImplementedError
 
-    def vjp(self, args, kwargs, residuals, cotangent):
+    def inputs(self, args, kwargs):
         raise NotImplementedError
+
+    def vjp(self, kwargs, inputs, residuals, cotangent):
+        raise NotImplementedError
+
+
+def _kept_outputs(out, layout: dict) -> tuple:
+    """The tensors of a result of ``fn`` (`flatten_output` order, Nones dropped), with its
+    layout recorded in ``layout`` (`derived_call`)."""
+    out, layout["out"] = flatten_output(out)
+    layout["none_at"] = [j for j, o in enumerate(out) if o is None]
+    return tuple(o for o in out if o is not None)
 
 
 class _FlatRules(Rules):
     """`StructuredRules` of a call flattened by `derived_call`."""
 
-    def __init__(self, rules: StructuredRules, rebuild: Callable, spec, positions, layout: dict):
-        self.rules, self.rebuild, self.spec, self.positions, self.layout = (
-            rules, rebuild, spec, positions, layout)
+    def __init__(self, rules: StructuredRules, rebuild: Callable, layout: dict):
+        self.rules, self.rebuild, self.layout = rules, rebuild, layout
 
     def forward(self, xs):
         out, residuals = self.rules.forward(*self.rebuild(xs))
-        out, self.layout["out"] = flatten_output(out)
-        self.layout["none_at"] = [j for j, o in enumerate(out) if o is None]
-        kept = [o for o in out if o is not None]
+        kept = _kept_outputs(out, self.layout)
         self.layout["float_out"] = [j for j, o in enumerate(kept) if _is_float(o)]
         self.layout["n_kept"] = len(kept)
-        return tuple(kept), residuals
+        return kept, residuals
 
     def vjp(self, xs, residuals, cotangents):
         kept = [None] * self.layout["n_kept"]
@@ -313,13 +323,21 @@ class _FlatRules(Rules):
             kept[j] = g
         for j in self.layout["none_at"]:
             kept.insert(j, None)
-        args, kwargs = self.rebuild(xs)
-        grads, spec = pytree.tree_flatten(self.rules.vjp(args, kwargs, residuals,
-                                                         unflatten_output(kept, self.layout["out"])))
-        if spec != self.spec:
-            raise TypeError(f"{type(self.rules).__name__}.vjp returned gradients of another "
-                            f"structure than its arguments: {spec} != {self.spec}")
-        return tuple(grads[self.positions[i]] for i, x in enumerate(xs) if _is_float(x))
+        float_in = [i for i, x in enumerate(xs) if _is_float(x)]
+
+        def inputs(*fx):
+            ys = list(xs)
+            for i, v in zip(float_in, fx):
+                ys[i] = v
+            return tuple(self.rules.inputs(*self.rebuild(ys)))
+
+        values, back = torch.func.vjp(inputs, *[xs[i] for i in float_in])
+        grads = tuple(self.rules.vjp(self.rebuild(xs)[1], values, residuals,
+                                     unflatten_output(kept, self.layout["out"])))
+        if len(grads) != len(values):
+            raise TypeError(f"{type(self.rules).__name__}.vjp returned {len(grads)} gradients "
+                            f"for {len(values)} inputs")
+        return tuple(back(grads))
 
 
 def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict,
@@ -356,11 +374,9 @@ def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict
 
         def flat_fn(*tensors):
             a, k = rebuild(tensors)
-            out, layout["out"] = flatten_output(fn(*a, **k))
-            layout["none_at"] = [j for j, o in enumerate(out) if o is None]
-            return tuple(o for o in out if o is not None)
+            return _kept_outputs(fn(*a, **k), layout)
 
-        flat_rules = None if rules is None else _FlatRules(rules, rebuild, spec, positions, layout)
+        flat_rules = None if rules is None else _FlatRules(rules, rebuild, layout)
         entry = cache[key] = (Derived(flat_fn, f"{name}_{len(cache)}", on_failure, compile,
                                       rules=flat_rules), layout)
     derived, layout = entry

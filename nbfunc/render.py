@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_axes, polarization_factor, sources
 from nbfunc.compile import (compiled, forward_mode_active, in_functorch_transform, only_batching,
@@ -49,8 +49,8 @@ SMALL_CHUNK = 1 << 16
 """Evaluations per chunk, when ``sampling.chunk`` is 0, of the eager kernel (torch.func
 transforms, NANOBRAGG_DISABLE_COMPILE, small command-line renders) and of the forward-mode
 derivatives of compiled renders outside `PartialsRules`: both make many passes over
-per-evaluation arrays, and arrays of 2^16 values stay in the CPU caches (measured on 2 cores: eager bench_1024
-about 2x faster than with 2^18 chunks)."""
+per-evaluation arrays, and arrays of 2^16 values stay in the CPU caches (measured on 2 cores:
+eager bench_1024 about 2x faster than with 2^18 chunks)."""
 
 PARTIALS_BUDGET = 1 << 26
 """Bytes of per-pixel partial sums (`PartialsRules`) that a render whose derivative is taken
@@ -392,17 +392,11 @@ class PartialsRules(StructuredRules):
             point_pixel=plan.point_pixel, polarized=plan.polarization, compile=self.compile)
         return {"value": value, "disabled": disabled, "seen": seen}, (rows,)
 
-    def vjp(self, args, kwargs, residuals, cotangent):
-        setup, orient = args[:2]
-        plan, finish = kwargs["plan"], kwargs["finish"]
-        inputs, back = torch.func.vjp(lambda s, o, f: _partials_inputs(s, o, plan, f),
-                                      setup, orient, finish)
-        g_setup, g_orient, g_finish = back(_partials_vjp(cotangent["value"], residuals[0], inputs, plan))
-        return (g_setup, g_orient, *_zeros(args[2:])), {**kwargs, "finish": g_finish}
+    def inputs(self, args, kwargs):
+        return _partials_inputs(args[0], args[1], kwargs["plan"], kwargs["finish"])
 
-
-def _zeros(tree):
-    return tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, tree)
+    def vjp(self, kwargs, inputs, residuals, cotangent):
+        return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
 
 
 def _partials_vjp(grad_value, rows, inputs, plan: Plan):
@@ -439,24 +433,13 @@ class ImagePartialsRules(StructuredRules):
             {"plan": plan, "finish": finish})
         return (out["value"], out["seen"], None), residuals
 
-    def vjp(self, args, kwargs, residuals, cotangent):
-        p, plan = args[0], kwargs["plan"]
-        leaves, spec = tree_flatten(p)
-        floating = [i for i, x in enumerate(leaves)
-                    if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    def inputs(self, args, kwargs):
+        plan = kwargs["plan"]
+        setup, orient, _, _, finish = image_setup(args[0], None, plan=plan)
+        return _partials_inputs(setup, orient, plan, finish)
 
-        def inputs(*values):
-            tree = list(leaves)
-            for i, v in zip(floating, values):
-                tree[i] = v
-            setup, orient, _, _, finish = image_setup(tree_unflatten(tree, spec), None, plan=plan)
-            return _partials_inputs(setup, orient, plan, finish)
-
-        pp, back = torch.func.vjp(inputs, *[leaves[i] for i in floating])
-        grads = list(leaves)
-        for i, g in zip(floating, back(_partials_vjp(cotangent[0], residuals[0], pp, plan))):
-            grads[i] = g
-        return (tree_unflatten(grads, spec), None, torch.zeros_like(args[2])), kwargs
+    def vjp(self, kwargs, inputs, residuals, cotangent):
+        return _partials_vjp(cotangent[0], residuals[0], inputs, kwargs["plan"])
 
 
 def pixel_values(plan: Plan, scale, intensity, capture_last, polar_found, polar_first, omega_first):

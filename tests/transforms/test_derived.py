@@ -27,14 +27,15 @@ class _CubeRules(StructuredRules):
         x, y = args
         return _cube(x, y, **kwargs), (3 * kwargs["scale"] * x**2 * y,)
 
-    def vjp(self, args, kwargs, residuals, cotangent):
+    def inputs(self, args, kwargs):
+        return args
+
+    def vjp(self, kwargs, inputs, residuals, cotangent):
         self.vjps += 1
-        x, y = args
+        x, y = inputs
         (slope,) = residuals
         gb, ga = cotangent["b"], cotangent["a"]
-        gx = slope * gb + ga * y
-        gy = kwargs["scale"] * x**3 * gb + ga * x
-        return (gx, gy), kwargs
+        return slope * gb + ga * y, kwargs["scale"] * x**3 * gb + ga * x
 
 
 @pytest.fixture(params=["eager", "stand-in compile"])
@@ -99,14 +100,14 @@ def test_autograd_and_higher_orders(call):
     assert not any(compiled)
 
 
-class _WrongStructure(_CubeRules):
-    def vjp(self, args, kwargs, residuals, cotangent):
-        return super().vjp(args, kwargs, residuals, cotangent)[0], {}
+class _WrongCount(_CubeRules):
+    def vjp(self, kwargs, inputs, residuals, cotangent):
+        return super().vjp(kwargs, inputs, residuals, cotangent)[:1]
 
 
-def test_rules_returning_another_structure_are_refused():
+def test_rules_returning_another_number_of_gradients_are_refused():
     def f(x):
         return derived_call({}, _cube, "cube", (x, Y), {"scale": 2.0}, _no_failure, compile=False,
-                            rules=_WrongStructure())
-    with pytest.raises(TypeError, match="returned gradients of another structure"):
+                            rules=_WrongCount())
+    with pytest.raises(TypeError, match="returned 1 gradients for 2 inputs"):
         torch.func.grad(lambda t: f(t)["a"])(X)
