@@ -11,10 +11,9 @@ through `nbfunc.derived.derived_call`: autograd's and the transforms' rules call
 functions derived from the eager one (its VJP, its JVP, its batched form), so ``.backward()``,
 derivatives of every order and batches run compiled code.
 
-Do not wrap nbfunc functions in ``torch.compile`` yourself
-(``torch.compile(torch.func.grad(loss))``): nbfunc compiles the functions a transform derives
-already, and dynamo, tracing nbfunc's render from outside, fails (in torch 2.13 an internal
-assertion while tracing `nbfunc.derived._Call`'s backward).
+A user's ``torch.compile`` over a transform (``torch.compile(torch.func.grad(loss))``)
+does not trace the render (`nbfunc.render._render` is excluded with ``torch.compiler.disable``):
+it runs as nbfunc runs it, compiled by the functions here.
 
 A compile that fails is reported with a warning that names the function and the error, and
 that function then runs eagerly; it is never swallowed silently.

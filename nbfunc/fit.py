@@ -27,7 +27,8 @@ import torch
 from nbfunc.likelihood import (DEFAULT_TILE_PIXELS, Problem, Terms, poisson_hessian,
                                poisson_problem, poisson_terms, poisson_value_and_grad)
 from nbfunc.params import Params
-from nbfunc.uncertainty import MAX_CONDITION, Uncertainty, prior_terms, summarise
+from nbfunc.uncertainty import (MAX_CONDITION, Uncertainty, observed_information, prior_terms,
+                                 summarise)
 
 Method = Literal["fisher", "newton", "lbfgs"]
 _METHODS = ("fisher", "newton", "lbfgs")
@@ -320,6 +321,6 @@ def fit_problem(problem: Problem, start: torch.Tensor | None = None, *,
         state, status, history = scoring(problem, c, first, precision, mean, method, max_iter, tol)
     theta = state.theta.detach()
     u = summarise(problem.names, problem.units, theta, state.data.fisher.detach(),
-                  poisson_hessian(problem, theta).detach(), precision, max_condition)
+                  observed_information(problem, theta), precision, max_condition)
     return FitResult(problem.rebuild(theta), problem.names, theta, float(state.data.nll), status,
                      u, tuple(history))

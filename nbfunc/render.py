@@ -670,6 +670,10 @@ def _partials_kernel(compile: bool, one_call: bool = False):
     return kernel
 
 
+# torch.compile applied by a user over a render (``torch.compile(torch.func.grad(loss))``) runs
+# the render as nbfunc runs it: dynamo tracing the orchestrator from outside took over ten
+# minutes per call and then marked nbfunc's frames as skipped, so that later renders ran eagerly
+@torch.compiler.disable
 def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, progress=None,
             full_image: bool = True):
     """Render ``p``: the (slow, fast) image, or with ``full_image=False`` the (N,) rendered

@@ -23,9 +23,10 @@ combinations; no result is ever NaN.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -77,7 +78,9 @@ class Uncertainty:
         units: (n,) units of the parameters ("" if dimensionless or unknown).
         values: (n,) the point (physical units).
         fisher: (n, n) Fisher information ``J^T diag(1/mu) J``, 1/(unit_i unit_j), no prior.
-        hessian: (n, n) observed information (Hessian of the NLL), same units, no prior.
+        hessian: (n, n) observed information (Hessian of the NLL), same units, no prior;
+            computed when first read (a second derivative costs several Fisher
+            informations, and the covariance does not need it).
         prior_precision: (n,) ``1/sigma_p^2`` of the Gaussian priors (0: none).
         covariance: (n, n) ``(fisher + diag(prior_precision))^-1``, unit_i unit_j; entries
             of undetermined parameters are +-inf.
@@ -92,13 +95,19 @@ class Uncertainty:
     units: tuple[str, ...]
     values: torch.Tensor
     fisher: torch.Tensor
-    hessian: torch.Tensor
+    observed: torch.Tensor | Callable[[], torch.Tensor] = field(repr=False)
     prior_precision: torch.Tensor
     covariance: torch.Tensor
     std: torch.Tensor
     correlation: torch.Tensor
     condition_number: float
     degenerate: tuple[Degeneracy, ...]
+
+    @functools.cached_property
+    def hessian(self) -> torch.Tensor:
+        """(n, n) observed information, 1/(unit_i unit_j): ``observed`` (a tensor, or a
+        function computing it once)."""
+        return self.observed() if callable(self.observed) else self.observed
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,16 +286,22 @@ def uncertainty_at(problem: Problem, theta: torch.Tensor | None = None, *,
     theta = problem.start if theta is None else theta.detach().to(torch.float64)
     if fisher is None:
         fisher = poisson_terms(problem, theta).fisher
-    hessian = poisson_hessian(problem, theta)
     precision, _ = prior_terms(problem.names, priors, theta)
-    return summarise(problem.names, problem.units, theta, fisher.detach(), hessian.detach(),
-                     precision, max_condition)
+    return summarise(problem.names, problem.units, theta, fisher.detach(),
+                     observed_information(problem, theta), precision, max_condition)
+
+
+def observed_information(problem: Problem, theta: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A function computing the observed information of ``problem`` at ``theta`` (n, n),
+    for `Uncertainty`'s ``observed``."""
+    return lambda: poisson_hessian(problem, theta).detach()
 
 
 def summarise(names: Sequence[str], units: Sequence[str], values: torch.Tensor,
-              fisher: torch.Tensor, hessian: torch.Tensor, prior_precision: torch.Tensor,
-              max_condition: float = MAX_CONDITION) -> Uncertainty:
-    """Assemble an `Uncertainty` from information matrices; warns when degenerate."""
+              fisher: torch.Tensor, hessian: torch.Tensor | Callable[[], torch.Tensor],
+              prior_precision: torch.Tensor, max_condition: float = MAX_CONDITION) -> Uncertainty:
+    """Assemble an `Uncertainty` from information matrices (``hessian``: the observed
+    information, or a function computing it when first read); warns when degenerate."""
     inverse = invert_information(fisher + torch.diag(prior_precision))
     found = degeneracies(inverse, names, units, max_condition)
     if found:

@@ -111,3 +111,21 @@ def test_rules_returning_another_number_of_gradients_are_refused():
                             rules=_WrongCount())
     with pytest.raises(TypeError, match="returned 1 gradients for 2 inputs"):
         torch.func.grad(lambda t: f(t)["a"])(X)
+
+
+def test_torch_compile_over_a_transform_runs_the_render_as_nbfunc_runs_it(tiny):
+    """A user's ``torch.compile(torch.func.grad(loss))`` gives the transform's gradient, and
+    a render after it gives the same image (dynamo does not trace the render)."""
+    import nbfunc
+    from nbfunc.tree import get_leaf
+
+    def loss(q):
+        return nbfunc.simulate(q).sum()
+
+    before = nbfunc.simulate(tiny)
+    expected = torch.func.grad(loss)(tiny)
+    got = torch.compile(torch.func.grad(loss))(tiny)
+    for path in ("crystal.cell_a", "detector.distance", "beam.wavelength"):
+        torch.testing.assert_close(get_leaf(got, path), get_leaf(expected, path),
+                                   rtol=1e-12, atol=0)
+    torch.testing.assert_close(nbfunc.simulate(tiny), before, rtol=0, atol=0)

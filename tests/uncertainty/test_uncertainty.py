@@ -61,6 +61,23 @@ class TestToyModels:
         torch.testing.assert_close(u.hessian, expected, rtol=1e-10, atol=0)
         assert not torch.allclose(u.hessian, u.fisher)
 
+    def test_hessian_is_computed_when_first_read(self, monkeypatch):
+        """The covariance needs the Fisher information only: the second derivative is taken
+        when ``u.hessian`` is read, once."""
+        import nbfunc.uncertainty as module
+
+        calls = []
+        original = module.poisson_hessian
+        monkeypatch.setattr(module, "poisson_hessian",
+                            lambda *a: calls.append(1) or original(*a))
+        counts = torch.poisson(spot(SPOT_TRUTH), generator=torch.Generator().manual_seed(1))
+        u = uncertainty(spot, counts, SPOT_TRUTH)
+        assert calls == []
+        first = u.hessian
+        assert calls == [1] and u.hessian is first
+        torch.testing.assert_close(hessian_covariance(u).covariance,
+                                   torch.linalg.inv(first), rtol=1e-9, atol=0)
+
     def test_masked_and_zero_mu_pixels_are_left_out(self):
         mu = linear({"a": f64(100.0), "b": f64(20.0)})
         mask = torch.ones_like(mu, dtype=torch.bool)
