@@ -6,6 +6,7 @@ so that fractional Miller indices are ``hkl = M @ q`` for a scattering vector ``
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -96,14 +97,19 @@ def mosaic_rotations(crystal) -> torch.Tensor:
     """Rotation matrices of the mosaic domains, shape (mosaic, 3, 3).
 
     Domain ``m`` turns by ``mosaic_spread * mosaic_scales[m]`` (rad) about ``mosaic_axes[m]``,
-    the random draws that nanoBragg's ``mosaic_rotation_umat`` makes from ``mosaic_seed``;
-    domain 0 is the identity.
+    the random draws that nanoBragg's ``mosaic_rotation_umat`` makes from ``mosaic_seed``
+    (drawn here by `mosaic_draw_arrays` when the tree does not list them); domain 0 is the
+    identity.
     """
     spread = crystal.mosaic_spread * DEG
     if crystal.mosaic_domains == 1:
         return torch.eye(3, dtype=spread.dtype, device=spread.device)[None]
-    axes = torch.tensor(crystal.mosaic_axes, dtype=spread.dtype, device=spread.device)
-    scales = torch.tensor(crystal.mosaic_scales, dtype=spread.dtype, device=spread.device)
+    if len(crystal.mosaic_axes):
+        axes, scales = np.asarray(crystal.mosaic_axes), np.asarray(crystal.mosaic_scales)
+    else:
+        axes, scales = mosaic_draw_arrays(crystal.mosaic_domains, crystal.mosaic_seed)
+    axes = torch.as_tensor(axes, dtype=spread.dtype).to(spread.device)
+    scales = torch.as_tensor(scales, dtype=spread.dtype).to(spread.device)
     return axis_rotation_matrix(axes, spread[..., None] * scales)
 
 
@@ -120,30 +126,119 @@ def orientation_matrices(spindle_cells: torch.Tensor, mosaic_rot: torch.Tensor) 
     return (spindle_cells[:, None] @ mosaic_rot.transpose(-1, -2)[None]).reshape(-1, 3, 3)
 
 
-def mosaic_draws(domains: int, seed: int) -> tuple[tuple[tuple[float, float, float], ...], tuple[float, ...]]:
-    """The random axes and angle scales of nanoBragg's mosaic domains.
+MOSAIC_BLOCK = 1 << 16
+"""Domains drawn per block by `mosaic_draw_arrays` (the random deviates of one block are the
+only per-domain Python objects alive at a time)."""
+
+
+def mosaic_draw_arrays(domains: int, seed: int, block: int = MOSAIC_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """The random axes and angle scales of nanoBragg's mosaic domains, as arrays.
 
     Reproduces ``mosaic_rotation_umat(mosaic_spread, umat, &mosaic_seed)`` for each domain
     (three ``ran1`` deviates r1, r2, r3; axis ``(sqrt(1-r2^2) sin(pi r1), sqrt(1-r2^2) cos(pi r1), r2)``;
     angle ``spread * powf(1 - r3^2, 1/3)`` in single precision) and forces domain 0 to the
-    identity.
+    identity. The deviates are drawn ``block`` domains at a time into the output arrays, so
+    the memory is the arrays (32 bytes per domain) plus one block. The sines and cosines are
+    the C library's, element by element; the power is numpy's float32 ``power``.
 
     Args:
         domains: number of domains (>= 1).
         seed: the C program's internal (negative) seed, ``-mosaic_seed`` flag value.
+        block: domains per block (any positive value gives the same arrays).
+    Returns:
+        (axes, scales): float64 (domains, 3) unit axes and (domains,) dimensionless angle scales.
+
+    >>> axes, scales = mosaic_draw_arrays(3, -12345678)
+    >>> axes.shape, float(scales[0])
+    ((3, 3), 0.0)
+    """
+    from nbfunc.crng import CRandom, ran1_block
+
+    if int(domains) < 1:
+        raise ValueError(f"mosaic domains: got {domains}, expected at least 1")
+    rng = CRandom(int(seed))
+    axes = np.empty((int(domains), 3), dtype=np.float64)
+    scales = np.empty(int(domains), dtype=np.float64)
+    third = np.float32(1.0 / 3.0)
+    sin, cos = math.sin, math.cos
+    for start in range(0, int(domains), block):
+        stop = min(start + block, int(domains))
+        r = 2.0 * np.asarray(ran1_block(rng, 3 * (stop - start))).reshape(-1, 3) - 1.0
+        xyrad = np.sqrt(1.0 - r[:, 1] * r[:, 1])
+        turn = (math.pi * r[:, 0]).tolist()
+        axes[start:stop, 0] = xyrad * np.array([sin(x) for x in turn])
+        axes[start:stop, 1] = xyrad * np.array([cos(x) for x in turn])
+        axes[start:stop, 2] = r[:, 1]
+        scales[start:stop] = np.power((1.0 - r[:, 2] * r[:, 2]).astype(np.float32), third)
+    axes[0], scales[0] = (0.0, 0.0, 1.0), 0.0
+    return axes, scales
+
+
+def mosaic_draws(domains: int, seed: int) -> tuple[tuple[tuple[float, float, float], ...], tuple[float, ...]]:
+    """`mosaic_draw_arrays` as tuples (the static ``mosaic_axes`` and ``mosaic_scales`` of a
+    `nbfunc.params.Crystal`), after `check_mosaic_memory` with this machine's memory.
+
     Returns:
         (axes, scales): ``domains`` unit axes and dimensionless angle scales.
+    Raises:
+        ValueError: the domains would not fit in this machine's memory (one line, with the figure).
     """
-    from nbfunc.crng import CRandom, ran1
+    check_mosaic_memory(domains, 1, 8, physical_memory())
+    axes, scales = mosaic_draw_arrays(domains, seed)
+    return tuple(map(tuple, axes.tolist())), tuple(scales.tolist())
 
-    rng = CRandom(int(seed))
-    axes, scales = [], []
-    for _ in range(domains):
-        r1 = 2.0 * ran1(rng) - 1.0
-        r2 = 2.0 * ran1(rng) - 1.0
-        r3 = 2.0 * ran1(rng) - 1.0
-        xyrad = math.sqrt(1.0 - r2 * r2)
-        axes.append((xyrad * math.sin(math.pi * r1), xyrad * math.cos(math.pi * r1), r2))
-        scales.append(float(np.power(np.float32(1.0 - r3 * r3), np.float32(1.0 / 3.0))))
-    axes[0], scales[0] = (0.0, 0.0, 1.0), 0.0
-    return tuple(axes), tuple(scales)
+
+BYTES_PER_DOMAIN = (32, 10)
+"""Bytes per mosaic domain of a render's set-up: its draws (axis and scale, 32 bytes) and,
+in units of the float size, its rotation matrix and the temporaries that build it (measured
+on the eager render: about 110 bytes per domain in float64)."""
+FLOATS_PER_ORIENTATION = 48
+"""Floats per (phi, mosaic) orientation of a render's set-up: the cell matrices of the
+render and of its first evaluation (phi carry) and the temporaries that build them
+(measured: about 380 bytes per orientation in float64). The chunks add at most the chunk
+size's evaluations, whatever the orientation count."""
+TUPLE_BYTES_PER_DOMAIN = 200
+"""Bytes per domain of `mosaic_draws`' Python tuples (a 3-tuple of floats and a float,
+about 180 bytes on 64-bit CPython)."""
+
+
+def mosaic_memory_bytes(domains: int, phisteps: int, itemsize: int, as_tuples: bool = True) -> int:
+    """Bytes a render of ``domains`` mosaic domains and ``phisteps`` phi steps needs for its
+    orientations (`BYTES_PER_DOMAIN`, `FLOATS_PER_ORIENTATION`), beyond its chunks.
+
+    Args:
+        itemsize: bytes per float of the render (8 for float64); as_tuples: the draws are also
+            held as the tree's tuples (`mosaic_draws`).
+    """
+    fixed, floats = BYTES_PER_DOMAIN
+    per_domain = fixed + floats * itemsize + (TUPLE_BYTES_PER_DOMAIN if as_tuples else 0)
+    return int(domains) * per_domain + int(domains) * int(phisteps) * FLOATS_PER_ORIENTATION * itemsize
+
+
+def check_mosaic_memory(domains: int, phisteps: int, itemsize: int, limit_bytes: int,
+                        as_tuples: bool = True) -> None:
+    """Refuse up front a mosaic that cannot fit in ``limit_bytes`` (`mosaic_memory_bytes`).
+
+    Raises:
+        ValueError: one line naming ``-mosaic_dom``, the figure needed and the memory there is.
+
+    >>> check_mosaic_memory(10**8, 1, 8, 16 << 30)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: -mosaic_dom 100000000 needs 69.6 GB for the mosaic domains and their orientations ...
+    """
+    need = mosaic_memory_bytes(domains, phisteps, itemsize, as_tuples)
+    if need > limit_bytes:
+        raise ValueError(
+            f"-mosaic_dom {int(domains)} needs {need / 1e9:.1f} GB for the mosaic domains and their "
+            f"orientations ({int(phisteps)} phi steps), more than the {limit_bytes / 1e9:.1f} GB of "
+            f"memory here; give fewer domains (at most about "
+            f"{max(1, int(domains * limit_bytes // need))})")
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (a large value where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62

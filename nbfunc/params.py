@@ -11,19 +11,29 @@ detector, degrees for every angle, mrad for divergence, micrometres for the wate
 photons/m^2 for fluence. `nbfunc.render` converts them to SI once.
 
 Validation runs only when a tree is built from user input (``Params(...)``,
-``model_validate``, ``model_validate_json``, `nbfunc.params_from_args`). The pytree machinery in
-`nbfunc.tree` rebuilds trees with ``model_construct`` and never re-validates, so torch.func
-transforms can put batched tensors, Jacobian blocks or nested trees in the leaves.
+``model_validate``, ``model_validate_json``, `nbfunc.params_from_args`) and when `Params.to`
+changes its dtype. The pytree machinery in `nbfunc.tree` rebuilds trees without validation, so
+torch.func transforms can put batched tensors, Jacobian blocks or nested trees in the leaves.
+
+A tree that validates renders a finite image, or validation says why not, in one line naming
+the field, its value and the fix: leaves are finite float32 or float64 tensors, one dtype and
+one device per tree; directions are finite and non-zero (the polarization axis not along the
+beam, the slow axis not along the fast one); orientation matrices are proper rotations;
+fractions are finite; a detector has at most `MAX_PIXELS` pixels; the placed detector, the
+oriented cell and the sources are finite; and no pixel can overflow the tree's dtype
+(`_pixel_bounds`).
 """
 from __future__ import annotations
 
 import math
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nbfunc.tensors import TensorLike
+from nbfunc.tensors import TensorLike, describe
+from nbfunc.units import AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
 
 Vec3 = tuple[float, float, float]
 
@@ -55,14 +65,13 @@ class Node(BaseModel):
         return tuple(name for name in cls.model_fields if name not in dynamic)
 
     @model_validator(mode="after")
-    def _leaves_are_finite(self):
+    def _leaves_are_floating(self):
+        """Integer and boolean leaves become float64 (`TensorLike` has refused non-finite
+        values and floating dtypes other than float32 and float64)."""
         for name in self.LEAVES:
             value = getattr(self, name)
             if not torch.is_floating_point(value):
                 object.__setattr__(self, name, value.to(torch.float64))
-                value = getattr(self, name)
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{name} must be finite, got {value.tolist()}")
         return self
 
 
@@ -76,8 +85,7 @@ def _same(a, b) -> bool:
 
 def _check(name: str, value: torch.Tensor, ok: bool, expected: str) -> None:
     if not ok:
-        shown = value.tolist() if value.numel() <= 9 else f"tensor of shape {tuple(value.shape)}"
-        raise ValueError(f"{name} must be {expected}, got {shown}")
+        raise ValueError(f"{name} must be {expected}, got {describe(value)}")
 
 
 def _scalar(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -85,11 +93,69 @@ def _scalar(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _shown(numbers) -> str:
+    """Nested tuples of numbers as short text: ``(1, 0, nan)``."""
+    if isinstance(numbers, (tuple, list)):
+        return "(" + ", ".join(_shown(x) for x in numbers) + ")"
+    return f"{numbers:.6g}"
+
+
 def _unit(v: Vec3, name: str) -> Vec3:
-    norm = math.sqrt(sum(x * x for x in v))
-    if not norm > 0 or not math.isfinite(norm):
-        raise ValueError(f"{name} must be a non-zero finite 3-vector, got {v}")
+    """``v`` when it is a direction: finite and non-zero (it is normalised where it is used)."""
+    norm = math.sqrt(sum(x * x for x in v)) if all(math.isfinite(x) for x in v) else math.nan
+    if not (norm > 0 and math.isfinite(norm)):
+        raise ValueError(f"{name} = {_shown(v)} is not a direction; give a finite, non-zero "
+                         "3-vector (x, y, z)")
     return v
+
+
+def _finite(x: float, name: str, fix: str) -> float:
+    """``x`` when it is a finite number, else a ValueError naming ``name`` with ``fix``."""
+    if not math.isfinite(x):
+        raise ValueError(f"{name} = {x} is not finite; {fix}")
+    return x
+
+
+PARALLEL_SINE = 1e-6
+"""Two directions whose angle has a sine below this are parallel: the cross product that
+builds the frame from them (polarization, detector plane) vanishes or is rounding noise."""
+
+
+def _not_parallel(u: Vec3, v: Vec3, name: str, other: str, fix: str) -> None:
+    """Refuse directions ``u`` (field ``name``) and ``v`` (field ``other``) that are parallel."""
+    a, b = np.asarray(u, dtype=float), np.asarray(v, dtype=float)
+    sine = float(np.linalg.norm(np.cross(a, b)) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    if not sine >= PARALLEL_SINE:
+        raise ValueError(f"{name} = {_shown(u)} is parallel to {other} = {_shown(v)} (sine "
+                         f"{sine:.3g} < {PARALLEL_SINE:g}); {fix}")
+
+
+ROTATION_TOLERANCE = 1e-6
+"""Largest entry of ``|U U^T - I|`` accepted for an orientation matrix U: the rounding of a
+matrix computed in float64 or typed with 7 significant digits, far below any deliberate
+deformation (the cell is built from the cell constants, so U may only rotate it)."""
+
+
+def _rotation(u, name: str):
+    """``u`` (3x3, rows) when it is a proper rotation: orthonormal within `ROTATION_TOLERANCE`
+    and of determinant +1."""
+    m = np.asarray(u, dtype=float)
+    if m.shape != (3, 3) or not np.isfinite(m).all():
+        raise ValueError(f"{name} = {_shown(u)} is not a finite 3x3 matrix; give three rows of "
+                         "three finite numbers (a rotation matrix)")
+    error = float(np.abs(m @ m.T - np.eye(3)).max())
+    det = float(np.linalg.det(m))
+    if not (error <= ROTATION_TOLERANCE and det > 0):
+        raise ValueError(f"{name} is not a proper rotation (|U U^T - I| = {error:.3g}, tolerance "
+                         f"{ROTATION_TOLERANCE:g}; det = {det:.6g}, needs +1); give an orthonormal "
+                         f"right-handed matrix; got {_shown(u)}")
+    return u
+
+
+MAX_PIXELS = 2**31 - 1
+"""Most pixels a detector may have. The C program counts pixels in a C int, and `simulate`
+returns the whole (spixels, fpixels) image even for a small ROI: at this size 8 GiB in
+float32 and 16 GiB in float64, already more than a workstation renders into."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +186,13 @@ class SourceGrid(Node):
     def _non_negative(cls, v, info):
         _scalar(info.field_name, v)
         _check(info.field_name, v, bool(v >= 0), ">= 0")
+        return v
+
+    @field_validator("hdiv_fracs", "vdiv_fracs", "disp_fracs")
+    @classmethod
+    def _finite_fractions(cls, v, info):
+        for i, x in enumerate(v):
+            _finite(x, f"{info.field_name}[{i}]", "give one finite fraction of the range per source")
         return v
 
     @model_validator(mode="after")
@@ -202,7 +275,11 @@ class Beam(Node):
     @field_validator("beam_vector", "polar_vector")
     @classmethod
     def _vectors(cls, v, info):
-        return _unit(v, info.field_name)
+        _unit(v, info.field_name)
+        if info.field_name == "polar_vector" and "beam_vector" in info.data:
+            _not_parallel(v, info.data["beam_vector"], "polar_vector", "beam_vector",
+                          "give an E-vector across the beam")
+        return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +354,26 @@ class Detector(Node):
     @field_validator("fdet_vector", "sdet_vector", "odet_vector", "twotheta_axis")
     @classmethod
     def _vectors(cls, v, info):
-        return _unit(v, info.field_name)
+        _unit(v, info.field_name)
+        if info.field_name == "sdet_vector" and "fdet_vector" in info.data:
+            _not_parallel(v, info.data["fdet_vector"], "sdet_vector", "fdet_vector",
+                          "give perpendicular fast and slow axes")
+        return v
+
+    @field_validator("thick_step_fraction")
+    @classmethod
+    def _fraction(cls, v, info):
+        return _finite(v, info.field_name, "give the layer depth as a finite fraction of thickness")
+
+    @field_validator("spixels")
+    @classmethod
+    def _pixel_count(cls, v, info):
+        fpixels = info.data.get("fpixels")
+        if fpixels is not None and fpixels * v > MAX_PIXELS:
+            raise ValueError(f"fpixels x spixels = {fpixels} x {v} = {fpixels * v} pixels, more "
+                             f"than 2^31 - 1 (a C int; the image alone: "
+                             f"{fpixels * v * 4 / 2**30:.3g} GiB in float32); give a smaller detector")
+        return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +481,34 @@ class Crystal(Node):
         _check("fhkl", v, v.dim() == 3, "a 3-d grid indexed [h, k, l]")
         return v
 
+    @field_validator("spindle_axis")
+    @classmethod
+    def _spindle(cls, v, info):
+        return _unit(v, info.field_name)
+
+    @field_validator("base_orientation")
+    @classmethod
+    def _orientation(cls, v, info):
+        return _rotation(v, info.field_name)
+
+    @field_validator("mosaic_axes")
+    @classmethod
+    def _mosaic_axes(cls, v, info):
+        for i, axis in enumerate(v):
+            _unit(axis, f"mosaic_axes[{i}]")
+            norm = math.sqrt(sum(x * x for x in axis))
+            if abs(norm - 1.0) > ROTATION_TOLERANCE:
+                raise ValueError(f"mosaic_axes[{i}] = {_shown(axis)} has length {norm:.6g}; give "
+                                 f"unit vectors (length 1 within {ROTATION_TOLERANCE:g})")
+        return v
+
+    @field_validator("mosaic_scales")
+    @classmethod
+    def _mosaic_scales(cls, v, info):
+        for i, x in enumerate(v):
+            _finite(x, f"mosaic_scales[{i}]", "give one finite angle scale per domain")
+        return v
+
     @model_validator(mode="after")
     def _cell_and_mosaic(self):
         angles = [math.radians(float(getattr(self, n))) for n in ("cell_alpha", "cell_beta", "cell_gamma")]
@@ -432,6 +556,11 @@ class Sampling(Node):
     dmin: float = Field(0.0, ge=0, description="resolution cut-off (Angstrom); 0: none")
     chunk: int = Field(0, ge=0, description="evaluations per chunk (0: automatic)")
 
+    @field_validator("dmin")
+    @classmethod
+    def _dmin(cls, v, info):
+        return _finite(v, info.field_name, "give a resolution in Angstrom, or 0 for no cut-off")
+
     @field_validator("mask")
     @classmethod
     def _mask(cls, v):
@@ -439,6 +568,105 @@ class Sampling(Node):
             _check("mask", v, v.dim() == 2, "a 2-d (slow, fast) array")
             v = v != 0
         return v
+
+
+def _leaves_with_paths(node: Node, prefix: str = ""):
+    """(dotted path, tensor) of every leaf of ``node``, in flattening order."""
+    for name in type(node).LEAVES:
+        yield prefix + name, getattr(node, name)
+    for name in type(node).CHILDREN:
+        yield from _leaves_with_paths(getattr(node, name), f"{prefix}{name}.")
+
+
+def _one_dtype_and_device(tree: Node) -> None:
+    """Refuse a tree whose leaves differ in dtype or device (torch does not mix them)."""
+    name = lambda t: f"{str(t.dtype).removeprefix('torch.')} on {t.device}"
+    (first_path, first), *rest = _leaves_with_paths(tree)
+    for path, leaf in rest:
+        if leaf.dtype != first.dtype or leaf.device != first.device:
+            raise ValueError(f"{path} is {name(leaf)} but {first_path} is {name(first)}; give every "
+                             "leaf one dtype and device, e.g. build the tree from numbers and "
+                             "convert it with .to(dtype=torch.float32, device=...)")
+
+
+def _finite_geometry(p: "Params") -> None:
+    """Refuse a tree whose placed detector, oriented cell or sources are not finite: no pixel
+    of its image would be."""
+    from nbfunc.beam import sources
+    from nbfunc.crystal import oriented_cell
+    from nbfunc.detector import detector_frame
+
+    frame = detector_frame(p.detector, p.beam.beam_vector)
+    if not all(bool(torch.isfinite(x).all()) for x in frame):
+        ratio = float(torch.dot(frame.beam, frame.odet))
+        raise ValueError("detector.odet_vector/rotx/roty/rotz/twotheta: the placed detector is not "
+                         f"finite (beam . normal = {ratio:.3g}); turn the detector to face the "
+                         "beam, and give a real distance, beam centre and pixel size (mm)")
+    real, recip = oriented_cell(p.crystal)
+    if not (bool(torch.isfinite(real).all()) and bool(torch.isfinite(recip).all())):
+        cell = [float(getattr(p.crystal, f"cell_{n}")) for n in ("a", "b", "c")]
+        raise ValueError(f"crystal.cell_a/b/c: the oriented cell overflows; give cell edges of a "
+                         f"real crystal (Angstrom); got {_shown(cell)}")
+    incident, wavelengths = sources(p.beam)
+    if not bool(torch.isfinite(incident).all()):
+        raise ValueError("beam.sources.hdivrange/vdivrange: some source directions are not finite; "
+                         "give a divergence of a real beam (mrad)")
+    if not (bool((wavelengths > 0).all()) and bool(torch.isfinite(wavelengths).all())):
+        raise ValueError("beam.sources.dispersion: a source gets the wavelength "
+                         f"{float(wavelengths.min()) * 1e10:.3g} Angstrom; give a dispersion below "
+                         "2 (a fraction of the wavelength)")
+    _no_overflow(p, float(frame.close_distance), float(frame.distance))
+
+
+OVERFLOW_MARGIN = 16.0
+"""Factor between the largest float of the tree's dtype and the largest bound `_no_overflow`
+accepts: room for the overshoot of tricubic interpolation (up to 1.25^3 in F) and rounding."""
+
+
+def _pixel_bounds(p: "Params", close: float, distance: float) -> list[tuple[str, float, str]]:
+    """Upper bounds of the quantities a render multiplies into a pixel, in the order it forms
+    them: (name, bound, how to lower it). Computed in float64 (a Python float; inf on overflow).
+
+    A pixel is ``r_e^2 fluence / steps * sum over paths (F^2 F_latt^2 + background) * capture
+    * polarization * omega`` with ``F_latt^2 <= (Na Nb Nc)^2``, capture <= 1, polarization
+    ``(1 + cos^2 - K cos(2psi) sin^2)/2 <= 1`` for ``|K| <= 1``, and ``omega <= pixel^2 / min(|close|, |distance|)^2`` (``1/min(...)^2`` for a point
+    pixel), lengths in m.
+    """
+    cr, det, beam = p.crystal, p.detector, p.beam
+    f_max = max(abs(float(cr.default_F)), float(cr.fhkl.abs().max()) if cr.fhkl.numel() else 0.0)
+    cells = float(cr.Na) * float(cr.Nb) * float(cr.Nc)
+    terms = (det.thicksteps * p.sampling.oversample**2 * beam.sources.n_sources * cr.phisteps
+             * cr.mosaic_domains)
+    steps = terms / det.thicksteps
+    fluence, water = float(beam.fluence), float(cr.water_size) * UM
+    background = WATER_F**2 * R_E_SQR * fluence * (water * water * water) * 1e6 * AVOGADRO / WATER_MW
+    intensity = terms * (f_max * f_max * cells * cells + background)
+    near = min(abs(close), abs(distance))
+    pixel = 1.0 if det.point_pixel else float(det.pixel_size) * MM
+    omega = pixel * pixel / (near * near) if near * near > 0 else math.inf
+    value = R_E_SQR * fluence / steps * intensity * omega
+    return [("crystal.default_F/fhkl: F^2", f_max * f_max, "lower the structure factors"),
+            ("crystal.Na/Nb/Nc: (Na Nb Nc)^2", cells * cells, "lower Na, Nb, Nc"),
+            ("crystal.water_size: the water background", background,
+             "lower water_size (um) or beam.fluence"),
+            ("crystal.Na/Nb/Nc/default_F: F^2 F_latt^2 summed over the paths", intensity,
+             "lower the structure factors, Na, Nb, Nc or the number of paths"),
+            ("detector.pixel_size: the solid angle of a pixel", omega,
+             "give a larger distance or smaller pixels (mm)"),
+            ("beam.fluence: a pixel's photons", value,
+             "lower fluence, the structure factors or Na, Nb, Nc")]
+
+
+def _no_overflow(p: "Params", close: float, distance: float) -> None:
+    """Refuse a tree whose pixels could overflow its dtype (`_pixel_bounds`)."""
+    dtype = p.crystal.cell_a.dtype
+    limit = torch.finfo(dtype).max / OVERFLOW_MARGIN
+    wider = ", or render in float64" if dtype != torch.float64 else ""
+    for what, bound, fix in _pixel_bounds(p, close, distance):
+        if not bound <= limit:
+            raise ValueError(f"{what} could reach {bound:.3g}, beyond what "
+                             f"{str(dtype).removeprefix('torch.')} holds ({limit:.3g} with a margin "
+                             f"of {OVERFLOW_MARGIN:g}); {fix}{wider}")
 
 
 class Params(Node):
@@ -470,6 +698,8 @@ class Params(Node):
             if not (0 <= x0 <= x1 and 0 <= y0 <= y1):
                 raise ValueError(f"sampling.roi {smp.roi} must be (fast_min, fast_max, slow_min, "
                                  "slow_max) with 0 <= min <= max")
+        _one_dtype_and_device(self)
+        _finite_geometry(self)
         return self
 
     def leaf_paths(self) -> list[str]:
@@ -479,8 +709,24 @@ class Params(Node):
         return leaf_paths(self)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Params":
-        """Copy with every floating leaf moved to ``dtype`` and ``device``."""
+        """Copy with every floating leaf moved to ``dtype`` and ``device``.
+
+        A new dtype is checked again (`_finite_geometry`: what overflows float32 need not
+        overflow float64), except for a batched tree or inside a torch.func transform.
+
+        Raises:
+            pydantic.ValidationError: the converted tree would not render a finite image.
+        """
+        from nbfunc.compile import in_functorch_transform
         from nbfunc.tree import tree_map_leaves
 
-        return tree_map_leaves(lambda t: t.to(dtype=dtype if t.is_floating_point() else None,
-                                              device=device), self)
+        out = tree_map_leaves(lambda t: t.to(dtype=dtype if t.is_floating_point() else None,
+                                             device=device), self)
+        if dtype is not None and not in_functorch_transform() and out.beam.wavelength.dim() == 0:
+            try:
+                _finite_geometry(out)
+            except ValueError as err:
+                raise ValidationError.from_exception_data("Params", [
+                    {"type": "value_error", "loc": (), "input": str(dtype),
+                     "ctx": {"error": err}}]) from None
+        return out

@@ -106,6 +106,7 @@ class Plan:
     dmin: float
     tile: int
     block: int
+    orient_block: int = 0
 
     @property
     def n_paths(self) -> int:
@@ -119,26 +120,32 @@ class Plan:
 
     @property
     def single_block(self) -> bool:
-        """Whether one chunk holds every path of its pixels."""
-        return self.block >= self.n_paths
+        """Whether one chunk holds every path and orientation of its pixels."""
+        return self.block >= self.n_paths and self.orient_block >= self.n_orient
 
     def evaluations(self, n_pixels: int) -> int:
         """(pixel, layer, sub-pixel, source, phi, mosaic) evaluations for ``n_pixels`` pixels."""
         return n_pixels * self.n_paths * self.n_orient
 
     def chunked(self, budget: int, n_pixels: int) -> "Plan":
-        """This plan with the tile and block that hold at most ``budget`` evaluations (or one
-        pixel's orientations for one path, if that is more)."""
+        """This plan with the pixel tile, path block and orientation block that hold at most
+        ``budget`` evaluations (at least one): whole pixels while they fit, else one pixel and
+        whole paths, else one pixel, one path and a block of its orientations (consecutive
+        in raster order)."""
         per_pixel = self.n_paths * self.n_orient
+        tile, block, orient_block = 1, self.n_paths, self.n_orient
         if per_pixel <= budget:
-            tile, block = max(1, min(budget // per_pixel, n_pixels or 1)), self.n_paths
+            tile = max(1, min(budget // per_pixel, n_pixels or 1))
+        elif self.n_orient <= budget:
+            block = max(1, budget // self.n_orient)
         else:
-            tile, block = 1, max(1, budget // self.n_orient)
-        return dataclasses.replace(self, tile=tile, block=block)
+            block, orient_block = 1, max(1, budget)
+        return dataclasses.replace(self, tile=tile, block=block, orient_block=orient_block)
 
     def chunks(self, n_pixels: int) -> int:
-        """Kernel calls (pixel tile x path block) for ``n_pixels`` pixels."""
-        return math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
+        """Kernel calls (pixel tile x path block x orientation block) for ``n_pixels`` pixels."""
+        return (math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
+                * math.ceil(self.n_orient / max(1, self.orient_block)))
 
 
 def roi_box(p: Params) -> tuple[int, int, int, int] | None:
@@ -152,8 +159,26 @@ def roi_box(p: Params) -> tuple[int, int, int, int] | None:
     return min(x0, fpx), min(x1, fpx - 1), min(y0, spx), min(y1, spx - 1)
 
 
+def active_pixels(p: Params) -> torch.Tensor:
+    """(N,) int64 flat indices ``slow*fpixels + fast`` of the pixels to render (inside
+    ``sampling.roi`` and ``sampling.mask``), in raster order.
+
+    Memory is of the ROI's size (N indices, and with a mask one bool per ROI pixel), whatever
+    the detector's size.
+    """
+    fpx, spx = p.detector.fpixels, p.detector.spixels
+    box = roi_box(p)
+    if box is not None:
+        x0, x1, y0, y1 = box
+        return (torch.arange(y0, y1 + 1)[:, None] * fpx + torch.arange(x0, x1 + 1)).reshape(-1)
+    x0, x1, y0, y1 = p.sampling.roi if p.sampling.roi is not None else (0, fpx - 1, 0, spx - 1)
+    x0, y0 = max(x0, 0), max(y0, 0)
+    rows, cols = torch.nonzero(p.sampling.mask[y0:y1 + 1, x0:x1 + 1].cpu().bool(), as_tuple=True)
+    return (rows + y0) * fpx + (cols + x0)
+
+
 def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]:
-    """Resolve loop counts and chunk sizes, and list the active pixels (ROI and mask) in raster order.
+    """Resolve loop counts and chunk sizes, and list the active pixels (`active_pixels`).
 
     ``large_chunks`` selects the default chunk size: `DEFAULT_CHUNK` (compiled renders
     without autograd) or `SMALL_CHUNK`.
@@ -163,16 +188,7 @@ def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]
     """
     det, cr, smp = p.detector, p.crystal, p.sampling
     fpx, spx = det.fpixels, det.spixels
-    box = roi_box(p)
-    if box is not None:
-        x0, x1, y0, y1 = box
-        pixels = (torch.arange(y0, y1 + 1)[:, None] * fpx + torch.arange(x0, x1 + 1)).reshape(-1)
-    else:
-        x0, x1, y0, y1 = smp.roi if smp.roi is not None else (0, fpx, 0, spx)
-        keep = torch.zeros(spx, fpx, dtype=torch.bool)
-        keep[y0:y1 + 1, x0:x1 + 1] = True
-        keep &= smp.mask.cpu().bool()
-        pixels = torch.nonzero(keep.reshape(-1))[:, 0]
+    pixels = active_pixels(p)
     n_orient = cr.phisteps * cr.mosaic_domains
     ordered = smp.oversample_thick or smp.oversample_polar or smp.oversample_omega
     plan = Plan(fpx, spx, smp.oversample, det.thicksteps, p.beam.sources.n_sources, n_orient,
@@ -765,14 +781,17 @@ def _render_chunks(p: Params, plan: Plan, pixels, kernel, carry_orientation, ima
             for e0 in range(0, plan.n_paths, plan.block):
                 e1 = min(e0 + plan.block, plan.n_paths)
                 capture_col = capture_path - e0 if e0 <= capture_path < e1 else -1
-                out = kernel(setup, orient, first_orient, idx, path_block(setup, plan, e0, e1),
-                             disabled, seen, plan=plan, omega_col=0 if e0 == 0 else -1,
-                             capture_col=capture_col)
-                disabled, seen = out["disabled"], out["seen"]
-                done += 1
-                if progress is not None:
-                    progress(done, n_chunks)
-                intensity = intensity * out["A"] + out["B"]
+                paths, seen_before = path_block(setup, plan, e0, e1), seen
+                # orientation blocks of one pixel and one path follow each other in raster
+                # order; each sees the carry state from before the path
+                for part, part_first in _orientation_blocks(plan, orient, first_orient):
+                    out = kernel(setup, part, part_first, idx, paths, disabled, seen_before,
+                                 plan=plan, omega_col=0 if e0 == 0 else -1, capture_col=capture_col)
+                    disabled, seen = out["disabled"], out["seen"]
+                    done += 1
+                    if progress is not None:
+                        progress(done, n_chunks)
+                    intensity = intensity * out["A"] + out["B"]
                 polar_first = torch.where(polar_found, polar_first, out["polar_first"])
                 polar_found = polar_found | out["polar_found"]
                 omega_first = out.get("omega", omega_first)
@@ -783,6 +802,17 @@ def _render_chunks(p: Params, plan: Plan, pixels, kernel, carry_orientation, ima
     if len(values) == 1:
         return values[0], seen, after
     return (torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=device)), seen, after
+
+
+def _orientation_blocks(plan: Plan, orient: torch.Tensor, first_orient: torch.Tensor | None):
+    """The (O', 3, 3) blocks of ``plan.orient_block`` orientations of ``orient`` and of
+    ``first_orient`` (None stays None), in order; the whole tensors when one block holds all."""
+    if plan.orient_block >= plan.n_orient:
+        yield orient, first_orient
+        return
+    for o0 in range(0, plan.n_orient, plan.orient_block):
+        o1 = o0 + plan.orient_block
+        yield orient[o0:o1], None if first_orient is None else first_orient[o0:o1]
 
 
 def _assemble(p: Params, plan: Plan, pixels, flat: torch.Tensor) -> torch.Tensor:
@@ -829,14 +859,23 @@ def simulate_pixels(p: Params) -> torch.Tensor:
 def rendered_pixels(p: Params) -> torch.Tensor:
     """(N,) int64 flat indices ``slow * fpixels + fast`` of the pixels `simulate` renders
     (inside ``sampling.roi`` and ``sampling.mask``), in raster order."""
-    return make_plan(p)[1]
+    return active_pixels(p)
 
 
-def render_for_cli(p: Params, carry: PhiCarry, compile: bool, progress=None) -> tuple[torch.Tensor, PhiCarry]:
-    """`simulate_with_carry`, optionally without compilation (the command line renders small
-    images eagerly because a compile would cost more than it saves), calling
-    ``progress(done, total)`` after every chunk when given."""
-    return _render(p, carry, compile, progress)
+def render_pixels_for_cli(p: Params, carry: PhiCarry, compile: bool,
+                          progress=None) -> tuple[torch.Tensor, torch.Tensor, PhiCarry]:
+    """`simulate_with_carry` for the command line, without the full-detector image: memory
+    follows the ROI and the chunk size, not the detector. ``compile``: run the compiled kernel
+    (the command line renders small images eagerly, because a compile would cost more than it
+    saves); ``progress(done, total)`` is called after every chunk when given.
+
+    Returns:
+        ((N,) photons per rendered pixel in raster order, (N,) int64 flat indices
+        ``slow * fpixels + fast`` of those pixels (`active_pixels`), carry after the render).
+        Where ``sampling.mask`` is None the pixels are the rectangle `roi_box`, row by row.
+    """
+    values, after = _render(p, carry, compile, progress, full_image=False)
+    return values, active_pixels(p), after
 
 
 def evaluation_count(p: Params) -> int:

@@ -4,37 +4,108 @@ A field annotated with `TensorLike` accepts a torch tensor, a numpy array, a num
 list, and stores a torch tensor (float64 unless a tensor of another floating dtype is given).
 In JSON it is written as ``{"dtype": "float64", "shape": [...], "data": [...]}`` so that
 ``Params.model_validate_json(p.model_dump_json())`` gives back the same tensors.
+
+Validation refuses what no render can use, naming the field: floating tensors other than
+float32 and float64, complex tensors, tensors without data (device ``meta``), NaN or infinite
+entries, and JSON tensors whose ``shape`` does not match their ``data``.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import PlainSerializer, PlainValidator, ValidationInfo, WithJsonSchema
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bool": torch.bool,
            "int64": torch.int64, "uint8": torch.uint8}
+FLOAT_DTYPES = (torch.float32, torch.float64)
+"""The floating dtypes a render runs in."""
 
 
-def to_tensor(value: Any) -> torch.Tensor:
-    """Convert a number, list, array or tensor into a torch tensor (float64 by default).
+def _from_json(value: dict, name: str) -> torch.Tensor:
+    """The tensor of a ``{"dtype", "shape", "data"}`` dict (`tensor_to_json`'s layout)."""
+    dtype = _DTYPES.get(value["dtype"])
+    if dtype is None:
+        raise ValueError(f"{name}: unknown tensor dtype {value['dtype']!r}; expected one of "
+                         f"{sorted(_DTYPES)}")
+    shape = value["shape"]
+    if not (isinstance(shape, (list, tuple))
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise ValueError(f"{name}: tensor shape {shape!r} is not a list of sizes; give \"shape\" "
+                         "as a list of non-negative integers, e.g. [3]")
+    try:
+        flat = torch.tensor(value["data"], dtype=dtype).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name}: tensor data is not a list of {value['dtype']} numbers "
+                         f"({' '.join(str(err).split())[:80]}); give \"data\" as a flat list of "
+                         "numbers") from None
+    if flat.numel() != math.prod(shape):
+        raise ValueError(f"{name}: tensor shape {list(shape)} holds {math.prod(shape)} values but "
+                         f"\"data\" has {flat.numel()}; make the product of \"shape\" equal the "
+                         "number of values in \"data\"")
+    return flat.reshape(shape)
+
+
+def describe(t: torch.Tensor) -> str:
+    """A short text of a tensor's value: its numbers when at most 9, else its shape."""
+    t = t.detach()
+    if t.numel() <= 9:
+        return str(t.cpu().tolist())
+    return f"a tensor of shape {tuple(t.shape)}"
+
+
+def check_tensor(t: torch.Tensor, name: str) -> None:
+    """Refuse a tensor no render can use (see the module docstring).
 
     Raises:
-        ValueError: when the value cannot be read as numbers.
+        ValueError: one line naming ``name``, the value and the fix.
+    """
+    if t.device.type == "meta":
+        raise ValueError(f"{name} holds no data (device meta); give a tensor on cpu or cuda")
+    if t.is_complex():
+        raise ValueError(f"{name} is complex ({t.dtype}); give real numbers (float32 or float64)")
+    if not t.is_floating_point():
+        return
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} is {str(t.dtype).removeprefix('torch.')}, but nbfunc renders "
+                         "in float32 or float64; convert it with .to(torch.float32) or "
+                         ".to(torch.float64)")
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        if t.dim() == 0:
+            raise ValueError(f"{name} = {t.item()} is not finite; give a finite number")
+        first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite entries of {t.numel()} (first: "
+                         f"{t.detach()[first].item()} at index {first}); replace them with "
+                         "finite numbers")
+
+
+def to_tensor(value: Any, name: str = "value") -> torch.Tensor:
+    """Convert a number, list, array, tensor or JSON tensor into a torch tensor (float64 by
+    default) and refuse one no render can use (`check_tensor`); ``name`` is the field's.
+
+    Raises:
+        ValueError: when the value cannot be read as numbers, or `check_tensor` refuses it.
     """
     if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, dict) and {"dtype", "shape", "data"} <= value.keys():
-        dtype = _DTYPES.get(value["dtype"])
-        if dtype is None:
-            raise ValueError(f"unknown tensor dtype {value['dtype']!r}; expected one of {sorted(_DTYPES)}")
-        return torch.tensor(value["data"], dtype=dtype).reshape(value["shape"])
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"expected a number or an array of numbers, got {value!r}") from err
-    return torch.from_numpy(array.copy())
+        tensor = value
+    elif isinstance(value, dict) and {"dtype", "shape", "data"} <= value.keys():
+        tensor = _from_json(value, name)
+    else:
+        try:
+            tensor = torch.from_numpy(np.asarray(value, dtype=np.float64).copy())
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: expected a number or an array of numbers, got "
+                             f"{str(value)[:80]}") from err
+    check_tensor(tensor, name)
+    return tensor
+
+
+def _validate(value: Any, info: ValidationInfo) -> torch.Tensor:
+    """`to_tensor` as a pydantic validator, naming the field being validated."""
+    return to_tensor(value, info.field_name or "value")
 
 
 def tensor_to_json(t: torch.Tensor) -> dict:
@@ -46,7 +117,7 @@ def tensor_to_json(t: torch.Tensor) -> dict:
 
 TensorLike = Annotated[
     torch.Tensor,
-    PlainValidator(to_tensor),
+    PlainValidator(_validate),
     PlainSerializer(tensor_to_json, when_used="json"),
     WithJsonSchema({"type": "object", "properties": {"dtype": {"type": "string"},
                                                      "shape": {"type": "array"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, fields, replace
 
@@ -21,7 +22,7 @@ import torch
 
 from nbfunc.cli.cflags import CFlags
 from nbfunc.cli.flags import FlagError, find_header_files, parse_flags
-from nbfunc.crystal import oriented_cell
+from nbfunc.crystal import check_mosaic_memory, oriented_cell, physical_memory
 from nbfunc.detector import detector_frame
 from nbfunc.io.errors import NbfuncInputError
 from nbfunc.params import Beam, Crystal, Detector, Params, Sampling, SourceGrid, SourceList
@@ -158,7 +159,7 @@ def divergence_fractions(f: CFlags, hdiv: tuple, vdiv: tuple, disp: tuple) -> tu
     dropped when round divergence is on), then wavelengths.
     """
     (hsteps, hrange, hstep), (vsteps, vrange, vstep), (dsteps, drange, dstep) = hdiv, vdiv, disp
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):
         kept = []
         for ht in range(hsteps):
             for vt in range(vsteps):
@@ -166,6 +167,10 @@ def divergence_fractions(f: CFlags, hdiv: tuple, vdiv: tuple, disp: tuple) -> tu
                 v = np.float64(vstep) * vt - np.float64(vrange) / 2.0
                 test = (h * h - hstep * hstep / 4.0 * (1 - hsteps % 2)) / np.float64(hrange) / hrange
                 test += (v * v - vstep * vstep / 4.0 * (1 - vsteps % 2)) / np.float64(vrange) / vrange
+                if not (np.isfinite(h * h) and np.isfinite(v * v)):
+                    raise FlagError(f"-divergence/-hdivrange/-vdivrange/-hdivstep/-vdivstep: "
+                                    f"ranges {hrange * 1e3:g} x {vrange * 1e3:g} mrad overflow "
+                                    "when squared; give divergences of a real beam (mrad)")
                 if f.round_div and test * 4.0 > 1.1:
                     continue
                 kept.append((float(h / hrange) if hrange > 0 else 0.0,
@@ -192,7 +197,16 @@ _BASES = {
 
 
 def _unitize(v) -> tuple[tuple[float, float, float], float]:
+    """(unit vector, length) as C's unitize; (0, 0, 0) for a zero vector.
+
+    Where the squares overflow or underflow (components near 1e+-154 and beyond) the vector
+    is scaled first, so a direction such as (1e308, 1, 1) stays a direction.
+    """
     mag = math.sqrt(sum(x * x for x in v))
+    if (mag == 0.0 or math.isinf(mag)) and any(v):
+        scale = max(abs(x) for x in v)
+        unit, _ = _unitize(tuple(x / scale for x in v))
+        return unit, math.hypot(*v)
     if mag == 0.0:
         return (0.0, 0.0, 0.0), 0.0
     return tuple(x / mag for x in v), mag
@@ -335,6 +349,14 @@ def check_vectors(f: CFlags, vectors: dict) -> None:
                         "a plane; give perpendicular fast and slow axes")
 
 
+_VOLUME_RANGE = (1e-100, 1e100)
+"""a*b*c (A^3) accepted: the reciprocal cell (1/volume) and the cubes of lengths met in the
+geometry then stay inside float64; real cells are 1e1 to 1e11 A^3."""
+
+_EXTENT_MAX_MM = 1e100
+"""Largest detector side (mm) accepted; cubes of lengths in the geometry stay inside float64."""
+
+
 def cell_from_flags(f: CFlags) -> tuple[float, ...]:
     """(a, b, c in Angstrom, alpha, beta, gamma in deg) of -cell, with C's defaults.
 
@@ -355,6 +377,11 @@ def cell_from_flags(f: CFlags) -> tuple[float, ...]:
         raise FlagError(f"-cell angles alpha beta gamma = {shown} deg enclose no volume; expected "
                         "each below 180, each smaller than the sum of the other two, and a sum "
                         "below 360")
+    volume = f.cell_a * b * c
+    if not _VOLUME_RANGE[0] < volume < _VOLUME_RANGE[1]:
+        raise FlagError(f"-cell edges a b c = {f.cell_a:g} {b:g} {c:g} Angstrom give a*b*c = "
+                        f"{volume:g} A^3, outside what float64 geometry can hold (1e-100 to "
+                        "1e100); give the edges of a real cell in Angstrom")
     return (f.cell_a, b, c) + degrees
 
 
@@ -368,7 +395,7 @@ _TREE_FLAGS = {
     "detector.beam_center_s": "-Xbeam/-Ybeam/-ORGY/-Yclose",
     "detector.rotx": "-detector_rotx", "detector.roty": "-detector_roty",
     "detector.rotz": "-detector_rotz", "detector.twotheta": "-twotheta",
-    "detector.thickness": "-detector_thick", "detector.mu": "-detector_abs",
+    "detector.thickness": "-detector_thick", "detector.mu": "-detector_abs/-detector_thick",
     "detector.thicksteps": "-detector_thicksteps", "detector.fdet_vector": "-fdet_vector",
     "detector.sdet_vector": "-sdet_vector", "detector.odet_vector": "-odet_vector",
     "detector.twotheta_axis": "-twotheta_axis",
@@ -390,17 +417,37 @@ _MODEL_FLAGS = {"SourceGrid": "-divergence/-dispersion", "SourceList": "-sourcef
                 "Params": "-roi/-mask"}
 
 
+_GROUPS = ("beam", "detector", "crystal", "sampling")
+_MESSAGE_CHARS = 160  # a tree message is cut here so the whole line stays under 300 characters
+
+
+def _error_path(group: str, model: str, loc: tuple, message: str) -> str:
+    """Dotted tree path of a validation error; a model-level error names it in its message."""
+    if loc:
+        return ".".join(x for x in (group, str(loc[0])) if x)
+    import nbfunc.params
+
+    lead = re.match(r"[A-Za-z_][\w.]*", message)
+    word = lead.group(0).rstrip(".") if lead else ""
+    if word.split(".")[0] in _GROUPS:
+        return word
+    names = getattr(getattr(nbfunc.params, model, None), "model_fields", {})
+    return ".".join(x for x in (group, word if word in names else "") if x)
+
+
 def tree_error(err, cell_flag: str) -> FlagError:
     """A pydantic ValidationError of the parameter tree as one line naming the flag."""
     first = err.errors()[0]
     group = _TREE_PATHS.get(err.title, err.title.lower())
-    field_name = str(first["loc"][0]) if first["loc"] else ""
-    where = ".".join(x for x in (group, field_name) if x)
-    if where.startswith("crystal.cell_") or where == "crystal":
+    message = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+    where = _error_path(group, err.title, tuple(first["loc"]), message)
+    if where.startswith("crystal.cell_") or where in ("crystal", "crystal.base_orientation"):
         flag = cell_flag
     else:
-        flag = _TREE_FLAGS.get(where) or _MODEL_FLAGS.get(err.title) or "the flags"
-    message = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+        flag = (_TREE_FLAGS.get(where) or _TREE_FLAGS.get(".".join(where.split(".")[:2]))
+                or _MODEL_FLAGS.get(err.title) or "the flags")
+    if len(message) > _MESSAGE_CHARS:
+        message = message[:_MESSAGE_CHARS - 3] + "..."
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return FlagError(f"{flag}: {message}{more} [{where or 'params'} in the parameter tree]")
 
@@ -414,6 +461,60 @@ def building_tree(cell_flag: str):
         yield
     except ValidationError as err:
         raise tree_error(err, cell_flag) from None
+
+
+def fdump_unusable(path: str) -> str | None:
+    """Why the C program could not read the Fdump.bin at ``path`` ("is a folder", ...), or None.
+
+    nanoBragg opens Fdump.bin when no -hkl is given; a file it cannot open counts as absent
+    (it then renders with -default_F), and a folder yields no values.
+    """
+    if os.path.isdir(path):
+        return "is a folder"
+    if not os.access(path, os.R_OK):
+        return "cannot be read" if os.path.exists(path) else "is a broken link"
+    return None
+
+
+def cells_across(size_m: float, length_m: float, axis: str) -> int:
+    """Unit cells across a crystal of ``size_m`` with cell edge ``length_m`` (both m), as C.
+
+    Raises:
+        FlagError: more cells than a C int holds, naming the crystal-size flags of ``axis``.
+    """
+    cells = size_m / length_m if length_m > 0 else math.inf
+    if not cells <= 2**31 - 1:
+        raise FlagError(f"-sample_{axis}/-xtal_{axis}/-xtalsize/-samplesize: a crystal of "
+                        f"{size_m * 1e3:g} mm is {cells:g} unit cells along {axis}, more than a C int "
+                        "holds; give the crystal size in mm (e.g. 0.01)")
+    return math.ceil(cells)
+
+
+def check_frame(frame) -> None:
+    """The beam must meet the detector plane where the geometry puts it (finite distances)."""
+    values = torch.stack([frame.distance, frame.close_distance, *frame.pix0])
+    squares = torch.stack([frame.distance, frame.close_distance]) ** 2  # solid angles need them
+    if bool(torch.isfinite(values).all()) and bool(((squares > 0) & squares.isfinite()).all()):
+        return
+    cos = float(torch.dot(frame.beam, frame.odet))
+    if abs(cos) > 1e-6:
+        raise FlagError(f"-distance/-close_distance: the detector is "
+                        f"{float(frame.close_distance) * 1e3:g} mm from the sample, too near or "
+                        "too far to square in float64 (solid angles need it); give the distance "
+                        "of a real detector in mm")
+    raise FlagError(f"-beam_vector/-odet_vector/-twotheta/-detector_rot*: the beam runs along the "
+                    f"detector plane (beam . detector normal = {cos:.3g}) and never reaches it; "
+                    "give a beam direction and detector angles that face each other")
+
+
+def check_oversample(recommended: float, xtal_m: float, frame, f: CFlags) -> None:
+    """Automatic oversampling needs a sub-pixel count that a C int holds."""
+    if f.oversample > 0 or recommended <= 2**31 - 1:
+        return
+    raise FlagError(f"-oversample: automatic oversampling would need {recommended:g} sub-pixels "
+                    f"per axis (crystal {xtal_m * 1e3:g} mm, distance "
+                    f"{float(frame.distance) * 1e3:g} mm, -pixel {f.pixel_size * 1e3:g} mm); give "
+                    "-oversample N, or check -distance, -pixel and the detector angles")
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,8 +556,16 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
         f.detsize_f = f.pixel_size * f.fpixels
     if f.spixels:
         f.detsize_s = f.pixel_size * f.spixels
-    fpixels = math.ceil(f.detsize_f / f.pixel_size - 0.5)
-    spixels = math.ceil(f.detsize_s / f.pixel_size - 0.5)
+    if not max(f.detsize_f, f.detsize_s) * 1e3 <= _EXTENT_MAX_MM:
+        raise FlagError(f"-pixel/-detsize: the detector is {max(f.detsize_f, f.detsize_s) * 1e3:g}"
+                        f" mm wide, too large to compute with (at most {_EXTENT_MAX_MM:g} mm); give "
+                        "-pixel in mm and -detpixels of a real detector")
+    counts = (f.detsize_f / f.pixel_size, f.detsize_s / f.pixel_size)
+    if not max(counts) < 2**31 - 1:
+        raise FlagError(f"-detpixels/-detsize: {counts[0]:g}x{counts[1]:g} pixels are more than a C "
+                        "int can count (2147483647); give a smaller -detsize or a larger -pixel")
+    fpixels = math.ceil(counts[0] - 0.5)
+    spixels = math.ceil(counts[1] - 0.5)
     if fpixels <= 0 or spixels <= 0:
         raise FlagError(f"-detpixels/-detsize: the detector has {fpixels}x{spixels} pixels; give "
                         "-detpixels N (N > 0) or a -detsize larger than -pixel")
@@ -470,6 +579,10 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     # fluence and sample clipping
     if f.flux != 0.0 and f.exposure > 0.0 and f.beamsize >= 0:
         f.fluence = f.flux * f.exposure / f.beamsize / f.beamsize
+        if not math.isfinite(f.fluence):
+            raise FlagError(f"-flux/-exposure/-beamsize: fluence = flux*exposure/beamsize^2 = "
+                            f"{f.flux:g}*{f.exposure:g}/({f.beamsize * 1e3:g} mm)^2 overflows; "
+                            "give a real flux (photons/s), exposure (s) and beam size (mm)")
     if f.beamsize >= 0:
         if f.beamsize < f.sample_y:
             warn.append(f"clipping sample ({f.sample_y:g} m high) with beam ({f.beamsize:g} m)")
@@ -500,6 +613,10 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     if thick[1] > 0.0 and mu < 0.0:
         mu = 1.0 / thick[1]
         warn.append(f"setting detector attenuation depth to {mu:g} m")
+    if not math.isfinite(mu):
+        raise FlagError(f"-detector_abs/-detector_thick: the attenuation depth (or the sensor "
+                        f"thickness, {thick[1] * 1e6:g} um) is so small that 1/depth overflows; "
+                        "give a depth in um (or 0 or inf for no absorption) and a real thickness")
     domains, spread = mosaic_setting(f, warn)
     fix = lambda s: s if (s[1] > 0.0 and s[2] > 0.0 and s[0] > 0) else (1, 0.0, 0.0)
     hdiv, vdiv, disp, thick = fix(hdiv), fix(vdiv), fix(disp), fix(thick)
@@ -551,7 +668,7 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     n_cells = [f.Na, f.Nb, f.Nc]
     for i, size in enumerate((f.sample_x, f.sample_y, f.sample_z)):
         if size > 0:
-            n_cells[i] = math.ceil(size / lengths[i])
+            n_cells[i] = cells_across(size, lengths[i], "xyz"[i])
     n_cells = [max(1.0, float(n)) for n in n_cells]
 
     # structure factors
@@ -563,9 +680,16 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
             grid = read_hkl(path(f.hkl_file), f.default_F)
         warn.extend(grid.warnings)
         info.hkl_from_file = True
+    elif os.path.lexists(path(f.dump_file)) and fdump_unusable(path(f.dump_file)):
+        why = fdump_unusable(path(f.dump_file))
+        if f.default_F == 0.0:
+            raise NbfuncInputError(f"no structure factors: {f.dump_file} in the working directory "
+                                   f"{why} and neither -hkl FILE nor -default_F F was given; give "
+                                   f"one of them, or remove {f.dump_file}")
+        warn.append(f"{f.dump_file} {why}: ignoring it and using -default_F {f.default_F:g} for "
+                    "every reflection")
     elif os.path.exists(path(f.dump_file)):
-        with reading("", " (nbfunc, like nanoBragg, reads the Fdump.bin an earlier -hkl run "
-                         "left in the working directory when no -hkl is given)"):
+        with reading("", " (read as no -hkl was given, as nanoBragg does)"):
             grid = read_fdump(path(f.dump_file))
         info.notes.append(f"reading Fs from {f.dump_file}")
     elif f.default_F == 0.0:
@@ -595,11 +719,14 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
             thick_step_fraction=(thick[2] / thick[1]) if thick[1] > 0 else 0.0,
             mu=max(mu, 0.0) * 1e-3, absorption=thick[1] != 0.0)
     frame = detector_frame(detector, v["beam"])
+    check_frame(frame)
 
     # automatic oversampling
     xtal_max = max(lengths[i] * n_cells[i] for i in range(3))
     reciprocal_pixel = f.lambda0 * float(frame.distance) / f.pixel_size
-    recommended = max(1, math.ceil(3.0 * xtal_max / reciprocal_pixel))
+    ratio = 3.0 * xtal_max / reciprocal_pixel
+    check_oversample(ratio, xtal_max, frame, f)
+    recommended = max(1, math.ceil(ratio)) if ratio <= 2**31 - 1 else 2**31 - 1
     oversample = f.oversample if f.oversample > 0 else recommended
     if f.oversample <= 0:
         info.notes.append(f"auto-selected {oversample}-fold oversampling")
@@ -627,6 +754,12 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     if grid is not None:
         fhkl = torch.as_tensor(np.asarray(grid.F, dtype=np.float64))
         origin = (int(grid.h_min), int(grid.k_min), int(grid.l_min))
+    if dtype is None:
+        dtype = torch.float32 if f.dtype == "float32" else torch.float64
+    try:
+        check_mosaic_memory(domains, phisteps, torch.finfo(dtype).bits // 8, physical_memory())
+    except ValueError as err:
+        raise NbfuncInputError(str(err)) from None
     with building_tree(cell_flag):
         beam = Beam(wavelength=f.lambda0 * 1e10, kahn_factor=f.polarization, fluence=f.fluence,
                     sources=sources, beam_vector=v["beam"], polar_vector=v["polar"],
@@ -644,9 +777,7 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
             roi=tuple(roi), mask=None if mask is None else torch.from_numpy(mask),
             dmin=f.dmin * 1e10, chunk=getattr(f, "chunk", 0))
         params = Params(beam=beam, detector=detector, crystal=crystal, sampling=sampling)
-    if dtype is None:
-        dtype = torch.float32 if f.dtype == "float32" else torch.float64
-    params = params.to(dtype=dtype)
+        params = params.to(dtype=dtype)
 
     info.oversample, info.roi, info.mask = oversample, tuple(roi), mask
     info.header = _header_values(f, conv, frame, fpixels, spixels, osc)

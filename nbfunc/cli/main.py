@@ -7,7 +7,10 @@ with the C program's statistics lines on stdout. Bad input exits with status 2 a
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -76,7 +79,7 @@ def _out_of_memory(err: BaseException) -> bool:
 def _render(params, info):
     """Render with the phi carry (C parity), with a progress meter when one is wanted."""
     from nbfunc.cli import progress
-    from nbfunc.render import initial_carry, make_plan
+    from nbfunc.render import initial_carry, make_plan, render_pixels_for_cli
 
     from nbfunc.compile import COMPILE_DISABLED
 
@@ -87,12 +90,66 @@ def _render(params, info):
     report = None
     if progress.wanted(info.flags.progress_meter, sys.stderr, chunks):
         report = progress.meter(sys.stderr, progress.is_terminal(sys.stderr))
-    image, _ = progress.render_with_progress(params, initial_carry(params), compile, report)
-    return image.detach().to("cpu", torch.float64).numpy().astype(np.float32)
+    values, flat, _ = render_pixels_for_cli(params, initial_carry(params), compile, report)
+    # np.zeros maps zero pages that use memory only where the rendered pixels are written
+    image = np.zeros((params.detector.spixels, params.detector.fpixels), dtype=np.float32)
+    image.reshape(-1)[flat.cpu().numpy()] = values.detach().to("cpu", torch.float64).numpy()
+    return image
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception (like KeyboardInterrupt for SIGINT) so that the
+    rollback of half-written outputs runs before the process exits."""
+
+
+SIGNAL_EXITS = {signal.SIGINT: (KeyboardInterrupt, "interrupted", 130),
+                signal.SIGTERM: (Terminated, "terminated", 128 + signal.SIGTERM)}
+"""Signal -> (exception it becomes, word for the message, exit status 128 + signal number)."""
+
+
+def _raise_for(signum: int, _frame) -> None:
+    raise SIGNAL_EXITS[signum][0]()
+
+
+def _signal_message(err: BaseException, word: str) -> str:
+    """The one stderr line for a run stopped by a signal: what became of the outputs."""
+    if getattr(err, "outputs_written", False):
+        return f"nbfunc: {word} after every output was written"
+    streamed = getattr(err, "streamed", [])
+    if streamed:
+        return (f"nbfunc: {word}; no file output was changed, but {', '.join(streamed)} "
+                "got part of its data")
+    return f"nbfunc: {word}; no output was written"
 
 
 def run(argv: list[str]) -> int:
-    """Run the nanoBragg command line ``argv`` (no program name); return the exit status."""
+    """Run the nanoBragg command line ``argv`` (no program name); return the exit status.
+
+    SIGINT and SIGTERM stop the run with one line on stderr and status 130 or 143, after
+    removing temporary files and restoring outputs already replaced; the previous signal
+    handlers are restored on return. Handlers are installed only in the main thread, and not
+    for a signal that is ignored (as SIGINT is for a job started with ``&`` by a script).
+    """
+    handled = threading.current_thread() is threading.main_thread()
+    previous = {}
+    try:
+        for signum in SIGNAL_EXITS if handled else ():
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of `nbfunc &`
+                previous[signum] = signal.signal(signum, _raise_for)
+        return _run(argv)
+    except (KeyboardInterrupt, Terminated) as err:
+        _, word, status = next(v for v in SIGNAL_EXITS.values() if isinstance(err, v[0]))
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+        print(_signal_message(err, word), file=sys.stderr)
+        return status
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _run(argv: list[str]) -> int:
+    """`run` without the signal handling."""
     from nbfunc.cli import outputs
     from nbfunc.cli.flags import HelpRequested
     from nbfunc.io.errors import NbfuncInputError

@@ -2,10 +2,12 @@
 
 nanoBragg writes the float image, the SMV int image and (unless -nopgm/-nonoise) a PGM and a
 noise image on every run, under default names when no flag names them, and ``Fdump.bin``
-after reading an -hkl file. nbfunc writes the same files, all or nothing: every file is first
-written to a temporary file next to its destination, and only when all of them are complete
-are they renamed into place. If a rename fails, the files already renamed are rolled back to
-their previous contents, so an earlier run's output is never left half overwritten.
+after reading an -hkl file. nbfunc writes the same files where C's fopen(name, "wb") would
+(through symbolic links; FIFOs and devices in place), all or nothing for regular files: each
+is first written to a temporary file next to it, and only when all of them are complete are
+they renamed into place. If anything fails or a signal arrives, the files already renamed get
+their previous contents back, so an earlier run's output is never left half overwritten
+(`commit`, with the leaves in `nbfunc.io.atomic`).
 
 The statistics follow the C program's main(): float32 pixels summed in double, in raster
 order; ``max_I`` is reported at the position (m) of the last sub-pixel of the brightest pixel.
@@ -14,13 +16,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from fractions import Fraction
 
 import numpy as np
 
+from nbfunc.io import atomic
 from nbfunc.io.errors import NbfuncInputError
 
 OPTIONAL = ("fdump",)
@@ -38,25 +39,27 @@ def planned_outputs(f) -> dict[str, str]:
 
 
 def check_writable(files: dict[str, str]) -> None:
-    """Fail before any work when an output cannot be created where it is asked for.
+    """Fail before any work when an output cannot be written where it is asked for.
+
+    Checks each path as `nbfunc.io.atomic.target_of` classifies it (symbolic links followed).
+    Outputs in `OPTIONAL` are not checked: the run goes on without them, as in C.
 
     Raises:
-        NbfuncInputError: the folder is missing or read-only, or the name is a folder.
+        NbfuncInputError: the name is empty, a folder, a socket or a read-only file, or its
+            folder is missing or read-only.
     """
     flags = {"float": "-floatfile", "int": "-intfile", "pgm": "-pgmfile", "noise": "-noisefile"}
     for kind, name in files.items():
         flag = flags.get(kind, kind)
+        if kind in OPTIONAL:
+            continue
         if not name:
             raise NbfuncInputError(f"{flag} '': expected a file name for the {kind} image")
-        folder = os.path.dirname(os.path.abspath(name))
-        if not os.path.isdir(folder):
-            raise NbfuncInputError(f"{flag} {name}: cannot write the {kind} image, folder {folder} "
-                                   "does not exist; give a path in an existing folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise NbfuncInputError(f"{flag} {name}: cannot write the {kind} image, folder {folder} "
-                                   "is not writable; give a path in a writable folder")
-        if os.path.isdir(name):
-            raise NbfuncInputError(f"{flag} {name}: is a folder, expected a file name")
+        try:
+            atomic.target_of(name)
+        except atomic.UnwritableError as err:
+            raise NbfuncInputError(f"{flag} {name}: cannot write the {kind} image, "
+                                   f"{err.reason}") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,95 +190,97 @@ def write_all(float_image: np.ndarray, stats: dict, info) -> list[str]:
     return lines
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _optional(kind: str, err: BaseException, skipped: list[str]) -> None:
+    """Record an optional output as skipped, or re-raise ``err`` for a required one."""
+    if kind not in OPTIONAL:
+        raise err
+    skipped.append(kind)
 
 
-def _stage(name: str, data: bytes) -> str:
-    """Write ``data`` to a new hidden temporary file next to ``name``; return its path."""
-    folder, base = os.path.split(os.path.abspath(name))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".nbfunc-tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # the mode fopen would give, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _keep_copy(name: str) -> str | None:
-    """A hidden hard link (or copy) of an existing ``name``, to restore it on failure."""
-    if not os.path.isfile(name):
-        return None
-    folder, base = os.path.split(os.path.abspath(name))
-    fd, backup = tempfile.mkstemp(prefix=f".{base}.", suffix=".nbfunc-old", dir=folder)
-    os.close(fd)
-    try:
-        os.unlink(backup)
-        os.link(name, backup)
-    except OSError:
-        shutil.copy2(name, backup)
-    return backup
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _roll_back(placed: list[str], backups: dict[str, str | None]) -> None:
+    """Give every replaced file its previous content back; remove the ones that were new."""
+    for real in dict.fromkeys(placed):
+        backup = backups.pop(real, None)
+        if backup:
+            os.replace(backup, real)
+        else:
+            atomic.remove(real)
 
 
 def commit(files: dict[str, str], payload: dict[str, bytes]) -> list[str]:
-    """Stage every payload next to its destination, then rename all of them into place.
+    """Write every payload where C's fopen(name, "wb") would, all or nothing for files.
 
-    On any failure the staged files are removed and the destinations already replaced get
-    their previous content back (or are removed when they did not exist), then the error is
-    raised. Outputs listed in `OPTIONAL` that cannot be staged are skipped instead.
+    Regular files (new or existing, also behind symbolic links) are staged next to the file
+    the path resolves to, then all renamed into place; FIFOs and devices are written in place
+    after that, in the order of ``files``. On any failure or exception (SIGINT, SIGTERM) the
+    staged files are removed and the files already renamed get their previous content back
+    (or are removed when they did not exist); bytes already sent to a FIFO or device cannot
+    be taken back, so the exception then carries their names in ``streamed``. An exception
+    that arrives after everything was written carries ``outputs_written = True``. Outputs in
+    `OPTIONAL` that cannot be written are skipped instead.
 
     Returns:
         the kinds that were skipped.
     Raises:
-        NbfuncInputError: for an OSError; any other exception is re-raised after the cleanup.
+        NbfuncInputError: for an OSError or an unwritable path; any other exception is
+            re-raised after the cleanup.
     """
-    staged, skipped, backups, placed = [], [], {}, []
+    skipped, temps, placed, streamed = [], [], [], []
+    backups: dict[str, str | None] = {}
     current = ""
     try:
+        targets = {}
         for kind, name in files.items():
             current = name
             try:
-                staged.append((_stage(name, payload[kind]), name))
-            except OSError:
-                if kind not in OPTIONAL:
-                    raise
-                skipped.append(kind)
-        for tmp, name in staged:
-            current = name
-            if name not in backups:
-                backups[name] = _keep_copy(name)
-            os.replace(tmp, name)
-            placed.append(name)
+                targets[kind] = atomic.target_of(name)
+            except NbfuncInputError as err:
+                _optional(kind, err, skipped)
+        staged = []
+        for kind, target in targets.items():
+            current = target.path
+            if target.kind != "stream":
+                try:
+                    staged.append((kind, target, atomic.stage(target, payload[kind], temps)))
+                except OSError as err:
+                    _optional(kind, err, skipped)
+        with atomic.signals_deferred():
+            for kind, target, tmp in staged:
+                current = target.path
+                if target.real not in backups:
+                    backups[target.real] = atomic.keep_copy(target, temps)
+                try:
+                    os.replace(tmp, target.real)
+                except OSError as err:
+                    _optional(kind, err, skipped)
+                    continue
+                placed.append(target.real)
+        for kind, target in targets.items():
+            current = target.path
+            if target.kind == "stream":
+                try:
+                    atomic.write_in_place(target, payload[kind], streamed)
+                except OSError as err:
+                    _optional(kind, err, skipped)
     except BaseException as err:
-        for tmp, _ in staged:
-            _remove(tmp)
-        for name in dict.fromkeys(placed):
-            if backups.get(name):
-                os.replace(backups.pop(name), name)
-            else:
-                _remove(name)
-        for backup in backups.values():
-            if backup:
-                _remove(backup)
+        with atomic.signals_deferred():
+            _roll_back(placed, backups)
+            for tmp in temps:
+                atomic.remove(tmp)
+        err.streamed = list(dict.fromkeys(streamed))
         if isinstance(err, OSError):
-            raise NbfuncInputError(f"cannot write {current}: {err.strerror or err}; no output "
-                                   "was written") from err
+            reason = err.strerror or str(err)
+            done = ("no output was written" if not streamed else "no file output was changed, "
+                    f"but {', '.join(err.streamed)} got part of its data")
+            raise NbfuncInputError(f"cannot write {current}: {reason}; {done}") from err
         raise
-    for backup in backups.values():
-        if backup:
-            _remove(backup)
+    try:
+        with atomic.signals_deferred():
+            for tmp in temps:
+                atomic.remove(tmp)
+    except BaseException as err:
+        err.outputs_written = True
+        raise
     return skipped
 
 

@@ -4,7 +4,7 @@ nanoBragg prints ``N% done`` lines from its pixel loop. nbfunc draws a text bar 
 instead (stdout keeps the C program's messages): redrawn in place on a terminal, one line per
 10 % otherwise, and only for renders long enough to need it. ``-noprogress`` turns it off.
 
-The renderer calls ``progress(done, total)`` after every chunk (`nbfunc.render.render_for_cli`).
+The renderer calls ``progress(done, total)`` after every chunk (`nbfunc.render.render_pixels_for_cli`).
 """
 from __future__ import annotations
 
@@ -52,14 +52,3 @@ def meter(stream: TextIO, terminal: bool, width: int = 30) -> Callable[[int, int
         stream.flush()
 
     return report
-
-
-def render_with_progress(params, carry, compile: bool, report: Callable[[int, int], None] | None):
-    """`nbfunc.render.render_for_cli`, reporting progress to ``report(done, total)`` per chunk.
-
-    Returns:
-        (image (slow, fast), carry after the render).
-    """
-    from nbfunc.render import render_for_cli
-
-    return render_for_cli(params, carry, compile=compile, progress=report)

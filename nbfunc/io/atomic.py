@@ -1,41 +1,238 @@
-"""Atomic file writing: readers never see a partial or stale output file."""
+"""Writing output files as C's ``fopen(path, "wb")`` would, but all or nothing.
+
+The C program opens every output with ``fopen(path, "wb")``: a symbolic link is followed and
+its target written (a dangling link creates its target), a FIFO or a device is written in
+place, and an existing file keeps its inode, owner and permission bits. nbfunc does the same
+with one difference: a regular file is written to a hidden temporary file next to it
+(``.NAME.XXXX.nbfunc-tmp``) and renamed onto it only when complete, so a reader never sees a
+partial file and a failed run can put the previous content back. FIFOs and devices cannot be
+replaced, so they are opened and written in place, without a temporary file.
+
+These are the leaves; `nbfunc.cli.outputs.commit` orchestrates several files at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import secrets
-from pathlib import Path
+import shutil
+import signal
+import stat
+import tempfile
+import threading
+from typing import Iterator, NamedTuple
 
-from nbfunc.io.errors import file_error
+from nbfunc.io.errors import NbfuncInputError, file_error
+
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals held back while files are renamed into place or rolled back."""
+
+
+class UnwritableError(NbfuncInputError):
+    """An output path that cannot be written; ``reason`` says why and how to fix it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: cannot write output, {reason}")
+        self.path, self.reason = path, reason
+
+
+class Target(NamedTuple):
+    """Where the bytes for an output path go.
+
+    Attributes:
+        path: the path as given.
+        real: the path with every symbolic link followed (the file that is written).
+        kind: "new" (nothing there yet), "file" (an existing regular file) or "stream"
+            (a FIFO, a character or block device, or anything under /dev or /proc: written
+            in place).
+        mode: permission bits of an existing file (e.g. 0o640), None for a new one.
+        owner: (uid, gid) of an existing file, None for a new one.
+    """
+
+    path: str
+    real: str
+    kind: str
+    mode: int | None
+    owner: tuple[int, int] | None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _folder_problem(folder: str, link_note: str) -> str | None:
+    """Why no file can be created in ``folder``, or None when one can."""
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist{link_note}; give a path in an existing folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"folder {folder} is not writable{link_note}; give a path in a writable folder "
+                "(nbfunc replaces a file through a temporary file next to it)")
+    return None
+
+
+def _kernel_path(path: str) -> bool:
+    """True for paths under /dev and /proc (``/dev/stdout``, ``/proc/self/fd/1``): their links
+    name open descriptors, not files that could be replaced, so they are written in place."""
+    return os.path.abspath(path).startswith(("/dev/", "/proc/"))
+
+
+def target_of(path: str) -> Target:
+    """Classify ``path`` as C's fopen(path, "wb") would open it, or refuse it.
+
+    Raises:
+        UnwritableError: the path is a folder, a socket, a symbolic-link loop, a read-only
+            file (no write permission bit, even when run as root), or lies in a missing or
+            read-only folder.
+    """
+    try:
+        info = os.stat(path)  # follows symbolic links, as fopen does
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnwritableError(path, "it is a symbolic link that cannot be followed (a loop); "
+                                        "remove it or choose another name") from exc
+        raise UnwritableError(path, f"it cannot be opened ({exc.strerror}); choose another "
+                                    "name") from exc
+    real = os.path.realpath(path)
+    link_note = f" (the symbolic link points to {real})" if os.path.islink(path) else ""
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise UnwritableError(path, "it is a folder, expected a file name")
+    if info is not None and stat.S_ISSOCK(info.st_mode):
+        raise UnwritableError(path, "it is a socket, expected a file, FIFO or device")
+    if info is not None and (not os.access(path, os.W_OK) or not info.st_mode & 0o222):
+        raise UnwritableError(path, f"it is read-only; make it writable (chmod u+w {path}) or "
+                                    "choose another name")
+    if info is not None and (not stat.S_ISREG(info.st_mode) or _kernel_path(path)):
+        return Target(path, real, "stream", None, None)
+    problem = _folder_problem(os.path.dirname(real), link_note)
+    if problem is not None:
+        raise UnwritableError(path, problem)
+    if info is None:
+        return Target(path, real, "new", None, None)
+    return Target(path, real, "file", stat.S_IMODE(info.st_mode) & 0o777,
+                  (info.st_uid, info.st_gid))
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM that arrive inside the block; send them again when it ends.
+
+    Used around renames and rollbacks, which are short and must not stop half way. Outside
+    the main thread (where Python handlers never run) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    try:
+        for signum in DEFERRED_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, lambda number, _f: held.append(number))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
+def _new_temp(real: str, suffix: str, temps: list[str]) -> tuple[int, str]:
+    """A new hidden file next to ``real``, recorded in ``temps`` before anything can stop us."""
+    folder, base = os.path.split(real)
+    with signals_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=suffix, dir=folder)
+        temps.append(tmp)
+    return fd, tmp
+
+
+def stage(target: Target, data: bytes, temps: list[str]) -> str:
+    """Write ``data`` to a new hidden temporary file next to ``target.real``; return its path.
+
+    The temporary file gets the existing file's permission bits and (where allowed) owner,
+    or for a new file the bits fopen would give (0666 less the umask). Its path is appended
+    to ``temps`` as soon as it exists, so the caller can remove it whatever happens.
+    """
+    fd, tmp = _new_temp(target.real, ".nbfunc-tmp", temps)
+    try:
+        os.fchmod(fd, target.mode if target.mode is not None else 0o666 & ~_umask())
+        if target.owner is not None and target.owner != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, *target.owner)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return tmp
+
+
+def keep_copy(target: Target, temps: list[str]) -> str | None:
+    """A hidden hard link (or copy) of an existing ``target.real``, to restore it on failure."""
+    if target.kind != "file":
+        return None
+    fd, backup = _new_temp(target.real, ".nbfunc-old", temps)
+    os.close(fd)
+    try:
+        os.unlink(backup)
+        os.link(target.real, backup)
+    except OSError:
+        shutil.copy2(target.real, backup)
+    return backup
+
+
+def write_in_place(target: Target, data: bytes, opened: list[str]) -> None:
+    """Open a FIFO or device and write ``data`` into it, as fopen(path, "wb") + fwrite do.
+
+    Opening a FIFO waits for a reader, as in C. ``target.path`` is appended to ``opened``
+    once it is open, from when on bytes may have gone out and cannot be taken back.
+    """
+    with open(target.path, "wb") as handle:
+        opened.append(target.path)
+        handle.write(data)
+
+
+def remove(path: str) -> None:
+    """Remove ``path`` if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + os.replace.
+    """Write ``data`` to ``path`` as fopen(path, "wb") would, all or nothing for a file.
 
-    The temporary file is created with the default permissions (umask applies) and removed
-    if anything fails, so ``path`` holds either its previous content or all of ``data``.
+    A symbolic link is followed (the link stays, its target gets ``data``); a FIFO or device
+    is written in place; a regular file is replaced through a temporary file in its folder,
+    keeping its permission bits, so ``path`` holds either its previous content or all of
+    ``data``. No temporary file is left behind, whatever happens.
 
     Raises:
-        NbfuncInputError: the directory is missing or not writable, or ``path`` is a directory.
+        NbfuncInputError: the folder is missing or not writable, ``path`` is a folder or a
+            read-only file, or writing failed.
     """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    name = os.fspath(path)
+    target = target_of(name)
+    if target.kind == "stream":
+        try:
+            write_in_place(target, data, [])
+        except OSError as exc:
+            raise file_error(name, f"cannot write output ({exc.strerror})") from exc
+        return
+    temps: list[str] = []
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        tmp = stage(target, data, temps)
+        with signals_deferred():
+            os.replace(tmp, target.real)
+            temps.remove(tmp)
     except OSError as exc:
         raise file_error(
-            target,
-            f"cannot write output ({exc.strerror}); choose an existing, writable directory",
+            name, f"cannot write output ({exc.strerror}); choose a writable file path"
         ) from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise file_error(
-            target, f"cannot write output ({exc.strerror}); choose a writable file path"
-        ) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        with signals_deferred():
+            for tmp in temps:
+                remove(tmp)

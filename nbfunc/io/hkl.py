@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nbfunc.io.atomic import atomic_write_bytes
-from nbfunc.io.errors import file_error, read_text
+from nbfunc.io.errors import file_error, open_input, read_text, read_up_to
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,13 @@ class HKLGrid:
 
 
 _MAX_GRID_POINTS = 1 << 27  # 1 GiB of doubles
+
+HKL_MAX_BYTES = 1 << 30
+"""Largest HKL text file read (bytes). A P1 list of every reflection of a 300 A cubic cell to
+1.5 A resolution has about 34 million lines, about 0.7 GB; real nanoBragg inputs are far smaller.
+The limit stops ``-hkl /dev/zero`` or an endless pipe at once instead of reading forever."""
+
+_C_INT_MAX = 2**31 - 1  # C reads indices into int
 
 
 def _c_int(x: float) -> int:
@@ -77,13 +84,18 @@ def _parse_hkl_line(path, lineno: int, text: str) -> tuple | None:
                 f"{name} is {token!r}, expected a finite number (line format 'h k l F')",
                 lineno,
             )
+        if name != "F" and abs(value) > _C_INT_MAX:
+            raise file_error(
+                path, f"{name} is {token[:30]!r}, expected a Miller index within "
+                f"+-{_C_INT_MAX} (line format 'h k l F')", lineno,
+            )
         values.append(value)
     return tuple(values)
 
 
 def _read_entries(path) -> list:
     """All (lineno, h, k, l, F) entries of an HKL text file."""
-    lines = io.StringIO(read_text(path, "HKL file", "check the -hkl path")).readlines()
+    lines = io.StringIO(read_text(path, "HKL file", "check the -hkl path", HKL_MAX_BYTES)).readlines()
     entries = []
     for lineno, text in enumerate(lines, start=1):
         parsed = _parse_hkl_line(path, lineno, text)
@@ -122,8 +134,9 @@ def read_hkl(path: str | os.PathLike, default_F: float) -> HKLGrid:
         HKLGrid with F of shape (h_range, k_range, l_range).
 
     Raises:
-        NbfuncInputError: missing or empty file, a line that is not four finite numbers, or
-            an index range too large for memory.
+        NbfuncInputError: missing, empty, binary or larger than `HKL_MAX_BYTES` file, a line
+            that is not four finite numbers, an index beyond a C int, or an index range too
+            large for memory.
     """
     entries = _read_entries(path)
     idx = np.array([[_c_int(h), _c_int(k), _c_int(l)] for _, h, k, l, _ in entries], dtype=np.int64)
@@ -162,38 +175,66 @@ def write_fdump(path: str | os.PathLike, grid: HKLGrid) -> None:
 _FDUMP_HEADER = re.compile(rb"\s*" + rb"\s+".join([rb"([+-]?\d+)"] * 6) + rb"\n\f")
 
 
-def read_fdump(path: str | os.PathLike) -> HKLGrid:
-    """Read a C ``Fdump.bin`` cache; returns the grid without the padding slots.
-
-    Raises:
-        NbfuncInputError: missing file, header not six integers followed by newline and form
-            feed, empty ranges, or a data size other than (h_range+1)(k_range+1)(l_range+1)
-            doubles.
-    """
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise file_error(path, f"cannot read Fdump file ({exc.strerror}); check the path") from exc
-    match = _FDUMP_HEADER.match(raw[:200])
+def _fdump_header(path, head: bytes) -> tuple:
+    """(h_min, h_max, k_min, k_max, l_min, l_max, header length) of an Fdump.bin start."""
+    match = _FDUMP_HEADER.match(head)
     if match is None:
         raise file_error(
             path,
-            f"header {raw[:40]!r} is not 'h_min h_max k_min k_max l_min l_max' + newline + form "
+            f"header {head[:16]!r} is not 'h_min h_max k_min k_max l_min l_max' + newline + form "
             "feed; the file is not an Fdump.bin (delete it to re-read the HKL file)",
         )
-    h_min, h_max, k_min, k_max, l_min, l_max = (int(v) for v in match.groups())
-    hr, kr, lr = h_max - h_min + 1, k_max - k_min + 1, l_max - l_min + 1
-    if min(hr, kr, lr) < 1:
-        raise file_error(path, f"header ranges h {h_min}..{h_max} k {k_min}..{k_max} "
-                         f"l {l_min}..{l_max} are empty, expected max >= min on every axis")
-    data = raw[match.end():]
-    expected = (hr + 1) * (kr + 1) * (lr + 1) * 8
+    return tuple(int(v) for v in match.groups()) + (match.end(),)
+
+
+def _check_fdump_values(path, padded: np.ndarray, origin: tuple) -> None:
+    """Every amplitude of an Fdump.bin must be finite (an HKL file cannot give NaN or inf)."""
+    bad = np.argwhere(~np.isfinite(padded))
+    if bad.size:
+        h, k, l = (int(i) + o for i, o in zip(bad[0], origin))
+        raise file_error(
+            path, f"holds {len(bad)} non-finite amplitude{'s' if len(bad) > 1 else ''} (the first, "
+            f"{float(padded[tuple(bad[0])]):g}, "
+            f"at h k l = {h} {k} {l}), expected finite F values; the file is damaged (delete it "
+            "and give -hkl FILE to rebuild it)",
+        )
+
+
+def read_fdump(path: str | os.PathLike) -> HKLGrid:
+    """Read a C ``Fdump.bin`` cache; returns the grid without the padding slots.
+
+    The header is read first; then exactly the data it announces (at most `_MAX_GRID_POINTS`
+    grid points, as an HKL file may give) plus one byte to detect a longer file, so a device
+    or an endless pipe is never read without bound.
+    Raises:
+        NbfuncInputError: missing file or a folder, header not six integers followed by newline
+            and form feed, empty or too large ranges, a data size other than
+            (h_range+1)(k_range+1)(l_range+1) doubles, or a value that is not finite.
+    """
+    what, hint = "Fdump file", "check the path"
+    fd = open_input(path, what, hint)
+    try:
+        head = read_up_to(fd, path, what, hint, 200)
+        h_min, h_max, k_min, k_max, l_min, l_max, start = _fdump_header(path, head)
+        hr, kr, lr = h_max - h_min + 1, k_max - k_min + 1, l_max - l_min + 1
+        if min(hr, kr, lr) < 1:
+            raise file_error(path, f"header ranges h {h_min}..{h_max} k {k_min}..{k_max} "
+                             f"l {l_min}..{l_max} are empty, expected max >= min on every axis")
+        if hr * kr * lr > _MAX_GRID_POINTS:
+            raise file_error(path, f"header ranges give a {hr}x{kr}x{lr} grid, expected at most "
+                             f"{_MAX_GRID_POINTS} points; the file is damaged (delete it)")
+        expected = (hr + 1) * (kr + 1) * (lr + 1) * 8
+        data = head[start:]
+        data += read_up_to(fd, path, what, hint, max(0, expected + 1 - len(data)))
+    finally:
+        os.close(fd)
     if len(data) != expected:
+        found = f"{len(data)}" if len(data) <= expected else f"more than {expected}"
         raise file_error(
             path,
-            f"found {len(data)} bytes of data, expected {expected} "
+            f"found {found} bytes of data, expected {expected} "
             f"({hr + 1}x{kr + 1}x{lr + 1} doubles); the file is truncated or not an Fdump.bin",
         )
     padded = np.frombuffer(data, dtype="<f8").reshape(hr + 1, kr + 1, lr + 1)
+    _check_fdump_values(path, padded, (h_min, k_min, l_min))
     return HKLGrid(padded[:hr, :kr, :lr].astype(np.float64), h_min, k_min, l_min, hr * kr * lr)

@@ -24,6 +24,14 @@ _C_NUMBER = re.compile(
     r"|[nN][aA][nN](?:\([0-9A-Za-z_]*\))?))"
 )
 
+_DET_RANGE = (1e-60, 1e60)
+"""|det A| accepted: lambda^3 / V is about 1e-14 to 1e2 for real cells (V 1e1 to 1e11 A^3) and
+wavelengths (0.1 to 10 A); outside this range the derived cell overflows float64."""
+
+MATRIX_MAX_BYTES = 1 << 20
+"""Largest matrix file read (bytes). A MOSFLM matrix file (A matrix, U matrix, cell, misset)
+is about 300 bytes; 1 MiB leaves room for any comment, and stops ``-mat /dev/zero`` at once."""
+
 
 def c_atof(text: str, pos: int = 0) -> tuple:
     """C ``strtod`` at ``text[pos:]``: (value, end position), or (0.0, pos) if no number.
@@ -77,10 +85,11 @@ def read_mosflm_matrix(path: str | os.PathLike) -> np.ndarray:
         Angstrom units: divide by lambda/Angstrom for 1/Angstrom).
 
     Raises:
-        NbfuncInputError: missing file, fewer than nine numbers, text that is not a number,
+        NbfuncInputError: missing, binary or larger than `MATRIX_MAX_BYTES` file, fewer than
+            nine numbers, text that is not a number,
             non-finite values, or a singular matrix.
     """
-    text = read_text(path, "matrix file", "check the -mat path")
+    text = read_text(path, "matrix file", "check the -mat path", MATRIX_MAX_BYTES)
     values, stop = scan_c_doubles(text, 9)
     if stop is not None:
         line, token = stop
@@ -95,11 +104,17 @@ def read_mosflm_matrix(path: str | os.PathLike) -> np.ndarray:
     matrix = np.array(values, dtype=np.float64).reshape(3, 3).T
     if not np.isfinite(matrix).all():
         raise file_error(path, f"found non-finite values {values}, expected finite numbers")
-    scale = np.prod(np.linalg.norm(matrix, axis=1))
-    det = float(np.linalg.det(matrix))
-    if scale == 0.0 or abs(det) <= 1e-9 * scale:
+    with np.errstate(all="ignore"):
+        scale = np.prod(np.linalg.norm(matrix, axis=1))
+        det = float(np.linalg.det(matrix))
+    if np.isfinite(scale) and (scale == 0.0 or abs(det) <= 1e-9 * scale):
         raise file_error(
             path, f"the matrix is singular (determinant {det:g}): a*, b*, c* must be "
             "linearly independent; check the file is a MOSFLM A matrix",
+        )
+    if not _DET_RANGE[0] < abs(det) < _DET_RANGE[1]:
+        raise file_error(
+            path, f"the determinant {det:g} is outside {_DET_RANGE[0]:g} to {_DET_RANGE[1]:g}: a "
+            "MOSFLM A matrix holds a*, b*, c* times the wavelength (entries about 0.001 to 1)",
         )
     return matrix

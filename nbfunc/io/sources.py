@@ -19,11 +19,17 @@ import os
 
 import numpy as np
 
-from nbfunc.io.errors import file_error
+from nbfunc.io.errors import file_error, read_limited
 from nbfunc.io.matrix import c_atof
 
 _DELIMITERS = " \t,;:!"
 _NUMBERSTUFF = "0123456789-+.EGeg"
+
+COLUMNS_MAX_BYTES = 64 << 20
+"""Largest column file (-sourcefile, -stol) read (bytes). 64 MiB holds about 700,000 lines of
+five numbers; every source multiplies the render time, so real source lists (the C program's
+examples have at most a few thousand) and stol tables (a few hundred rows) are far smaller.
+The limit stops ``-sourcefile /dev/zero`` or an endless pipe at once."""
 
 
 def _span(text: str, pos: int, chars: str) -> int:
@@ -68,20 +74,20 @@ def _line_values(path, lineno: int, text: str, ncols: int) -> list | None:
     return values
 
 
-def read_columns(path: str | os.PathLike, ncols: int) -> np.ndarray:
+def read_columns(path: str | os.PathLike, ncols: int, what: str = "column file") -> np.ndarray:
     """Read a numeric column file exactly as the C program's ``read_text_file(path, ncols)``.
 
+    Args:
+        what: the kind of file, for messages (e.g. "source file").
     Returns:
         float64 (lines, ncols), NaN where a line has fewer columns; blank lines are skipped.
 
     Raises:
-        NbfuncInputError: missing file, a token that is not a number, or no data lines.
+        NbfuncInputError: missing, binary or larger than `COLUMNS_MAX_BYTES` file, a token
+            that is not a number, or no data lines.
     """
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace", newline="") as handle:
-            parts = handle.read().split("\n")
-    except OSError as exc:
-        raise file_error(path, f"cannot read ({exc.strerror}); check the file path") from exc
+    raw = read_limited(path, what, "check the file path", COLUMNS_MAX_BYTES)
+    parts = raw.decode("utf-8", errors="replace").split("\n")
     lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
     rows = []
     for lineno, text in enumerate(lines, start=1):
@@ -93,6 +99,11 @@ def read_columns(path: str | os.PathLike, ncols: int) -> np.ndarray:
     return np.array(rows, dtype=np.float64)
 
 
+SOURCE_VALUE_MAX = 1e100
+"""Largest magnitude of a source-file value: positions are squared and wavelengths converted to
+Angstrom (x 1e10) without overflow; real values are metres to micrometres."""
+
+
 def read_source_file(path: str | os.PathLike) -> np.ndarray:
     """Read a ``-sourcefile``: columns X, Y, Z, weight, wavelength (m); NaN where missing.
 
@@ -100,10 +111,18 @@ def read_source_file(path: str | os.PathLike) -> np.ndarray:
         float64 (n_sources, 5).
 
     Raises:
-        NbfuncInputError: as :func:`read_columns`, or a given wavelength that is not positive
+        NbfuncInputError: as :func:`read_columns`, a value that is infinite or beyond
+            `SOURCE_VALUE_MAX`, or a given wavelength that is not positive
             (C reads a missing column as 0 on a last line without newline, see module notes).
     """
-    cols = read_columns(path, 5)
+    cols = read_columns(path, 5, "source file")
+    huge = np.argwhere(~(np.abs(cols) <= SOURCE_VALUE_MAX) & ~np.isnan(cols))
+    if huge.size:
+        row, col = (int(i) for i in huge[0])
+        raise file_error(
+            path, f"source {row + 1} has {cols[row, col]:g} in column {col + 1}, expected a finite "
+            f"value below {SOURCE_VALUE_MAX:g} (columns X Y Z, weight, wavelength in m)",
+        )
     bad = np.flatnonzero(~np.isnan(cols[:, 4]) & ~(cols[:, 4] > 0))
     if bad.size:
         row = int(bad[0])

@@ -30,9 +30,10 @@ def read_stol(path: str | os.PathLike, multiplier: float = STOL_MULTIPLIER) -> t
         (stol float64 (n + 4,) in 1/m, F float64 (n + 4,)).
 
     Raises:
-        NbfuncInputError: missing file, non-numeric token, or no data lines.
+        NbfuncInputError: missing, binary or too large file, non-numeric token, or no data
+            lines.
     """
-    cols = read_columns(path, 2)
+    cols = read_columns(path, 2, "stol table")
     given = cols[~np.isnan(cols[:, 1]), 1]
     low = given[0] if given.size else math.nan
     high = given[-1] if given.size else math.nan

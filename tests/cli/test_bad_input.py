@@ -268,13 +268,13 @@ def _validation_error(build) -> ValidationError:
      "-cell:", "[crystal in"),
     (lambda: Crystal(cell_a=5, cell_b=5, cell_c=5, water_size=-1.0), "-water:", "crystal.water_size"),
     (lambda: SourceGrid(hdiv_fracs=(0.0, 0.1), vdiv_fracs=(0.0,), disp_fracs=(0.0,)),
-     "-divergence/-dispersion:", "[beam.sources in"),
+     "-divergence/-dispersion:", "[beam.sources.hdiv_fracs in"),
     (lambda: SourceList(directions=[[0.0, 0.0, 0.0]], wavelengths=[1.0]), "-sourcefile:",
-     "[beam.sources in"),
+     "[beam.sources.directions in"),
     (lambda: Params(beam=Beam(wavelength=1.0), crystal=Crystal(cell_a=5, cell_b=5, cell_c=5),
                     detector=Detector(distance=1, beam_center_f=1, beam_center_s=1,
                                       pixel_size=0.1, fpixels=4, spixels=4),
-                    sampling=Sampling(roi=(3, 1, 0, 3))), "-roi/-mask:", "[params in"),
+                    sampling=Sampling(roi=(3, 1, 0, 3))), "-roi:", "[sampling.roi in"),
 ])
 def test_tree_error_maps_fields_to_flags(build, flag, where):
     line = str(tree_error(_validation_error(build), "-cell"))

@@ -115,15 +115,15 @@ def test_failure_while_staging_leaves_nothing_new(tmp_path, monkeypatch):
     """An exception in the middle of writing: no new file, no temporary, earlier files intact."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "floatimage.bin").write_bytes(b"earlier")
-    real, count = outputs._stage, []
+    real, count = outputs.atomic.stage, []
 
-    def stage_then_fail(name, data):
-        count.append(name)
+    def stage_then_fail(target, data, temps):
+        count.append(target)
         if len(count) == 3:
             raise RuntimeError("simulated crash while writing")
-        return real(name, data)
+        return real(target, data, temps)
 
-    monkeypatch.setattr(outputs, "_stage", stage_then_fail)
+    monkeypatch.setattr(outputs.atomic, "stage", stage_then_fail)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main.run(SMALL + ["-default_F", "10"])
     assert os.listdir(tmp_path) == ["floatimage.bin"]
@@ -219,3 +219,24 @@ def test_outputs_get_the_permissions_fopen_would_give(tmp_path, monkeypatch):
         os.umask(old)
     assert oct(os.stat(tmp_path / "floatimage.bin").st_mode & 0o777) == oct(0o644)
     assert oct(os.stat(tmp_path / "intimage.img").st_mode & 0o777) == oct(0o644)
+
+
+def test_failed_fifo_write_rolls_back_the_files_and_says_what_went_out(tmp_path, monkeypatch,
+                                                                      capsys):
+    """FIFOs are written after the files are in place; if one fails, the files go back."""
+    monkeypatch.chdir(tmp_path)
+    old = _earlier_run(tmp_path)
+    os.mkfifo(tmp_path / "pipe.img")
+
+    def reader_went_away(target, data, opened):
+        opened.append(target.path)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(outputs.atomic, "write_in_place", reader_went_away)
+    assert main.run(SMALL + ["-default_F", "10", "-noisefile", "pipe.img"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "nbfunc: error: cannot write pipe.img: Broken pipe; no file output was changed, but "
+        "pipe.img got part of its data"]
+    assert sorted(os.listdir(tmp_path)) == sorted([*old, "pipe.img"])
+    for name, data in old.items():
+        assert (tmp_path / name).read_bytes() == data

@@ -8,7 +8,7 @@ import torch
 import nbfunc.render
 from nbfunc.cli import main, progress
 from nbfunc.cli.derive import derive
-from nbfunc.render import initial_carry, render_for_cli
+from nbfunc.render import initial_carry, render_pixels_for_cli
 
 # phi starts at 0 with several steps: the C program's phi carry-over crosses band borders
 CARRY = ["-cell", "40", "50", "60", "90", "90", "90", "-default_F", "100", "-N", "3",
@@ -56,15 +56,17 @@ class TestMeter:
 
 def test_progress_callback_sees_every_chunk_and_changes_nothing():
     params, _ = derive(CARRY)
-    one, carry_one = render_for_cli(params, initial_carry(params), compile=False)
+    one, flat, carry_one = render_pixels_for_cli(params, initial_carry(params), compile=False)
     calls = []
-    reported, carry_reported = progress.render_with_progress(
-        params, initial_carry(params), compile=False, report=lambda d, t: calls.append((d, t)))
+    reported, flat_reported, carry_reported = render_pixels_for_cli(
+        params, initial_carry(params), compile=False, progress=lambda d, t: calls.append((d, t)))
     plan, pixels = nbfunc.render.make_plan(params, large_chunks=False)
     total = plan.chunks(len(pixels))
     assert calls == [(i, total) for i in range(1, total + 1)] and total > 3
-    assert torch.equal(one, reported)
+    assert torch.equal(one, reported) and torch.equal(flat, flat_reported)
     assert torch.equal(carry_one.orientation, carry_reported.orientation)
+    image = nbfunc.simulate_with_carry(params, initial_carry(params))[0]
+    assert torch.equal(image.reshape(-1)[flat], one)
 
 
 @pytest.mark.parametrize("flag, shown", [([], True), (["-noprogress"], False)])

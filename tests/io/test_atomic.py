@@ -1,10 +1,13 @@
 """Tests for nbfunc.io.atomic and nbfunc.io.errors."""
 
 import os
+import signal
+import stat
+import threading
 
 import pytest
 
-from nbfunc.io.atomic import atomic_write_bytes
+from nbfunc.io.atomic import UnwritableError, atomic_write_bytes, signals_deferred, target_of
 from nbfunc.io.errors import NbfuncInputError, file_error
 
 
@@ -67,3 +70,92 @@ def test_file_error_is_one_line_value_error():
     err = file_error("P1.hkl", "found 3 numbers,\n expected 4", line=7)
     assert isinstance(err, ValueError)
     assert str(err) == "P1.hkl: line 7: found 3 numbers, expected 4"
+
+
+# --------------------------------------------------------------------------------------------
+# what fopen(path, "wb") would open
+# --------------------------------------------------------------------------------------------
+def test_target_of_classifies_as_fopen_opens(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "file").chmod(0o604)
+    (tmp_path / "link").symlink_to("file")
+    (tmp_path / "dangling").symlink_to("later")
+    os.mkfifo(tmp_path / "fifo")
+    file = target_of(str(tmp_path / "link"))
+    assert (file.kind, file.real, file.mode) == ("file", str(tmp_path / "file"), 0o604)
+    assert target_of(str(tmp_path / "dangling"))[1:3] == (str(tmp_path / "later"), "new")
+    assert target_of(str(tmp_path / "fifo")).kind == "stream"
+    assert target_of("/dev/null").kind == "stream"
+    assert target_of("/dev/stdout").kind == "stream"  # even when stdout is a file
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p.mkdir(), "is a folder"),
+    (lambda p: (p.write_bytes(b"x"), p.chmod(0o444)), "is read-only; make it writable"),
+    (lambda p: p.symlink_to(p.name), "symbolic link that cannot be followed"),
+    (lambda p: p.symlink_to(p.parent / "gone" / "x"), r"does not exist \(the symbolic link"),
+])
+def test_target_of_refuses_with_the_reason(tmp_path, make, needle):
+    path = tmp_path / "out"
+    make(path)
+    with pytest.raises(UnwritableError, match=needle) as info:
+        target_of(str(path))
+    assert str(info.value).startswith(f"{path}: cannot write output, ")
+
+
+def test_writes_through_a_symlink_and_keeps_it(tmp_path):
+    (tmp_path / "real.bin").write_bytes(b"old")
+    (tmp_path / "real.bin").chmod(0o640)
+    (tmp_path / "link.bin").symlink_to("real.bin")
+    atomic_write_bytes(tmp_path / "link.bin", b"new")
+    assert os.readlink(tmp_path / "link.bin") == "real.bin"
+    assert (tmp_path / "real.bin").read_bytes() == b"new"
+    assert (tmp_path / "real.bin").stat().st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["link.bin", "real.bin"]
+
+
+def test_writes_into_a_fifo(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    atomic_write_bytes(fifo, b"through the pipe")
+    reader.join(10)
+    assert received == [b"through the pipe"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_read_only_file_is_refused_and_kept(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    target.chmod(0o444)
+    with pytest.raises(NbfuncInputError, match="read-only"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+
+
+def test_interrupt_while_staging_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def interrupted_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(target, b"new")
+    assert os.listdir(tmp_path) == ["out.bin"] and target.read_bytes() == b"old"
+
+
+def test_signals_are_held_inside_the_block_and_sent_after_it():
+    events = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: events.append("handled"))
+    try:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            events.append("block ran to its end")
+        assert events == ["block ran to its end", "handled"]
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nbfunc.io.errors import NbfuncInputError
-from nbfunc.io.hkl import HKLGrid, fdump_bytes, read_fdump, read_hkl, write_fdump
+from nbfunc.io.hkl import HKL_MAX_BYTES, HKLGrid, fdump_bytes, read_fdump, read_hkl, write_fdump
 
 GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden"
 PU01_HKL = GOLDEN / "pu01_mosflm_hkl_nointerpolate_default_fill_xbeam" / "P1_pu01.hkl"
@@ -64,7 +64,10 @@ class TestReadHkl:
             ("\n\n   \n", "no 'h k l F' lines"),
             ("", "no 'h k l F' lines"),
             ("0 0 0 1\n100000 100000 100000 1\n", "100001x100001x100001 grid"),
-            ("\x00\x7f\x03 garbage ;; \n", "line 1: found 3 values"),
+            ("\x00\x7f\x03 garbage ;; \n", r"binary data \(a NUL byte at offset 0\)"),
+            ("\x7f\x03 garbage ;; \n", "line 1: found 3 values"),
+            ("0 0 0 1\n99999999999 0 0 2\n", r"line 2: h is '99999999999', expected a Miller index"),
+            ("0 0 0 1\n0 0 -1e20 2\n", "line 2: l is '-1e20', expected a Miller index within"),
         ],
     )
     def test_bad_files(self, tmp_path, text, expected):
@@ -76,6 +79,17 @@ class TestReadHkl:
     def test_missing_file(self, tmp_path):
         with pytest.raises(NbfuncInputError, match="nope.hkl"):
             read_hkl(tmp_path / "nope.hkl", default_F=0.0)
+
+    def test_larger_than_limit_is_refused_before_reading(self, tmp_path):
+        path = tmp_path / "huge.hkl"
+        with open(path, "wb") as handle:
+            handle.truncate(HKL_MAX_BYTES + 1)  # sparse: no data is written or read
+        with pytest.raises(NbfuncInputError, match="huge.hkl: holds more than 1 GiB"):
+            read_hkl(path, default_F=0.0)
+
+    def test_endless_device_stops_at_once(self):
+        with pytest.raises(NbfuncInputError, match="/dev/zero: holds binary data"):
+            read_hkl("/dev/zero", default_F=0.0)
 
 
 class TestFdump:
@@ -116,6 +130,12 @@ class TestFdump:
             (b"0 0 0 0 0\n\f", "is not 'h_min h_max"),
             (b"1 0 0 0 0 0\n\f" + bytes(8), "are empty"),
             (b"0 0 0 0 0 1\n\f" + bytes(8 * 7), "found 56 bytes of data, expected 96"),
+            (b"0 0 0 0 0 1\n\f" + bytes(8 * 13), "found more than 96 bytes of data"),
+            (b"0 999 0 999 0 999\n\f", "1000x1000x1000 grid, expected at most"),
+            (b"0 0 0 0 0 1\n\f" + np.array([1, np.nan] + [0] * 10, "<f8").tobytes(),
+             r"holds 1 non-finite amplitude \(the first, nan, at h k l = 0 0 1\)"),
+            (b"-1 0 0 0 0 0\n\f" + np.array([np.inf, 2, 3, -np.inf] + [0] * 8, "<f8").tobytes(),
+             r"holds 2 non-finite amplitudes \(the first, inf, at h k l = -1 0 0\)"),
         ],
     )
     def test_bad_files(self, tmp_path, raw, expected):
@@ -128,6 +148,15 @@ class TestFdump:
     def test_missing_file(self, tmp_path):
         with pytest.raises(NbfuncInputError, match="Fdump.bin"):
             read_fdump(tmp_path / "Fdump.bin")
+
+    def test_folder(self, tmp_path):
+        (tmp_path / "Fdump.bin").mkdir()
+        with pytest.raises(NbfuncInputError, match="Fdump.bin: is a folder, expected a file"):
+            read_fdump(tmp_path / "Fdump.bin")
+
+    def test_endless_device_stops_at_the_header(self):
+        with pytest.raises(NbfuncInputError, match="/dev/zero: header"):
+            read_fdump("/dev/zero")
 
     def test_unwritable_path(self, tmp_path):
         grid = HKLGrid(np.zeros((1, 1, 1)), 0, 0, 0, 1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nbfunc.io.errors import NbfuncInputError
-from nbfunc.io.matrix import c_atof, read_mosflm_matrix, scan_c_doubles
+from nbfunc.io.matrix import MATRIX_MAX_BYTES, c_atof, read_mosflm_matrix, scan_c_doubles
 
 GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden"
 PU14 = GOLDEN / "pu14_mat_hkl_nearest"
@@ -62,6 +62,10 @@ def test_c_atof():
         ("1 2 3\n4 5 6\n5 7 9\n", "singular"),
         ("0 0 0\n0 0 0\n0 0 0\n", "singular"),
         ("1 2 3\n4 inf 6\n7 8 9\n", "non-finite"),
+        ("1e308 0 0\n0 1e308 0\n0 0 1e308\n", "determinant inf is outside 1e-60 to 1e.60"),
+        ("1e-100 0 0\n0 1e-100 0\n0 0 1e-100\n", "determinant 1e-300 is outside"),
+        ("1 2 3\n4 5\x00 6\n7 8 9\n", r"binary data \(a NUL byte at offset 9\)"),
+        ("1 0 0\n0 1 0\n0 0 1\n" + " " * MATRIX_MAX_BYTES, "holds more than 1 MiB"),
     ],
 )
 def test_bad_files(tmp_path, text, expected):
@@ -74,3 +78,8 @@ def test_bad_files(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(NbfuncInputError, match="none.mat"):
         read_mosflm_matrix(tmp_path / "none.mat")
+
+
+def test_folder_is_refused(tmp_path):
+    with pytest.raises(NbfuncInputError, match="is a folder, expected a file"):
+        read_mosflm_matrix(tmp_path)

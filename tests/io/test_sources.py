@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nbfunc.io.errors import NbfuncInputError
-from nbfunc.io.sources import apply_source_defaults, read_columns, read_source_file, source_defaults
+from nbfunc.io.sources import COLUMNS_MAX_BYTES, apply_source_defaults, read_columns, read_source_file, source_defaults
 
 GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden"
 PU11 = GOLDEN / "pu11_sourcefile_4_mixed_columns"
@@ -79,8 +79,12 @@ class TestSourceFile:
             ("", "no data lines"),
             ("\n \n,,\n", "no data lines"),
             ("-10 0 0\nfoo 1 2\n", "line 2: column 1 is 'foo'"),
-            ("\x00\x01\x02binary\n", "line 1: column 1"),
+            ("\x00\x01\x02binary\n", r"binary data \(a NUL byte at offset 0\)"),
+            ("\x01\x02binary\n", "line 1: column 1"),
             ("-10 0 0 1 -1e-10\n", "wavelength -1e-10"),
+            ("-10 0 0 1 1e308\n", "source 1 has 1e.308 in column 5, expected a finite value"),
+            ("-10 0 0\n1e300 0 0\n", "source 2 has 1e.300 in column 1"),
+            ("-10 inf 0\n", "source 1 has inf in column 2"),
             ("-10 0 0", "wavelength 0"),
             ("-10 0 0\r\n", "wavelength 0"),
         ],
@@ -94,3 +98,11 @@ class TestSourceFile:
     def test_missing_file(self, tmp_path):
         with pytest.raises(NbfuncInputError, match="gone.txt"):
             read_source_file(tmp_path / "gone.txt")
+
+    def test_larger_than_limit_is_refused_before_reading(self, tmp_path):
+        path = tmp_path / "huge.txt"
+        with open(path, "wb") as handle:
+            handle.truncate(COLUMNS_MAX_BYTES + 1)  # sparse: no data is written or read
+        with pytest.raises(NbfuncInputError, match="holds more than 64 MiB") as info:
+            read_source_file(path)
+        assert str(path) in str(info.value) and "source file" in str(info.value)
