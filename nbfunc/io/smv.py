@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from nbfunc.io.atomic import atomic_write_bytes
-from nbfunc.io.errors import file_error
+from nbfunc.io.errors import file_error, open_input, read_up_to
 from nbfunc.io.matrix import c_atof
 
 HEADER_BYTES = 512
@@ -103,11 +103,7 @@ def read_smv(path: str | os.PathLike) -> SMVImage:
             unsigned_short, unknown BYTE_ORDER, bad SIZE1/SIZE2, or fewer data bytes than
             SIZE1 * SIZE2 pixels.
     """
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise file_error(path, f"cannot read SMV image ({exc.strerror}); check the path") from exc
+    raw = _read_bounded(path)
     first = raw[:HEADER_BYTES].decode("latin-1")
     size = header_value(first, "HEADER_BYTES") if first.startswith("{") else None
     if size is None or not math.isfinite(size) or not 0 < int(size) <= len(raw):
@@ -135,6 +131,39 @@ def read_smv(path: str | os.PathLike) -> SMVImage:
     start = int(size)
     data = np.frombuffer(raw[start : start + need], dtype=dtype).reshape(slow, fast)
     return SMVImage(header, data.astype(np.uint16), text)
+
+
+MAX_HEADER_BYTES = 1 << 20
+"""Largest SMV header read: real headers hold 512 bytes to a few KiB."""
+MAX_PIXELS = 2**31 - 1
+"""Most pixels an image may declare (the C program counts pixels in a C int)."""
+
+
+def _read_bounded(path: str | os.PathLike) -> bytes:
+    """The header and the pixel bytes its SIZE1 and SIZE2 announce, and nothing more: a
+    device, FIFO or oversized file (``-img /dev/zero``) is read no further than a real image
+    would be. Malformed headers come back as read, for `read_smv`'s checks and messages."""
+    what, hint = "SMV image", "check the path"
+    fd = open_input(path, what, hint)
+    try:
+        raw = read_up_to(fd, path, what, hint, HEADER_BYTES)
+        first = raw.decode("latin-1")
+        size = header_value(first, "HEADER_BYTES") if first.startswith("{") else None
+        if size is None or not math.isfinite(size) or not 0 < size <= MAX_HEADER_BYTES:
+            return raw
+        raw += read_up_to(fd, path, what, hint, max(int(size) - len(raw), 0))
+        text = raw[: int(size)].decode("latin-1")
+        pixels = [header_value(text, key) or header_value(text, "DETECTOR_DIMENSIONS")
+                  for key in ("SIZE1", "SIZE2")]
+        if not all(v is not None and math.isfinite(v) and v >= 1 for v in pixels):
+            return raw
+        if int(pixels[0]) * int(pixels[1]) > MAX_PIXELS:
+            raise file_error(path, f"header declares {int(pixels[0])} x {int(pixels[1])} pixels, "
+                             f"more than {MAX_PIXELS}; {hint}")
+        return raw + read_up_to(fd, path, what, hint, int(size) + 2 * int(pixels[0]) * int(pixels[1])
+                                - len(raw))
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -201,3 +201,25 @@ class TestIntImage:
     def test_auto_int_scale(self):
         assert auto_int_scale(110.0) == 500.0
         assert auto_int_scale(0.0) == 1.0
+
+
+class TestBoundedRead:
+    """`read_smv` reads the header and the pixels it announces, never an endless input."""
+
+    def test_dev_zero_is_refused_after_one_header(self):
+        with pytest.raises(NbfuncInputError, match="expected an SMV header"):
+            read_smv("/dev/zero")
+
+    def test_trailing_bytes_are_not_read(self, tmp_path):
+        data = np.arange(12, dtype=np.uint16).reshape(3, 4)
+        path = tmp_path / "x.img"
+        write_smv(path, example_fields(fpixels=4, spixels=3), data)
+        path.write_bytes(path.read_bytes() + b"\xff" * 1000)
+        image = read_smv(path)
+        np.testing.assert_array_equal(image.data, data)
+
+    def test_a_header_declaring_too_many_pixels_is_refused(self, tmp_path):
+        path = tmp_path / "huge.img"
+        path.write_bytes(b"{\nHEADER_BYTES=512;\nSIZE1=100000;\nSIZE2=100000;\n}\n".ljust(512, b" "))
+        with pytest.raises(NbfuncInputError, match="100000 x 100000 pixels"):
+            read_smv(path)

@@ -6,6 +6,7 @@ high-water mark to the present size (``/proc/self/clear_refs``), runs the work a
 how far the peak rose above that. Importing torch alone takes about 300 MB and building a
 masked tree copies its mask; the reset leaves both out.
 """
+import functools
 import json
 import math
 import os
@@ -56,9 +57,11 @@ before = peak()
 """
 
 
+@functools.lru_cache(maxsize=None)
 def _child(script: str, *args: str) -> dict:
     """Run ``script`` in a fresh Python (compilation off) and return its JSON last line;
-    skip where the high-water mark cannot be reset (not Linux)."""
+    skip where the high-water mark cannot be reset (not Linux). A run is made once per
+    script and arguments (the result is cached)."""
     env = dict(os.environ, NANOBRAGG_DISABLE_COMPILE="1", OMP_NUM_THREADS="1")
     code = textwrap.dedent(script).replace("PEAK_RESET", PEAK_RESET.strip())
     done = subprocess.run([sys.executable, "-c", code, *args], env=env,
@@ -232,33 +235,3 @@ def test_chunks_hold_at_most_the_budget_of_evaluations(n_paths, n_orient, budget
     covered = plan.chunks(50) * plan.tile * plan.block * plan.orient_block
     assert covered >= 50 * n_paths * n_orient
 
-
-def test_render_memory_follows_the_chunk_size_not_the_orientation_count():
-    """One pixel, 2^17 mosaic domains, tricubic interpolation (the largest per-evaluation
-    arrays): chunks of 2^12 evaluations split the orientations into 32 blocks; chunks of
-    2^20 hold them all, which costs some 150 bytes per evaluation more (20 MB) on top of the
-    same set-up."""
-    small, large = (_child(MOSAIC_RENDER, str(chunk)) for chunk in (2**12, 2**20))
-    assert small["finite"] and small["chunks"] == 32 and large["chunks"] == 1
-    assert small["rise"] < large["rise"] - 8 * MiB, (small["rise"] / MiB, large["rise"] / MiB)
-
-
-MOSAIC_RENDER = """
-import json, resource, sys, torch
-from nbfunc.params import Beam, Crystal, Detector, Params, Sampling
-from nbfunc.render import make_plan, simulate_pixels
-crystal = Crystal(cell_a=50, cell_b=50, cell_c=50, Na=5, Nb=5, Nc=5, default_F=100,
-                  fhkl=torch.ones(9, 9, 9, dtype=torch.float64), hkl_origin=(-4, -4, -4),
-                  interpolate=True, mosaic_spread=1.0, mosaic_domains=2)
-# the domains are drawn from the seed by the render (mosaic_rotations), not listed in the tree
-crystal = crystal.model_copy(update={"mosaic_axes": (), "mosaic_scales": (), "mosaic_domains": 2**17})
-p = Params(beam=Beam(wavelength=1.0),
-           detector=Detector(distance=100, beam_center_f=0.8, beam_center_s=0.8, pixel_size=0.1,
-                             fpixels=16, spixels=16),
-           crystal=crystal, sampling=Sampling(roi=(3, 3, 3, 3), chunk=int(sys.argv[1])))
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-PEAK_RESET
-values = simulate_pixels(p)
-print(json.dumps({"rise": peak() - before, "finite": bool(values.isfinite().all()),
-                  "chunks": make_plan(p)[0].chunks(1)}))
-"""
