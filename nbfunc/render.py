@@ -159,9 +159,9 @@ def roi_box(p: Params) -> tuple[int, int, int, int] | None:
     return min(x0, fpx), min(x1, fpx - 1), min(y0, spx), min(y1, spx - 1)
 
 
-def active_pixels(p: Params) -> torch.Tensor:
-    """(N,) int64 flat indices ``slow*fpixels + fast`` of the pixels to render (inside
-    ``sampling.roi`` and ``sampling.mask``), in raster order.
+def rendered_pixels(p: Params) -> torch.Tensor:
+    """(N,) int64 flat indices ``slow * fpixels + fast`` of the pixels `simulate` renders
+    (inside ``sampling.roi`` and ``sampling.mask``), in raster order.
 
     Memory is of the ROI's size (N indices, and with a mask one bool per ROI pixel), whatever
     the detector's size.
@@ -178,7 +178,7 @@ def active_pixels(p: Params) -> torch.Tensor:
 
 
 def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]:
-    """Resolve loop counts and chunk sizes, and list the active pixels (`active_pixels`).
+    """Resolve loop counts and chunk sizes, and list the active pixels (`rendered_pixels`).
 
     ``large_chunks`` selects the default chunk size: `DEFAULT_CHUNK` (compiled renders
     without autograd) or `SMALL_CHUNK`.
@@ -188,7 +188,7 @@ def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]
     """
     det, cr, smp = p.detector, p.crystal, p.sampling
     fpx, spx = det.fpixels, det.spixels
-    pixels = active_pixels(p)
+    pixels = rendered_pixels(p)
     n_orient = cr.phisteps * cr.mosaic_domains
     ordered = smp.oversample_thick or smp.oversample_polar or smp.oversample_omega
     plan = Plan(fpx, spx, smp.oversample, det.thicksteps, p.beam.sources.n_sources, n_orient,
@@ -856,12 +856,6 @@ def simulate_pixels(p: Params) -> torch.Tensor:
     return _render(p, None, full_image=False)[0]
 
 
-def rendered_pixels(p: Params) -> torch.Tensor:
-    """(N,) int64 flat indices ``slow * fpixels + fast`` of the pixels `simulate` renders
-    (inside ``sampling.roi`` and ``sampling.mask``), in raster order."""
-    return active_pixels(p)
-
-
 def render_pixels_for_cli(p: Params, carry: PhiCarry, compile: bool,
                           progress=None) -> tuple[torch.Tensor, torch.Tensor, PhiCarry]:
     """`simulate_with_carry` for the command line, without the full-detector image: memory
@@ -871,11 +865,11 @@ def render_pixels_for_cli(p: Params, carry: PhiCarry, compile: bool,
 
     Returns:
         ((N,) photons per rendered pixel in raster order, (N,) int64 flat indices
-        ``slow * fpixels + fast`` of those pixels (`active_pixels`), carry after the render).
+        ``slow * fpixels + fast`` of those pixels (`rendered_pixels`), carry after the render).
         Where ``sampling.mask`` is None the pixels are the rectangle `roi_box`, row by row.
     """
     values, after = _render(p, carry, compile, progress, full_image=False)
-    return values, active_pixels(p), after
+    return values, rendered_pixels(p), after
 
 
 def evaluation_count(p: Params) -> int:

@@ -21,7 +21,7 @@ import torch
 from nbfunc.crystal import (check_mosaic_memory, mosaic_draw_arrays, mosaic_draws,
                             mosaic_memory_bytes, mosaic_rotations)
 from nbfunc.params import Crystal
-from nbfunc.render import active_pixels
+from nbfunc.render import rendered_pixels
 
 MiB = 1 << 20
 
@@ -98,7 +98,7 @@ def test_peak_memory_does_not_follow_the_detector_size():
     assert abs(large - small) < 8 * MiB, (small / MiB, large / MiB)
 
 
-def test_active_pixels_of_a_mask_and_roi_in_raster_order():
+def test_rendered_pixels_of_a_mask_and_roi_in_raster_order():
     """Flat indices of the pixels inside the ROI (clipped by the detector edge) and the mask."""
     from nbfunc.params import Beam, Detector, Params, Sampling
 
@@ -115,7 +115,7 @@ def test_active_pixels_of_a_mask_and_roi_in_raster_order():
             inside = torch.zeros_like(mask)
             inside[roi[2]:roi[3] + 1, roi[0]:roi[1] + 1] = True
             keep &= inside
-        assert torch.equal(active_pixels(p), torch.nonzero(keep.reshape(-1))[:, 0]), roi
+        assert torch.equal(rendered_pixels(p), torch.nonzero(keep.reshape(-1))[:, 0]), roi
 
 
 def test_mosaic_draws_do_not_depend_on_the_block_size():
