@@ -93,7 +93,23 @@ def transforms(name: str, args) -> dict:
         for s in stats.values():
             s.pop("result")
         out[job] = {**stats, "ratio_vs_forward": common.ratio(stats[job], stats["forward"])}
+        if args.busy:
+            out[job]["busy"] = _busy_ratio({"forward": lambda: nbfunc.simulate_pixels(p),
+                                            job: jobs[job]}, job, "forward", args, stats)
     return out
+
+
+def _busy_ratio(fns: dict, name: str, reference: str, args, quiet: dict) -> dict:
+    """``fns`` timed again, interleaved, while a second process keeps one core busy
+    (`common.busy_process`): the ratio of ``name`` to ``reference`` then, and how much each
+    slowed against the ``quiet`` timings of the same process (ratios of warm medians)."""
+    with common.busy_process():
+        stats = common.measure_interleaved(fns, args.repeats, args.budget)
+    for s in stats.values():
+        s.pop("result", None)
+    slowdown = {k: round(stats[k]["warm_median_s"] / quiet[k]["warm_median_s"], 3) for k in fns}
+    return {**stats, "ratio": common.ratio(stats[name], stats[reference]),
+            "slowdown_vs_quiet": slowdown}
 
 
 def ensemble(args) -> dict:
@@ -112,8 +128,12 @@ def ensemble(args) -> dict:
         "loop": lambda: torch.stack([nbfunc.simulate(m) for m in members]),
         "vmap": lambda: batched(stacked)}, args.repeats, args.budget)
     diff = float((stats["loop"].pop("result") - stats["vmap"].pop("result")).abs().max())
-    return {"members": VMAP_MEMBERS, "max_abs_diff_vmap_vs_loop": diff, **stats,
-            "loop_over_vmap": common.ratio(stats["loop"], stats["vmap"])}
+    out = {"members": VMAP_MEMBERS, "max_abs_diff_vmap_vs_loop": diff, **stats,
+           "loop_over_vmap": common.ratio(stats["loop"], stats["vmap"])}
+    if args.busy:
+        out["busy"] = _busy_ratio({"loop": lambda: torch.stack([nbfunc.simulate(m) for m in members]),
+                                   "vmap": lambda: batched(stacked)}, "loop", "vmap", args, stats)
+    return out
 
 
 def error_bars(args) -> dict:
@@ -163,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="warm calls per median")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of warm calls at most")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--busy", action="store_true",
+                        help="time every transform and vmap again while a second process keeps "
+                             "one core busy")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.parts = args.parts or list(parts)
@@ -174,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"benchmark": "transforms", "machine": common.machine()}
     passed = [f"--repeats={args.repeats}", f"--budget={args.budget}"]
     passed += [f"--part={part}" for part in args.parts] + [f"--job={job}" for job in args.jobs]
+    passed += ["--busy"] * args.busy
     for mode in args.modes or ["compiled", "eager"]:
         result[mode] = common.run_worker([os.path.abspath(__file__), "--worker", *passed], mode,
                                          timeout_s=3600.0)

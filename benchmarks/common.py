@@ -11,6 +11,7 @@ Workloads are nanoBragg flag lists (`workload_flags`), so the same run can be gi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -201,6 +202,23 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 3,
                    "warm_min_s": round(min(warm[name]), 4), "loadavg_1min": load,
                    "result": results[name]}
             for name in fns}
+
+
+BUSY_LOOP = "while True: pass"
+"""The second busy process of `busy_process`: one Python thread spinning (no I/O, no memory)."""
+
+
+@contextlib.contextmanager
+def busy_process():
+    """Another process keeping one core busy for the duration of the ``with`` block, as a user
+    running something else beside nbfunc would. Yields its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(0.5)  # let it start spinning
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def ratio(numerator: dict, denominator: dict) -> dict:

@@ -2,7 +2,9 @@
 
 `compiled(fn)` wraps a pure tensor function. The environment variable
 ``NANOBRAGG_DISABLE_COMPILE`` is read once, at import: ``1`` (or ``true``/``yes``) runs every
-function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected.
+function eagerly, ``0`` (or unset, ``false``/``no``) compiles. Any other spelling is rejected
+by the first render (a ValueError naming the variable; the command line prints it as its
+one-line error), not by the import.
 
 Callers decide once per call whether to run compiled (`COMPILE_AFTER`: the render decides,
 with the kernel's ``worth_compiling``). A call made inside a ``torch.func`` transform (grad, jacrev,
@@ -47,9 +49,31 @@ def _read_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={raw!r} is not understood; use 1 (on) or 0 (off)")
 
 
-COMPILE_DISABLED = _read_flag("NANOBRAGG_DISABLE_COMPILE", False)
+SETTING_ERRORS: list[str] = []
+"""One line per environment flag whose value was not understood at import (`check_settings`)."""
+
+
+def _flag_at_import(name: str, default: bool, if_unreadable: bool) -> bool:
+    """`_read_flag`, with a value that is not understood recorded in `SETTING_ERRORS` (and
+    ``if_unreadable`` used meanwhile) instead of raised, so that importing nbfunc never fails:
+    `check_settings` raises it at the first render, and the command line prints it as its
+    one-line error."""
+    try:
+        return _read_flag(name, default)
+    except ValueError as err:
+        SETTING_ERRORS.append(str(err))
+        return if_unreadable
+
+
+def check_settings() -> None:
+    """Raise ValueError naming every environment flag that was not understood at import."""
+    if SETTING_ERRORS:
+        raise ValueError("; ".join(SETTING_ERRORS))
+
+
+COMPILE_DISABLED = _flag_at_import("NANOBRAGG_DISABLE_COMPILE", False, True)
 """True when ``NANOBRAGG_DISABLE_COMPILE`` turned compilation off (read once at import)."""
-COMPILE_STRICT = _read_flag("NANOBRAGG_COMPILE_STRICT", False)
+COMPILE_STRICT = _flag_at_import("NANOBRAGG_COMPILE_STRICT", False, False)
 
 COMPILE_AFTER = 50_000_000
 """Evaluations (pixel x path x orientation) after which a compiled function's callers switch
@@ -85,7 +109,7 @@ def _keep_freed_memory() -> bool:
     Returns:
         True when the thresholds were set.
     """
-    if not _read_flag("NANOBRAGG_KEEP_FREED_MEMORY", True) or any(
+    if not _flag_at_import("NANOBRAGG_KEEP_FREED_MEMORY", True, False) or any(
             name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
     try:

@@ -30,8 +30,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_axes, polarization_factor, sources
-from nbfunc.compile import (compiled, forward_mode_active, in_functorch_transform, only_batching,
-                            per_call_under_transforms, report_failure)
+from nbfunc.compile import (check_settings, compiled, forward_mode_active, in_functorch_transform,
+                            only_batching, per_call_under_transforms, report_failure)
 from nbfunc.derived import StructuredRules, derived_call
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
@@ -106,7 +106,6 @@ class Plan:
     dmin: float
     tile: int
     block: int
-    orient_block: int = 0
 
     @property
     def n_paths(self) -> int:
@@ -120,32 +119,30 @@ class Plan:
 
     @property
     def single_block(self) -> bool:
-        """Whether one chunk holds every path and orientation of its pixels."""
-        return self.block >= self.n_paths and self.orient_block >= self.n_orient
+        """Whether one chunk holds every path (and every orientation) of its pixels."""
+        return self.block >= self.n_paths
 
     def evaluations(self, n_pixels: int) -> int:
         """(pixel, layer, sub-pixel, source, phi, mosaic) evaluations for ``n_pixels`` pixels."""
         return n_pixels * self.n_paths * self.n_orient
 
     def chunked(self, budget: int, n_pixels: int) -> "Plan":
-        """This plan with the pixel tile, path block and orientation block that hold at most
-        ``budget`` evaluations (at least one): whole pixels while they fit, else one pixel and
-        whole paths, else one pixel, one path and a block of its orientations (consecutive
-        in raster order)."""
+        """This plan with the pixel tile and path block that hold at most ``budget``
+        evaluations: whole pixels while they fit, else one pixel and a block of its paths.
+        A chunk always holds every orientation of its paths, so a path with more
+        orientations than ``budget`` makes a chunk of that many evaluations (the
+        orientations themselves, (O, 3, 3), are in memory anyway)."""
         per_pixel = self.n_paths * self.n_orient
-        tile, block, orient_block = 1, self.n_paths, self.n_orient
+        tile, block = 1, self.n_paths
         if per_pixel <= budget:
             tile = max(1, min(budget // per_pixel, n_pixels or 1))
-        elif self.n_orient <= budget:
-            block = max(1, budget // self.n_orient)
         else:
-            block, orient_block = 1, max(1, budget)
-        return dataclasses.replace(self, tile=tile, block=block, orient_block=orient_block)
+            block = max(1, budget // self.n_orient)
+        return dataclasses.replace(self, tile=tile, block=block)
 
     def chunks(self, n_pixels: int) -> int:
-        """Kernel calls (pixel tile x path block x orientation block) for ``n_pixels`` pixels."""
-        return (math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
-                * math.ceil(self.n_orient / max(1, self.orient_block)))
+        """Kernel calls (pixel tile x path block) for ``n_pixels`` pixels."""
+        return math.ceil(n_pixels / self.tile) * math.ceil(self.n_paths / self.block)
 
 
 def roi_box(p: Params) -> tuple[int, int, int, int] | None:
@@ -698,6 +695,7 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
     ``compile``: run the compiled kernel (when compilation is on) or the eager one; None
     decides by the eager work done so far (`nbfunc.compile.COMPILE_AFTER`). The decision is
     made here, once per render, and every chunk follows it."""
+    check_settings()
     plan, pixel_list = make_plan(p)
     n_pix = len(pixel_list)
     if compile is None:
@@ -781,17 +779,14 @@ def _render_chunks(p: Params, plan: Plan, pixels, kernel, carry_orientation, ima
             for e0 in range(0, plan.n_paths, plan.block):
                 e1 = min(e0 + plan.block, plan.n_paths)
                 capture_col = capture_path - e0 if e0 <= capture_path < e1 else -1
-                paths, seen_before = path_block(setup, plan, e0, e1), seen
-                # orientation blocks of one pixel and one path follow each other in raster
-                # order; each sees the carry state from before the path
-                for part, part_first in _orientation_blocks(plan, orient, first_orient):
-                    out = kernel(setup, part, part_first, idx, paths, disabled, seen_before,
-                                 plan=plan, omega_col=0 if e0 == 0 else -1, capture_col=capture_col)
-                    disabled, seen = out["disabled"], out["seen"]
-                    done += 1
-                    if progress is not None:
-                        progress(done, n_chunks)
-                    intensity = intensity * out["A"] + out["B"]
+                paths = path_block(setup, plan, e0, e1)
+                out = kernel(setup, orient, first_orient, idx, paths, disabled, seen,
+                             plan=plan, omega_col=0 if e0 == 0 else -1, capture_col=capture_col)
+                disabled, seen = out["disabled"], out["seen"]
+                done += 1
+                if progress is not None:
+                    progress(done, n_chunks)
+                intensity = intensity * out["A"] + out["B"]
                 polar_first = torch.where(polar_found, polar_first, out["polar_first"])
                 polar_found = polar_found | out["polar_found"]
                 omega_first = out.get("omega", omega_first)
@@ -802,17 +797,6 @@ def _render_chunks(p: Params, plan: Plan, pixels, kernel, carry_orientation, ima
     if len(values) == 1:
         return values[0], seen, after
     return (torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=device)), seen, after
-
-
-def _orientation_blocks(plan: Plan, orient: torch.Tensor, first_orient: torch.Tensor | None):
-    """The (O', 3, 3) blocks of ``plan.orient_block`` orientations of ``orient`` and of
-    ``first_orient`` (None stays None), in order; the whole tensors when one block holds all."""
-    if plan.orient_block >= plan.n_orient:
-        yield orient, first_orient
-        return
-    for o0 in range(0, plan.n_orient, plan.orient_block):
-        o1 = o0 + plan.orient_block
-        yield orient[o0:o1], None if first_orient is None else first_orient[o0:o1]
 
 
 def _assemble(p: Params, plan: Plan, pixels, flat: torch.Tensor) -> torch.Tensor:
