@@ -32,7 +32,7 @@ def sources(beam) -> tuple[torch.Tensor, torch.Tensor]:
         return -_unit(src.directions), src.wavelengths * ANGSTROM
     beam_vec, polar = vec(beam.beam_vector), vec(beam.polar_vector)
     vert = _unit(torch.linalg.cross(beam_vec, polar))
-    frac = lambda f: torch.tensor(f, dtype=ref.dtype, device=ref.device)
+    frac = lambda f: torch.as_tensor(f, dtype=ref.dtype, device=ref.device)
     hdiv = src.hdivrange[..., None] * MRAD * frac(src.hdiv_fracs)
     vdiv = src.vdivrange[..., None] * MRAD * frac(src.vdiv_fracs)
     n = len(src.hdiv_fracs)
@@ -122,3 +122,42 @@ def polarization_and_derivatives(incident, diffracted, e_in, b_in, kahn):
     d_b = torch.where(safe, d_cos2psi * -4.0 * b_out * e_out**2 * inv_r2**2, 0.0)
     d_d = tuple(d_cos2t * i + d_e * e + d_b * b for i, e, b in zip(incident, e_in, b_in))
     return factor, d_d, d_cos2t, d_e, d_b, -0.5 * cos2psi * sin2t_sq
+
+
+BYTES_PER_SOURCE = (24, 60)
+"""Bytes per source of a tree and its set-up: its static fractions (24 bytes) and, in units
+of the float size, the incident vectors, wavelengths, rotation matrices and temporaries of
+`sources` (measured: about 470 bytes per source in float64, at validation and in a render)."""
+
+
+def source_memory_bytes(n_sources: int, itemsize: int) -> int:
+    """Bytes ``n_sources`` sources need (`BYTES_PER_SOURCE`), floats of ``itemsize`` bytes."""
+    fixed, floats = BYTES_PER_SOURCE
+    return int(n_sources) * (fixed + floats * int(itemsize))
+
+
+def check_source_memory(hsteps: int, vsteps: int, dispsteps: int, itemsize: int,
+                        limit_bytes: int) -> None:
+    """Refuse up front a grid of ``hsteps x vsteps x dispsteps`` sources (counted before the
+    round-divergence cut) that cannot fit in ``limit_bytes`` (`source_memory_bytes`).
+
+    Raises:
+        ValueError: one line naming the step flags, the sources, the figure needed, the
+            memory there is and the most sources that fit.
+
+    >>> check_source_memory(10**9, 1, 1, 8, 16 << 30)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: -hdivsteps/-vdivsteps/-dispsteps 1000000000 x 1 x 1 = 1000000000 sources need 504.0 GB...
+    """
+    n = int(hsteps) * int(vsteps) * int(dispsteps)
+    need = source_memory_bytes(n, itemsize)
+    if need <= limit_bytes:
+        return
+    from nbfunc.crystal import count_text, gigabytes
+
+    counts = " x ".join(count_text(x) for x in (hsteps, vsteps, dispsteps))
+    raise ValueError(f"-hdivsteps/-vdivsteps/-dispsteps {counts} = {count_text(n)} sources need "
+                     f"{gigabytes(need)}, more than the {gigabytes(limit_bytes)} of memory here; "
+                     "give fewer divergence or dispersion steps (or a larger -hdivstep/-vdivstep), "
+                     f"at most about {limit_bytes * n // need} sources")

@@ -499,19 +499,62 @@ def _to_uint16(test: np.ndarray) -> np.ndarray:
     return (t & 0xFFFF).astype(np.uint16)
 
 
+NOISE_BLOCK = 1 << 16
+"""Pixels whose means and draws are held as Python lists at a time (about 5 MB)."""
+
+
+def poisson_pixels(
+    float_pixels: np.ndarray, seed: "int | CRandom", adc_offset: float
+) -> tuple:
+    """The C program's noise counts of the ROI's pixels: one Poisson draw per pixel, in order.
+
+    The C noise loop visits the detector slow-major, fast fastest, and draws only inside the
+    ROI, so the draws of a whole image are those of its ROI rectangle in raster order. Each
+    pixel gets ``poidev(float32 value)``, then ``+ adc_offset``; values above 65535 are clamped
+    and counted as overloads; the cast truncates. The draws are made `NOISE_BLOCK` pixels at a
+    time from one uniform stream, carried from block to block, so memory beyond the result is
+    one block's whatever the ROI's size.
+
+    Args:
+        float_pixels: (rows, cols) photons per pixel of the ROI (cast to float32, as C stores
+            them); a 1-D array is one row.
+        seed: internal C seed (``seed_from_flag(-seed flag)``, e.g. -2468 for ``-seed 2468``),
+            or a generator state to start from (copied, not advanced).
+        adc_offset: counts added to every drawn value.
+
+    Returns:
+        (counts uint16 of ``float_pixels``' shape, photons_sum float (sum of the draws before
+        the offset, accumulated in draw order), overloads int).
+    """
+    means = np.asarray(float_pixels, dtype=np.float32).reshape(-1)
+    out = np.zeros(means.shape, dtype=np.uint16)
+    rng = _generator(seed)
+    draw = _uniform_stream(rng).__next__
+    lngamma: dict = {}
+    total, overloads = 0.0, 0
+    for start in range(0, means.size, NOISE_BLOCK):
+        draws = _draw_all(means[start : start + NOISE_BLOCK].astype(np.float64).tolist(), draw,
+                          rng, lngamma)
+        for v in draws:
+            total += v
+        test = np.asarray(draws, dtype=np.float64) + float(adc_offset)
+        over = test > 65535.0
+        test[over] = 65535.0
+        overloads += int(over.sum())
+        out[start : start + len(draws)] = _to_uint16(test)
+    return out.reshape(np.shape(float_pixels)), total, overloads
+
+
 def poisson_noise(
     float_image: np.ndarray, seed: "int | CRandom", roi: tuple, adc_offset: float
 ) -> tuple:
-    """The C program's ``-noisefile`` image: a Poisson draw per ROI pixel plus the ADC offset.
+    """The C program's ``-noisefile`` image: `poisson_pixels` of the ROI, 0 outside it.
 
-    Pixels are visited slow-major, fast fastest, skipping those outside the ROI (they draw
-    nothing and stay 0). Each ROI pixel gets ``poidev(float32 value)``, then ``+ adc_offset``;
-    values above 65535 are clamped and counted as overloads; the cast truncates.
+    Pixels outside the inclusive ROI draw nothing and stay 0, as in C.
 
     Args:
         float_image: (slow, fast) image in photons per pixel (cast to float32, as C stores it).
-        seed: internal C seed (``seed_from_flag(-seed flag)``, e.g. -2468 for ``-seed 2468``),
-            or a generator state to start from (copied, not advanced).
+        seed: internal C seed, or a generator state to start from (see `poisson_pixels`).
         roi: (xmin, xmax, ymin, ymax) inclusive pixel bounds, x fast and y slow.
         adc_offset: counts added to every drawn value.
 
@@ -529,23 +572,15 @@ def poisson_noise(
     out = np.zeros(img.shape, dtype=np.uint16)
     if x1 < x0 or y1 < y0:
         return out, 0.0, 0
-    means = img[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64).ravel().tolist()
-    draws = _draw_all(means, _generator(seed))
-    total = 0.0
-    for v in draws:
-        total += v
-    test = np.asarray(draws, dtype=np.float64) + float(adc_offset)
-    over = test > 65535.0
-    test[over] = 65535.0
-    out[y0 : y1 + 1, x0 : x1 + 1] = _to_uint16(test).reshape(y1 - y0 + 1, x1 - x0 + 1)
-    return out, total, int(over.sum())
+    counts, total, overloads = poisson_pixels(img[y0 : y1 + 1, x0 : x1 + 1], seed, adc_offset)
+    out[y0 : y1 + 1, x0 : x1 + 1] = counts
+    return out, total, overloads
 
 
-def _draw_all(means: list, rng: CRandom) -> list:
-    """poidev of each float32-valued mean in turn from one generator (hot loop, inlined <12)."""
-    draw = _uniform_stream(rng).__next__
+def _draw_all(means: list, draw, rng: CRandom, lngamma: dict) -> list:
+    """poidev of each float32-valued mean in turn, taking uniforms from ``draw()`` (hot loop,
+    inlined < 12); ``rng`` holds the Gaussian spare, ``lngamma`` memoises gammln."""
     pack, unpack, exp, poi, rejection = _pack, _unpack, math.exp, _poidev, _poidev_rejection
-    lngamma: dict = {}
     out = [0.0] * len(means)
     for i, xm in enumerate(means):
         if 12.0 > xm > 0.0:

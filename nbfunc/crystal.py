@@ -98,18 +98,22 @@ def mosaic_rotations(crystal) -> torch.Tensor:
 
     Domain ``m`` turns by ``mosaic_spread * mosaic_scales[m]`` (rad) about ``mosaic_axes[m]``,
     the random draws that nanoBragg's ``mosaic_rotation_umat`` makes from ``mosaic_seed``
-    (drawn here by `mosaic_draw_arrays` when the tree does not list them); domain 0 is the
-    identity.
+    (listed in the tree by its validation, `mosaic_draws`); domain 0 is the identity.
+
+    Raises:
+        ValueError: the tree lists another number of draws than ``mosaic_domains`` (a tree
+            changed with ``model_copy`` or ``model_construct``, which skip validation).
     """
     spread = crystal.mosaic_spread * DEG
     if crystal.mosaic_domains == 1:
         return torch.eye(3, dtype=spread.dtype, device=spread.device)[None]
-    if len(crystal.mosaic_axes):
-        axes, scales = np.asarray(crystal.mosaic_axes), np.asarray(crystal.mosaic_scales)
-    else:
-        axes, scales = mosaic_draw_arrays(crystal.mosaic_domains, crystal.mosaic_seed)
-    axes = torch.as_tensor(axes, dtype=spread.dtype).to(spread.device)
-    scales = torch.as_tensor(scales, dtype=spread.dtype).to(spread.device)
+    listed = (len(crystal.mosaic_axes), len(crystal.mosaic_scales))
+    if listed != (crystal.mosaic_domains,) * 2:
+        raise ValueError(f"crystal.mosaic_axes/mosaic_scales list {listed[0]}/{listed[1]} draws but "
+                         f"mosaic_domains is {crystal.mosaic_domains}; build the Crystal with "
+                         "Crystal(...) or model_validate, which draw them from mosaic_seed")
+    axes = torch.as_tensor(crystal.mosaic_axes, dtype=spread.dtype).to(spread.device)
+    scales = torch.as_tensor(crystal.mosaic_scales, dtype=spread.dtype).to(spread.device)
     return axis_rotation_matrix(axes, spread[..., None] * scales)
 
 
@@ -174,66 +178,90 @@ def mosaic_draw_arrays(domains: int, seed: int, block: int = MOSAIC_BLOCK) -> tu
     return axes, scales
 
 
-def mosaic_draws(domains: int, seed: int) -> tuple[tuple[tuple[float, float, float], ...], tuple[float, ...]]:
-    """`mosaic_draw_arrays` as tuples (the static ``mosaic_axes`` and ``mosaic_scales`` of a
-    `nbfunc.params.Crystal`), after `check_mosaic_memory` with this machine's memory.
+def mosaic_draws(domains: int, seed: int, phisteps: int = 1,
+                 itemsize: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mosaic_draw_arrays` as float64 tensors (the static ``mosaic_axes`` and
+    ``mosaic_scales`` of a `nbfunc.params.Crystal`), after `check_mosaic_memory` with this
+    machine's memory for a render of ``phisteps`` phi steps in floats of ``itemsize`` bytes.
 
     Returns:
-        (axes, scales): ``domains`` unit axes and dimensionless angle scales.
+        (axes, scales): (domains, 3) unit axes and (domains,) dimensionless angle scales,
+        sharing the memory of the arrays (32 bytes per domain).
     Raises:
         ValueError: the domains would not fit in this machine's memory (one line, with the figure).
     """
-    check_mosaic_memory(domains, 1, 8, physical_memory())
+    check_mosaic_memory(domains, phisteps, itemsize, physical_memory())
     axes, scales = mosaic_draw_arrays(domains, seed)
-    return tuple(map(tuple, axes.tolist())), tuple(scales.tolist())
+    return torch.from_numpy(axes), torch.from_numpy(scales)
 
 
 BYTES_PER_DOMAIN = (32, 10)
-"""Bytes per mosaic domain of a render's set-up: its draws (axis and scale, 32 bytes) and,
-in units of the float size, its rotation matrix and the temporaries that build it (measured
-on the eager render: about 110 bytes per domain in float64)."""
+"""Bytes per mosaic domain of a render's set-up: its draws (axis and scale, 32 bytes, held
+by the tree) and, in units of the float size, its rotation matrix and the temporaries that
+build it (measured on the eager render: about 110 bytes per domain in float64)."""
 FLOATS_PER_ORIENTATION = 48
 """Floats per (phi, mosaic) orientation of a render's set-up: the cell matrices of the
 render and of its first evaluation (phi carry) and the temporaries that build them
 (measured: about 380 bytes per orientation in float64). The chunks add at most the chunk
 size's evaluations, whatever the orientation count."""
-TUPLE_BYTES_PER_DOMAIN = 200
-"""Bytes per domain of `mosaic_draws`' Python tuples (a 3-tuple of floats and a float,
-about 180 bytes on 64-bit CPython)."""
 
 
-def mosaic_memory_bytes(domains: int, phisteps: int, itemsize: int, as_tuples: bool = True) -> int:
+def mosaic_memory_bytes(domains: int, phisteps: int, itemsize: int) -> int:
     """Bytes a render of ``domains`` mosaic domains and ``phisteps`` phi steps needs for its
     orientations (`BYTES_PER_DOMAIN`, `FLOATS_PER_ORIENTATION`), beyond its chunks.
 
     Args:
-        itemsize: bytes per float of the render (8 for float64); as_tuples: the draws are also
-            held as the tree's tuples (`mosaic_draws`).
+        itemsize: bytes per float of the render (8 for float64).
     """
     fixed, floats = BYTES_PER_DOMAIN
-    per_domain = fixed + floats * itemsize + (TUPLE_BYTES_PER_DOMAIN if as_tuples else 0)
+    per_domain = fixed + floats * itemsize
     return int(domains) * per_domain + int(domains) * int(phisteps) * FLOATS_PER_ORIENTATION * itemsize
 
 
-def check_mosaic_memory(domains: int, phisteps: int, itemsize: int, limit_bytes: int,
-                        as_tuples: bool = True) -> None:
+def check_mosaic_memory(domains: int, phisteps: int, itemsize: int, limit_bytes: int) -> None:
     """Refuse up front a mosaic that cannot fit in ``limit_bytes`` (`mosaic_memory_bytes`).
 
     Raises:
-        ValueError: one line naming ``-mosaic_dom``, the figure needed and the memory there is.
+        ValueError: one line naming ``-mosaic_dom`` (and ``-phisteps`` when above 1), the
+            figure needed, the memory there is and the largest count that fits.
 
     >>> check_mosaic_memory(10**8, 1, 8, 16 << 30)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: -mosaic_dom 100000000 needs 69.6 GB for the mosaic domains and their orientations ...
+    ValueError: -mosaic_dom 100000000 needs 49.6 GB for the mosaic domains and their orientations ...
     """
-    need = mosaic_memory_bytes(domains, phisteps, itemsize, as_tuples)
-    if need > limit_bytes:
-        raise ValueError(
-            f"-mosaic_dom {int(domains)} needs {need / 1e9:.1f} GB for the mosaic domains and their "
-            f"orientations ({int(phisteps)} phi steps), more than the {limit_bytes / 1e9:.1f} GB of "
-            f"memory here; give fewer domains (at most about "
-            f"{max(1, int(domains * limit_bytes // need))})")
+    need = mosaic_memory_bytes(domains, phisteps, itemsize)
+    if need <= limit_bytes:
+        return
+    domains, phisteps = int(domains), int(phisteps)
+    flags = f"-mosaic_dom {count_text(domains)}"
+    flags += f" -phisteps {count_text(phisteps)}" if phisteps > 1 else ""
+    if domains * limit_bytes // need >= 1:
+        fewer = f"fewer domains (at most about {domains * limit_bytes // need})"
+    else:
+        fewer = f"fewer phi steps (at most about {max(1, phisteps * limit_bytes // need)})"
+    raise ValueError(f"{flags} needs {gigabytes(need)} for the mosaic domains and their "
+                     f"orientations ({count_text(phisteps)} phi steps), more than the "
+                     f"{gigabytes(limit_bytes)} of memory here; give {fewer}")
+
+
+def count_text(n: int) -> str:
+    """An integer as short text: its digits below 10^15, else ``1.23e+45`` (any size).
+
+    >>> count_text(10**300 + 5), count_text(4096)
+    ('1.00e+300', '4096')
+    """
+    n = int(n)
+    if n < 10**15:
+        return str(n)
+    exponent = len(str(n)) - 1
+    return f"{n / 10**exponent:.2f}e+{exponent}"
+
+
+def gigabytes(n_bytes: int) -> str:
+    """Bytes as gigabytes with one decimal (``49.6 GB``), any size (`count_text` from 10^6 GB)."""
+    n_bytes = int(n_bytes)
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes < 10**15 else f"{count_text(n_bytes // 10**9)} GB"
 
 
 def physical_memory() -> int:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nbfunc.tensors import TensorLike, describe
+from nbfunc.tensors import StaticArray, TensorLike, describe
 from nbfunc.units import AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
 
 Vec3 = tuple[float, float, float]
@@ -77,6 +77,8 @@ class Node(BaseModel):
 
 def _same(a, b) -> bool:
     """Equality that treats tensors by value (for static settings such as the mask)."""
+    if a is b:
+        return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                 and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu())))
@@ -107,6 +109,14 @@ def _unit(v: Vec3, name: str) -> Vec3:
         raise ValueError(f"{name} = {_shown(v)} is not a direction; give a finite, non-zero "
                          "3-vector (x, y, z)")
     return v
+
+
+def _finite_rows(table: torch.Tensor, name: str, fix: str) -> None:
+    """Refuse a (n,) static table with a non-finite entry, naming the first as `_finite` does."""
+    bad = ~torch.isfinite(table)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        _finite(float(table[i]), f"{name}[{i}]", fix)
 
 
 def _finite(x: float, name: str, fix: str) -> float:
@@ -177,9 +187,9 @@ class SourceGrid(Node):
                                   description="horizontal divergence range (mrad)")
     vdivrange: TensorLike = Field(default_factory=_t(0.0),
                                   description="vertical divergence range (mrad)")
-    hdiv_fracs: tuple[float, ...] = (0.0,)
-    vdiv_fracs: tuple[float, ...] = (0.0,)
-    disp_fracs: tuple[float, ...] = (0.0,)
+    hdiv_fracs: StaticArray = Field((0.0,), description="(source,) fractions of hdivrange")
+    vdiv_fracs: StaticArray = Field((0.0,), description="(source,) fractions of vdivrange")
+    disp_fracs: StaticArray = Field((0.0,), description="(source,) fractions of dispersion")
 
     @field_validator("dispersion", "hdivrange", "vdivrange")
     @classmethod
@@ -191,8 +201,10 @@ class SourceGrid(Node):
     @field_validator("hdiv_fracs", "vdiv_fracs", "disp_fracs")
     @classmethod
     def _finite_fractions(cls, v, info):
-        for i, x in enumerate(v):
-            _finite(x, f"{info.field_name}[{i}]", "give one finite fraction of the range per source")
+        fix = "give one finite fraction of the range per source"
+        if v.dim() != 1:
+            raise ValueError(f"{info.field_name} has shape {tuple(v.shape)}; {fix} (a list of numbers)")
+        _finite_rows(v, info.field_name, fix)
         return v
 
     @model_validator(mode="after")
@@ -426,8 +438,10 @@ class Crystal(Node):
     phisteps: int = Field(1, gt=0)
     mosaic_domains: int = Field(1, gt=0)
     mosaic_seed: int = -12345678
-    mosaic_axes: tuple[Vec3, ...] = ()
-    mosaic_scales: tuple[float, ...] = ()
+    mosaic_axes: StaticArray = Field((), description="(mosaic, 3) unit rotation axes of the "
+                                     "domains; drawn from mosaic_seed when not given")
+    mosaic_scales: StaticArray = Field((), description="(mosaic,) angle of each domain as a "
+                                       "fraction of mosaic_spread; drawn with mosaic_axes")
 
     @field_validator("cell_a", "cell_b", "cell_c")
     @classmethod
@@ -494,19 +508,31 @@ class Crystal(Node):
     @field_validator("mosaic_axes")
     @classmethod
     def _mosaic_axes(cls, v, info):
-        for i, axis in enumerate(v):
-            _unit(axis, f"mosaic_axes[{i}]")
-            norm = math.sqrt(sum(x * x for x in axis))
-            if abs(norm - 1.0) > ROTATION_TOLERANCE:
-                raise ValueError(f"mosaic_axes[{i}] = {_shown(axis)} has length {norm:.6g}; give "
-                                 f"unit vectors (length 1 within {ROTATION_TOLERANCE:g})")
+        if v.numel() == 0:
+            return v.reshape(0, 3)
+        if v.dim() != 2 or v.shape[1] != 3:
+            raise ValueError(f"mosaic_axes has shape {tuple(v.shape)}; give one unit 3-vector "
+                             "(x, y, z) per domain, shape (mosaic, 3)")
+        norms = torch.linalg.vector_norm(v, dim=1)
+        bad = ~(torch.isfinite(v).all(1) & (norms > 0) & torch.isfinite(norms))
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            _unit(tuple(v[i].tolist()), f"mosaic_axes[{i}]")
+        off = (norms - 1.0).abs() > ROTATION_TOLERANCE
+        if bool(off.any()):
+            i = int(torch.nonzero(off)[0])
+            raise ValueError(f"mosaic_axes[{i}] = {_shown(tuple(v[i].tolist()))} has length "
+                             f"{float(norms[i]):.6g}; give unit vectors (length 1 within "
+                             f"{ROTATION_TOLERANCE:g})")
         return v
 
     @field_validator("mosaic_scales")
     @classmethod
     def _mosaic_scales(cls, v, info):
-        for i, x in enumerate(v):
-            _finite(x, f"mosaic_scales[{i}]", "give one finite angle scale per domain")
+        fix = "give one finite angle scale per domain"
+        if v.dim() != 1:
+            raise ValueError(f"mosaic_scales has shape {tuple(v.shape)}; {fix} (a list of numbers)")
+        _finite_rows(v, "mosaic_scales", fix)
         return v
 
     @model_validator(mode="after")
@@ -519,10 +545,11 @@ class Crystal(Node):
                              f"{[round(math.degrees(a), 6) for a in angles]} deg give no cell "
                              "volume: each angle must be smaller than the sum of the other two "
                              "and the three must sum to less than 360 deg")
-        if self.mosaic_domains > 1 and not self.mosaic_axes:
+        if self.mosaic_domains > 1 and not len(self.mosaic_axes):
             from nbfunc.crystal import mosaic_draws
 
-            axes, scales = mosaic_draws(self.mosaic_domains, self.mosaic_seed)
+            itemsize = self.cell_a.element_size() if self.cell_a.is_floating_point() else 8
+            axes, scales = mosaic_draws(self.mosaic_domains, self.mosaic_seed, self.phisteps, itemsize)
             object.__setattr__(self, "mosaic_axes", axes)
             object.__setattr__(self, "mosaic_scales", scales)
         if self.mosaic_domains > 1 and not (len(self.mosaic_axes) == len(self.mosaic_scales)

@@ -8,6 +8,10 @@ In JSON it is written as ``{"dtype": "float64", "shape": [...], "data": [...]}``
 Validation refuses what no render can use, naming the field: floating tensors other than
 float32 and float64, complex tensors, tensors without data (device ``meta``), NaN or infinite
 entries, and JSON tensors whose ``shape`` does not match their ``data``.
+
+A field annotated with `StaticArray` holds a static table of numbers (mosaic draws, source
+fractions): a float64 CPU tensor that is not a leaf, written to JSON the same way. Each such
+field's own validator checks its entries.
 """
 from __future__ import annotations
 
@@ -123,3 +127,41 @@ TensorLike = Annotated[
                                                      "shape": {"type": "array"},
                                                      "data": {"type": "array"}}}),
 ]
+
+
+def to_static_array(value: Any, name: str = "value") -> torch.Tensor:
+    """A static table of numbers as a float64 CPU tensor, from a tensor, array, (nested)
+    list or tuple, or JSON tensor; ``name`` is the field's. No copy is made of a float64 CPU
+    tensor or array.
+
+    Raises:
+        ValueError: when the value cannot be read as real numbers.
+    """
+    if isinstance(value, dict) and {"dtype", "shape", "data"} <= value.keys():
+        value = _from_json(value, name)
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta" or value.is_complex():
+            raise ValueError(f"{name} must hold real numbers on cpu or cuda, got a "
+                             f"{str(value.dtype).removeprefix('torch.')} tensor on {value.device}")
+        return value.detach().to(dtype=torch.float64, device="cpu")
+    try:
+        array = np.ascontiguousarray(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: expected an array of numbers, got {str(value)[:80]}") from err
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _validate_static(value: Any, info: ValidationInfo) -> torch.Tensor:
+    """`to_static_array` as a pydantic validator, naming the field being validated."""
+    return to_static_array(value, info.field_name or "value")
+
+
+StaticArray = Annotated[
+    torch.Tensor,
+    PlainValidator(_validate_static),
+    PlainSerializer(tensor_to_json, when_used="json"),
+    WithJsonSchema({"type": "object", "properties": {"dtype": {"type": "string"},
+                                                     "shape": {"type": "array"},
+                                                     "data": {"type": "array"}}}),
+]
+"""A static float64 table of a `nbfunc.params` node (not a leaf): validated by `to_static_array`."""

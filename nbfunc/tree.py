@@ -12,14 +12,31 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from nbfunc.params import Beam, Crystal, Detector, Node, Params, Sampling, SourceGrid, SourceList
+from nbfunc.params import Beam, Crystal, Detector, Node, Params, Sampling, SourceGrid, SourceList, _same
+
+
+class StaticSettings(tuple):
+    """A node's static fields as (name, value) pairs, compared by value: tensors (the mask,
+    the mosaic draws, the source fractions) by their entries, so that trees built apart with
+    the same settings have equal tree structures (`stack`, the caches of derived functions).
+    The hash is that of the names (equal settings hash alike)."""
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, tuple) and len(self) == len(other)
+                and all(n == m and _same(a, b) for (n, a), (m, b) in zip(self, other)))
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(tuple(name for name, _ in self))
 
 
 def _flatten(node: Node):
     cls = type(node)
     names = cls.LEAVES + cls.CHILDREN
     children = [getattr(node, name) for name in names]
-    static = tuple((name, getattr(node, name)) for name in cls.static_fields())
+    static = StaticSettings((name, getattr(node, name)) for name in cls.static_fields())
     return children, (cls, names, static)
 
 

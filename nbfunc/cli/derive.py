@@ -22,7 +22,8 @@ import torch
 
 from nbfunc.cli.cflags import CFlags
 from nbfunc.cli.flags import FlagError, find_header_files, parse_flags
-from nbfunc.crystal import check_mosaic_memory, oriented_cell, physical_memory
+from nbfunc.beam import check_source_memory
+from nbfunc.crystal import check_mosaic_memory, mosaic_draw_arrays, oriented_cell, physical_memory
 from nbfunc.detector import detector_frame
 from nbfunc.io.errors import NbfuncInputError
 from nbfunc.params import Beam, Crystal, Detector, Params, Sampling, SourceGrid, SourceList
@@ -84,13 +85,26 @@ def apply_smv_header(start: CFlags, path: str, is_mask: bool) -> tuple[CFlags, n
 # --------------------------------------------------------------------------------------------
 # automatic step counts, exactly as the C program decides them
 # --------------------------------------------------------------------------------------------
+def steps_over(rng: float, step: float, flags: str) -> int:
+    """``ceil(rng / step)``, the C program's step count from a range and a step.
+
+    Raises:
+        FlagError: the ratio overflows (a step too small for its range), naming ``flags``.
+    """
+    if not math.isfinite(rng / step):
+        raise FlagError(f"{flags}: the range over the step overflows (more steps than any "
+                        "number holds); give a step of a real size next to its range")
+    return math.ceil(rng / step)
+
+
 def auto_steps(steps: int, rng: float, step: float, *, steps_only_range: float,
-               split_range: bool = False) -> tuple[int, float, float]:
+               split_range: bool = False, flags: str = "") -> tuple[int, float, float]:
     """nanoBragg's rule for (count, range, step) of divergence, dispersion and sensor layers.
 
     ``steps_only_range`` is the range used when only a count is given (1.0 for divergence
     and dispersion, 0.5e-6 m for the sensor). ``split_range`` is the sensor's variant where a
     range alone gives 2 steps of range/2 (divergence and dispersion give 2 steps of range).
+    ``flags`` names the range and step flags in errors (`steps_over`).
     """
     if steps <= 0:
         if rng < 0.0:
@@ -99,7 +113,7 @@ def auto_steps(steps: int, rng: float, step: float, *, steps_only_range: float,
             return 2, step, step
         if step <= 0.0:
             return (2, rng, rng / 2) if split_range else (2, rng, rng)
-        return math.ceil(rng / step), rng, step
+        return steps_over(rng, step, flags), rng, step
     if rng < 0.0:
         if step <= 0.0:
             return steps, steps_only_range, steps_only_range / steps
@@ -120,7 +134,7 @@ def phi_steps(f: CFlags) -> tuple[int, float, float]:
             return 2, step, step
         if step <= 0.0:
             return 2, osc, osc / 2.0
-        return math.ceil(osc / step), osc, step
+        return steps_over(osc, step, "-osc/-phistep"), osc, step
     if steps == 0:
         steps = 1
     if osc < 0.0:
@@ -152,35 +166,37 @@ def mosaic_setting(f: CFlags, warn: list[str]) -> tuple[int, float]:
     return domains, spread
 
 
-def divergence_fractions(f: CFlags, hdiv: tuple, vdiv: tuple, disp: tuple) -> tuple[tuple, tuple, tuple]:
+def divergence_fractions(f: CFlags, hdiv: tuple, vdiv: tuple,
+                         disp: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-source fractions of the divergence ranges and of the dispersion (C loop order).
 
     Sources run over horizontal steps, then vertical steps (points outside the ellipse are
-    dropped when round divergence is on), then wavelengths.
+    dropped when round divergence is on), then wavelengths. Computed as arrays with the C
+    loop's float64 operations, element by element (`check_source_memory` has bounded the
+    counts): the memory is a few float64 arrays of the (h, v) grid and of the sources.
+
+    Returns:
+        (hdiv, vdiv, disp) fractions, each a float64 array of shape (source,).
     """
     (hsteps, hrange, hstep), (vsteps, vrange, vstep), (dsteps, drange, dstep) = hdiv, vdiv, disp
     with np.errstate(all="ignore"):
-        kept = []
-        for ht in range(hsteps):
-            for vt in range(vsteps):
-                h = np.float64(hstep) * ht - np.float64(hrange) / 2.0
-                v = np.float64(vstep) * vt - np.float64(vrange) / 2.0
-                test = (h * h - hstep * hstep / 4.0 * (1 - hsteps % 2)) / np.float64(hrange) / hrange
-                test += (v * v - vstep * vstep / 4.0 * (1 - vsteps % 2)) / np.float64(vrange) / vrange
-                if not (np.isfinite(h * h) and np.isfinite(v * v)):
-                    raise FlagError(f"-divergence/-hdivrange/-vdivrange/-hdivstep/-vdivstep: "
-                                    f"ranges {hrange * 1e3:g} x {vrange * 1e3:g} mrad overflow "
-                                    "when squared; give divergences of a real beam (mrad)")
-                if f.round_div and test * 4.0 > 1.1:
-                    continue
-                kept.append((float(h / hrange) if hrange > 0 else 0.0,
-                             float(v / vrange) if vrange > 0 else 0.0))
-    dfracs = [((dstep * t - drange / 2.0) / drange) if drange > 0 else 0.0 for t in range(dsteps)]
-    hf, vf, df = [], [], []
-    for h, v in kept:
-        for d in dfracs:
-            hf.append(h), vf.append(v), df.append(d)
-    return tuple(hf), tuple(vf), tuple(df)
+        h = np.float64(hstep) * np.arange(hsteps, dtype=np.float64) - np.float64(hrange) / 2.0
+        v = np.float64(vstep) * np.arange(vsteps, dtype=np.float64) - np.float64(vrange) / 2.0
+        if not (np.isfinite(h * h).all() and np.isfinite(v * v).all()):
+            raise FlagError(f"-divergence/-hdivrange/-vdivrange/-hdivstep/-vdivstep: "
+                            f"ranges {hrange * 1e3:g} x {vrange * 1e3:g} mrad overflow "
+                            "when squared; give divergences of a real beam (mrad)")
+        if f.round_div:
+            h_test = (h * h - hstep * hstep / 4.0 * (1 - hsteps % 2)) / np.float64(hrange) / hrange
+            v_test = (v * v - vstep * vstep / 4.0 * (1 - vsteps % 2)) / np.float64(vrange) / vrange
+            hi, vi = np.nonzero(~((h_test[:, None] + v_test[None, :]) * 4.0 > 1.1))
+        else:
+            hi, vi = np.divmod(np.arange(hsteps * vsteps), vsteps)
+        hf = h[hi] / hrange if hrange > 0 else np.zeros(len(hi))
+        vf = v[vi] / vrange if vrange > 0 else np.zeros(len(vi))
+        t = np.arange(dsteps, dtype=np.float64)
+        df = (dstep * t - drange / 2.0) / drange if drange > 0 else np.zeros(dsteps)
+    return np.repeat(hf, dsteps), np.repeat(vf, dsteps), np.tile(df, len(hi))
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,6 +523,43 @@ def check_frame(frame) -> None:
                     "give a beam direction and detector angles that face each other")
 
 
+def check_sampling_memory(f: CFlags, hsteps: int, vsteps: int, dispsteps: int, domains: int,
+                          phisteps: int, dtype: torch.dtype) -> None:
+    """Refuse up front sources or mosaic orientations that cannot fit in this machine's memory
+    (`nbfunc.beam.check_source_memory`, `nbfunc.crystal.check_mosaic_memory`), before any of
+    them is generated. The sources are counted before the round-divergence cut and at 8-byte
+    floats (the tree is validated in float64 before any conversion); a -sourcefile is bounded
+    by its size limit instead.
+
+    Raises:
+        NbfuncInputError: one line naming the flags, the memory needed and the fix.
+    """
+    try:
+        if f.source_file is None:
+            check_source_memory(hsteps, vsteps, dispsteps, 8, physical_memory())
+        check_mosaic_memory(domains, phisteps, torch.finfo(dtype).bits // 8, physical_memory())
+    except ValueError as err:
+        raise NbfuncInputError(str(err)) from None
+
+
+def facing_away(frame) -> str | None:
+    """A warning when the detector's normal points back at the sample (negative close
+    distance), else None.
+
+    The C program then renders every pixel negative: the solid angle ``pixel^2 close /
+    airpath^3`` takes the sign of the close distance. A swing past 90 degrees about the
+    direct-beam spot (-twotheta with the beam pivot of the MOSFLM, DENZO and ADXV
+    conventions) turns the detector over in place rather than moving it behind the sample.
+    """
+    close = float(frame.close_distance)
+    if not close < 0:
+        return None
+    return (f"the detector faces away from the sample (close distance {close * 1e3:g} mm): "
+            "solid angles and pixel values come out negative, as in nanoBragg; to swing the "
+            "detector around the sample, pivot about the sample (-xds, -dials, or custom vectors "
+            "with -pivot sample)")
+
+
 def check_oversample(recommended: float, xtal_m: float, frame, f: CFlags) -> None:
     """Automatic oversampling needs a sub-pixel count that a C int holds."""
     if f.oversample > 0 or recommended <= 2**31 - 1:
@@ -604,11 +657,15 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
 
     # sampling rules
     phisteps, osc, phistep = phi_steps(f)
-    hdiv = auto_steps(f.hdivsteps, f.hdivrange, f.hdivstep, steps_only_range=1.0)
-    vdiv = auto_steps(f.vdivsteps, f.vdivrange, f.vdivstep, steps_only_range=1.0)
-    disp = auto_steps(f.dispsteps, f.dispersion, f.dispstep, steps_only_range=1.0)
+    hdiv = auto_steps(f.hdivsteps, f.hdivrange, f.hdivstep, steps_only_range=1.0,
+                      flags="-hdivrange/-hdivstep")
+    vdiv = auto_steps(f.vdivsteps, f.vdivrange, f.vdivstep, steps_only_range=1.0,
+                      flags="-vdivrange/-vdivstep")
+    disp = auto_steps(f.dispsteps, f.dispersion, f.dispstep, steps_only_range=1.0,
+                      flags="-dispersion")
     thick = auto_steps(f.detector_thicksteps, f.detector_thick, f.detector_thickstep,
-                       steps_only_range=0.5e-6, split_range=True)
+                       steps_only_range=0.5e-6, split_range=True,
+                       flags="-detector_thick")
     mu = f.detector_mu
     if thick[1] > 0.0 and mu < 0.0:
         mu = 1.0 / thick[1]
@@ -620,6 +677,9 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     domains, spread = mosaic_setting(f, warn)
     fix = lambda s: s if (s[1] > 0.0 and s[2] > 0.0 and s[0] > 0) else (1, 0.0, 0.0)
     hdiv, vdiv, disp, thick = fix(hdiv), fix(vdiv), fix(disp), fix(thick)
+    if dtype is None:
+        dtype = torch.float32 if f.dtype == "float32" else torch.float64
+    check_sampling_memory(f, hdiv[0], vdiv[0], disp[0], domains, phisteps, dtype)
 
     # interpolation (decided before N is derived from crystal sizes)
     interpolate = f.interpolate
@@ -720,6 +780,9 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
             mu=max(mu, 0.0) * 1e-3, absorption=thick[1] != 0.0)
     frame = detector_frame(detector, v["beam"])
     check_frame(frame)
+    facing = facing_away(frame)
+    if facing:
+        warn.append(facing)
 
     # automatic oversampling
     xtal_max = max(lengths[i] * n_cells[i] for i in range(3))
@@ -754,12 +817,10 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     if grid is not None:
         fhkl = torch.as_tensor(np.asarray(grid.F, dtype=np.float64))
         origin = (int(grid.h_min), int(grid.k_min), int(grid.l_min))
-    if dtype is None:
-        dtype = torch.float32 if f.dtype == "float32" else torch.float64
-    try:
-        check_mosaic_memory(domains, phisteps, torch.finfo(dtype).bits // 8, physical_memory())
-    except ValueError as err:
-        raise NbfuncInputError(str(err)) from None
+    draws = {}
+    if domains > 1:
+        axes, scales = mosaic_draw_arrays(domains, f.mosaic_seed)
+        draws = dict(mosaic_axes=axes, mosaic_scales=scales)
     with building_tree(cell_flag):
         beam = Beam(wavelength=f.lambda0 * 1e10, kahn_factor=f.polarization, fluence=f.fluence,
                     sources=sources, beam_vector=v["beam"], polar_vector=v["polar"],
@@ -770,7 +831,7 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
             phi_step=math.degrees(phistep), default_F=f.default_F, fhkl=fhkl,
             water_size=f.water_size * 1e6, hkl_origin=origin, shape=f.xtal_shape.lower(),
             interpolate=bool(interpolate), spindle_axis=v["spindle"], phisteps=phisteps,
-            mosaic_domains=domains, mosaic_seed=f.mosaic_seed)
+            mosaic_domains=domains, mosaic_seed=f.mosaic_seed, **draws)
         sampling = Sampling(
             oversample=oversample, oversample_thick=f.oversample_thick,
             oversample_polar=f.oversample_polar, oversample_omega=f.oversample_omega,

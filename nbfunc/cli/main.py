@@ -8,12 +8,12 @@ with the C program's statistics lines on stdout. Bad input exits with status 2 a
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
 import time
 
-import numpy as np
 import torch
 
 HELP_HEADER = """usage: nbfunc [nanoBragg flags]   e.g.
@@ -77,8 +77,14 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 def _render(params, info):
-    """Render with the phi carry (C parity), with a progress meter when one is wanted."""
+    """Render with the phi carry (C parity), with a progress meter when one is wanted.
+
+    Returns:
+        the ROI rectangle of the float32 image (`nbfunc.cli.outputs.RoiImage`): memory of the
+        ROI's size, whatever the detector's.
+    """
     from nbfunc.cli import progress
+    from nbfunc.cli.outputs import roi_image
     from nbfunc.render import initial_carry, make_plan, render_pixels_for_cli
 
     from nbfunc.compile import COMPILE_DISABLED
@@ -91,10 +97,8 @@ def _render(params, info):
     if progress.wanted(info.flags.progress_meter, sys.stderr, chunks):
         report = progress.meter(sys.stderr, progress.is_terminal(sys.stderr))
     values, flat, _ = render_pixels_for_cli(params, initial_carry(params), compile, report)
-    # np.zeros maps zero pages that use memory only where the rendered pixels are written
-    image = np.zeros((params.detector.spixels, params.detector.fpixels), dtype=np.float32)
-    image.reshape(-1)[flat.cpu().numpy()] = values.detach().to("cpu", torch.float64).numpy()
-    return image
+    return roi_image(values.detach().to("cpu", torch.float64).numpy(), flat.cpu().numpy(),
+                     info.roi, (params.detector.spixels, params.detector.fpixels))
 
 
 class Terminated(BaseException):
@@ -122,6 +126,26 @@ def _signal_message(err: BaseException, word: str) -> str:
     return f"nbfunc: {word}; no output was written"
 
 
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
+"""Exit status when stdout or stderr is a pipe whose reader has gone (``nbfunc ... | head``):
+141, what a shell reports for the C program, which SIGPIPE kills at its next write."""
+
+
+def _drop_closed_streams() -> None:
+    """Point stdout and stderr, where their reader has gone, at /dev/null: the text still
+    buffered for them is dropped instead of failing again in the interpreter's last flush."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(null, stream.fileno())
+                finally:
+                    os.close(null)
+
+
 def run(argv: list[str]) -> int:
     """Run the nanoBragg command line ``argv`` (no program name); return the exit status.
 
@@ -129,6 +153,13 @@ def run(argv: list[str]) -> int:
     removing temporary files and restoring outputs already replaced; the previous signal
     handlers are restored on return. Handlers are installed only in the main thread, and not
     for a signal that is ignored (as SIGINT is for a job started with ``&`` by a script).
+
+    A write to a stdout or stderr whose reader has gone (``nbfunc ... | head -1``) stops the
+    run there, quietly, with status 141 (`BROKEN_PIPE_EXIT`), as SIGPIPE stops the C program.
+    The outputs are never cut short by it: nbfunc prints the lines about them after writing
+    them all, so with a buffered stdout (any pipe) the outputs are all written; an unbuffered
+    stdout (``python -u``) that breaks while the run's summary is printed stops the run before
+    anything is written.
     """
     handled = threading.current_thread() is threading.main_thread()
     previous = {}
@@ -136,7 +167,12 @@ def run(argv: list[str]) -> int:
         for signum in SIGNAL_EXITS if handled else ():
             if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of `nbfunc &`
                 previous[signum] = signal.signal(signum, _raise_for)
-        return _run(argv)
+        status = _run(argv)
+        sys.stdout.flush()  # a reader that has gone shows here, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        _drop_closed_streams()
+        return BROKEN_PIPE_EXIT
     except (KeyboardInterrupt, Terminated) as err:
         _, word, status = next(v for v in SIGNAL_EXITS.values() if isinstance(err, v[0]))
         with contextlib.suppress(OSError):
@@ -187,8 +223,7 @@ def _run(argv: list[str]) -> int:
         return _fail(f"out of memory while rendering ({str(err).splitlines()[0][:120]}); give a "
                      "smaller -chunk, a -roi, or a smaller detector")
     elapsed = time.perf_counter() - start
-    stats = outputs.image_statistics(float_image, info.roi, info.mask, f.pixel_size,
-                                     info.oversample)
+    stats = outputs.image_statistics(float_image, info.mask, f.pixel_size, info.oversample)
     try:
         lines = outputs.write_all(float_image, stats, info)
     except NbfuncInputError as err:

@@ -9,6 +9,10 @@ they renamed into place. If anything fails or a signal arrives, the files alread
 their previous contents back, so an earlier run's output is never left half overwritten
 (`commit`, with the leaves in `nbfunc.io.atomic`).
 
+Memory follows the ROI, not the detector: the rendered image is its ROI rectangle
+(`RoiImage`; the C program leaves every other pixel at 0), and each output is encoded as a
+stream of blocks of at most `BLOCK_BYTES` while it is written (`raster_blocks`).
+
 The statistics follow the C program's main(): float32 pixels summed in double, in raster
 order; ``max_I`` is reported at the position (m) of the last sub-pixel of the brightest pixel.
 """
@@ -18,6 +22,7 @@ import math
 import os
 import time
 from fractions import Fraction
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -63,6 +68,59 @@ def check_writable(files: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# the rendered image: its ROI rectangle
+# --------------------------------------------------------------------------------------------
+class RoiImage(NamedTuple):
+    """A detector image that is 0 outside one rectangle: the command line's rendered image.
+
+    The C program renders only the ROI and leaves every other pixel at 0 photons (its images
+    are calloc'ed), so the rectangle and the detector's shape describe the whole image in
+    memory of the ROI's size.
+
+    Attributes:
+        pixels: (rows, cols) photons per pixel of the rectangle (float32 for the rendered
+            image; uint16 counts for the noise image). Masked pixels are 0.
+        origin: (slow, fast) index of ``pixels[0, 0]`` on the detector.
+        shape: (spixels, fpixels) of the detector.
+    """
+
+    pixels: np.ndarray
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+
+
+def roi_rectangle(shape: tuple[int, int], roi: tuple[int, int, int, int]) -> tuple[int, ...]:
+    """``(slow0, fast0, rows, cols)`` of the inclusive ROI (xmin, xmax, ymin, ymax), x fast,
+    clipped to a (slow, fast) detector; rows or cols are 0 when it lies outside."""
+    slow, fast = shape
+    x0, x1, y0, y1 = roi
+    x0, y0 = min(max(x0, 0), fast), min(max(y0, 0), slow)
+    return y0, x0, max(min(y1, slow - 1) - y0 + 1, 0), max(min(x1, fast - 1) - x0 + 1, 0)
+
+
+def roi_image(values: np.ndarray, flat: np.ndarray, roi: tuple[int, int, int, int],
+              shape: tuple[int, int]) -> RoiImage:
+    """The rendered pixels placed in their ROI rectangle (float32, 0 where nothing was rendered).
+
+    Args:
+        values: (N,) photons per rendered pixel (rounded to float32 here, as C stores them).
+        flat: (N,) flat indices ``slow * fpixels + fast``, all inside the ROI.
+        roi: (xmin, xmax, ymin, ymax) inclusive. shape: (spixels, fpixels).
+    """
+    y0, x0, rows, cols = roi_rectangle(shape, roi)
+    pixels = np.zeros((rows, cols), dtype=np.float32)
+    flat = np.asarray(flat, dtype=np.int64)
+    pixels[flat // shape[1] - y0, flat % shape[1] - x0] = values
+    return RoiImage(pixels, (y0, x0), tuple(shape))
+
+
+def crop(image: np.ndarray, roi: tuple[int, int, int, int]) -> RoiImage:
+    """The ROI rectangle of a whole (slow, fast) image (a view, not a copy)."""
+    y0, x0, rows, cols = roi_rectangle(image.shape, roi)
+    return RoiImage(image[y0:y0 + rows, x0:x0 + cols], (y0, x0), image.shape)
+
+
+# --------------------------------------------------------------------------------------------
 # statistics
 # --------------------------------------------------------------------------------------------
 def _c_sum(values: np.ndarray) -> float:
@@ -76,37 +134,37 @@ def _fma(a: float, b: float, c: float) -> float:
     return float(Fraction(a) * Fraction(b) + Fraction(c))
 
 
-def image_statistics(image: np.ndarray, roi: tuple[int, int, int, int], mask: np.ndarray | None,
-                     pixel_size: float, oversample: int) -> dict:
-    """The C program's statistics of the rendered image.
+def image_statistics(image: RoiImage, mask: np.ndarray | None, pixel_size: float,
+                     oversample: int) -> dict:
+    """The C program's statistics of the rendered image, from its ROI rectangle.
 
     mean = sum(I)/n and rms = sqrt(sum(I*I)/(n-1)) over the rendered pixels (ROI and not
     masked; I*I is a float32 product as in C); rmsd = sqrt(sum((I - mean)^2)/(m-1)) over all
-    m ROI pixels (the C program's second pass does not test the mask). max_I is the first
-    pixel in raster order above all earlier ones (0 when no pixel is positive), reported at
+    m ROI pixels (the C program's second pass does not test the mask). Pixels outside the
+    ROI enter neither sum, so the rectangle alone gives them. max_I is the first pixel in
+    raster order above all earlier ones (0 when no pixel is positive), reported at
     ``(Fdet, Sdet)`` of its last sub-pixel, ``(p/o)*(i*o + o - 1) + (p/o)/2`` in metres
     (``p`` pixel size, ``o`` oversample, ``i`` pixel index).
 
     Args:
-        image: (slow, fast) float32 photons per pixel.
-        roi: (xmin, xmax, ymin, ymax) inclusive pixel indices.
-        mask: (slow, fast) bool, True where rendered; None for no mask.
+        image: the rendered image (`RoiImage`, float32 photons per pixel).
+        mask: (slow, fast) bool of the whole detector, True where rendered; None for no mask.
         pixel_size: m. oversample: sub-pixels per pixel edge.
     """
-    x0, x1, y0, y1 = roi
-    in_roi = np.zeros(image.shape, dtype=bool)
-    in_roi[y0:y1 + 1, x0:x1 + 1] = True
-    rendered = in_roi & mask if mask is not None else in_roi
-    values = image[rendered].astype(np.float32)
+    block = image.pixels
+    (y0, x0), (rows, cols) = image.origin, block.shape
+    rendered = (np.ones(block.shape, dtype=bool) if mask is None
+                else np.asarray(mask[y0:y0 + rows, x0:x0 + cols], dtype=bool))
+    values = block[rendered].astype(np.float32)
     n = values.size
     mean = _c_sum(values) / max(n, 1)
     rms = math.sqrt(_c_sum(values * values) / (max(n, 2) - 1))
-    deviations = image[in_roi].astype(np.float64) - mean
+    deviations = block.reshape(-1).astype(np.float64) - mean
     rmsd = math.sqrt(_c_sum(deviations * deviations) / (max(deviations.size, 2) - 1))
     max_i, pixel, at = 0.0, (0, 0), (0.0, 0.0)
     if n and float(values.max()) > 0.0:
         first = int(np.argmax(values))
-        slow, fast = (int(i) for i in np.argwhere(rendered)[first])
+        slow, fast = (int(i) for i in np.argwhere(rendered)[first] + (y0, x0))
         sub = pixel_size / oversample
         max_i, pixel = float(values[first]), (fast, slow)
         at = (_fma(sub, fast * oversample + oversample - 1, sub / 2.0),
@@ -131,19 +189,76 @@ def smv_fields(info, noise: bool = False):
     return smv_fields_from_geometry(**info.header["smv"], noise_image=noise)
 
 
-def encode_outputs(float_image: np.ndarray, stats: dict, info) -> tuple[dict, dict, list[str]]:
-    """The bytes of every output and the lines the C program prints while writing them.
+BLOCK_BYTES = 4 << 20
+"""Largest byte block an output is encoded in (4 MiB): an output's encoding holds one block,
+besides the ROI rectangle, whatever the detector's size."""
+
+
+def _zero_run(nbytes: int, zeros: memoryview) -> Iterator[memoryview]:
+    """``nbytes`` zero bytes as slices of the shared ``zeros`` block."""
+    while nbytes > 0:
+        yield zeros[:min(nbytes, len(zeros))]
+        nbytes -= len(zeros)
+
+
+def raster_blocks(image: RoiImage, dtype: str, encode: Callable = lambda rows: rows,
+                  block_bytes: int = BLOCK_BYTES) -> Iterator[bytes | memoryview]:
+    """The pixel bytes of a whole (slow, fast) image, fast-major, in blocks of at most
+    ``block_bytes``: ``encode(rows of image.pixels)`` inside the ROI rectangle and value 0
+    outside it (what the C program writes there: its images start zeroed and only ROI pixels
+    are set).
 
     Args:
-        float_image: (slow, fast) float32 photons per pixel.
+        image: the ROI rectangle and the detector shape.
+        dtype: numpy type of a written pixel (e.g. "<f4", "<u2", "u1").
+        encode: (k, cols) pixels -> (k, cols) values to write, called on a few rows at a time.
+        block_bytes: bytes per block (at least the size of one ROI row is written at once).
+    """
+    dtype, (slow, fast) = np.dtype(dtype), image.shape
+    (y0, x0), (rows, cols) = image.origin, image.pixels.shape
+    zeros = memoryview(bytes(min(block_bytes, slow * fast * dtype.itemsize) or 1))
+    if rows == 0 or cols == 0:
+        yield from _zero_run(slow * fast * dtype.itemsize, zeros)
+        return
+    yield from _zero_run((y0 * fast + x0) * dtype.itemsize, zeros)
+    step = max(1, block_bytes // (cols * dtype.itemsize))
+    for start in range(0, rows, step):
+        encoded = np.ascontiguousarray(encode(image.pixels[start:start + step]), dtype=dtype)
+        if cols == fast:
+            yield encoded.tobytes()
+            continue
+        for row in range(encoded.shape[0]):
+            if start + row:
+                yield from _zero_run((fast - cols) * dtype.itemsize, zeros)
+            yield encoded[row].tobytes()
+    yield from _zero_run(((slow - y0 - rows) * fast + fast - x0 - cols) * dtype.itemsize, zeros)
+
+
+def _with_header(header: bytes, blocks: Iterable) -> Iterator:
+    """``header``, then ``blocks``."""
+    yield header
+    yield from blocks
+
+
+def encode_outputs(image: RoiImage, stats: dict, info) -> tuple[dict, dict, list[str]]:
+    """Every output as a stream of byte blocks, and the lines the C program prints while
+    writing them.
+
+    Each image output is a generator (`raster_blocks`) that encodes its next block only when
+    the writer asks for it, so no output is ever held whole; the noise image's counts are
+    drawn here, for the ROI only, because its printed line needs their sum.
+
+    Args:
+        image: the rendered image, float32 photons per pixel (`RoiImage`).
         stats: from `image_statistics`.
     Returns:
-        (kind -> file name, kind -> bytes, printed lines in the C program's order).
+        (kind -> file name, kind -> `nbfunc.io.atomic.Payload`, printed lines in the C
+        program's order).
     """
-    from nbfunc.crng import poisson_noise
+    from nbfunc.crng import poisson_pixels
     from nbfunc.io.hkl import fdump_bytes
-    from nbfunc.io.pgm import pgm_bytes
-    from nbfunc.io.smv import auto_int_scale, int_image, smv_header
+    from nbfunc.io.pgm import pgm_header, pgm_pixels
+    from nbfunc.io.smv import auto_int_scale, int_pixels, smv_header
 
     f = info.flags
     files, payload, lines = {}, {}, []
@@ -151,40 +266,42 @@ def encode_outputs(float_image: np.ndarray, stats: dict, info) -> tuple[dict, di
         files["fdump"], payload["fdump"] = f.dump_file, fdump_bytes(info.hkl_grid)
         lines.append(f"writing dump file for next time: {f.dump_file}")
     files.update(planned_outputs(f))
-    payload["float"] = float_image.astype("<f4").tobytes()
-    lines.append(f"writing {f.float_file} as {float_image.size} 4-byte floats")
+    payload["float"] = raster_blocks(image, "<f4")
+    lines.append(f"writing {f.float_file} as {image.shape[0] * image.shape[1]} 4-byte floats")
     lines.extend(statistics_lines(stats))
     scale = f.intfile_scale if f.intfile_scale > 0 else auto_int_scale(stats["max_I"])
     lines.append(f"intfile_scale = {scale:g}")
-    counts = int_image(float_image, scale, f.adc_offset, info.roi)
-    payload["int"] = smv_header(smv_fields(info)) + counts.astype("<u2").tobytes()
+    payload["int"] = _with_header(smv_header(smv_fields(info)), raster_blocks(
+        image, "<u2", lambda rows: int_pixels(rows, scale, f.adc_offset)))
     lines.append(f"writing {f.int_file} as 2-byte integers")
     if "pgm" in files:
         pgm_scale = f.pgm_scale
         if pgm_scale <= 0:
             pgm_scale = 250.0 / (5.0 * stats["rmsd"]) if stats["rmsd"] > 0 else scale
         lines.append(f"pgm_scale = {pgm_scale:g}")
-        payload["pgm"] = pgm_bytes(float_image, pgm_scale, info.roi)
+        payload["pgm"] = _with_header(pgm_header(image.shape, pgm_scale), raster_blocks(
+            image, "u1", lambda rows: pgm_pixels(rows, pgm_scale)))
         lines.append(f"writing {f.pgm_file} as 1-byte integers")
     if "noise" in files:
         seed = f.seed
         if seed is None:
             seed = -int(time.time())
             lines.append(f"noise seed from the clock: -seed {-seed}")
-        noise, photons, overloads = poisson_noise(float_image, seed, info.roi, f.adc_offset)
+        counts, photons, overloads = poisson_pixels(image.pixels, seed, f.adc_offset)
         lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
-        payload["noise"] = smv_header(smv_fields(info, noise=True)) + noise.astype("<u2").tobytes()
+        payload["noise"] = _with_header(smv_header(smv_fields(info, noise=True)),
+                                        raster_blocks(image._replace(pixels=counts), "<u2"))
         lines.append(f"writing {f.noise_file} as 2-byte integers")
     return files, payload, lines
 
 
-def write_all(float_image: np.ndarray, stats: dict, info) -> list[str]:
+def write_all(image: RoiImage, stats: dict, info) -> list[str]:
     """Write every output of the run, all or nothing; return the lines to print.
 
     Raises:
         NbfuncInputError: an output could not be written (nothing was changed on disk).
     """
-    files, payload, lines = encode_outputs(float_image, stats, info)
+    files, payload, lines = encode_outputs(image, stats, info)
     if "fdump" in commit(files, payload):
         lines[0] = f"WARNING: unable to open dump file: {files['fdump']}"
     return lines
@@ -207,8 +324,9 @@ def _roll_back(placed: list[str], backups: dict[str, str | None]) -> None:
             atomic.remove(real)
 
 
-def commit(files: dict[str, str], payload: dict[str, bytes]) -> list[str]:
-    """Write every payload where C's fopen(name, "wb") would, all or nothing for files.
+def commit(files: dict[str, str], payload: dict[str, atomic.Payload]) -> list[str]:
+    """Write every payload (bytes, or byte blocks written as they come: `nbfunc.io.atomic.
+    Payload`) where C's fopen(name, "wb") would, all or nothing for files.
 
     Regular files (new or existing, also behind symbolic links) are staged next to the file
     the path resolves to, then all renamed into place; FIFOs and devices are written in place

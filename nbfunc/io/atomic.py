@@ -21,12 +21,29 @@ import signal
 import stat
 import tempfile
 import threading
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Union
 
 from nbfunc.io.errors import NbfuncInputError, file_error
 
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals held back while files are renamed into place or rolled back."""
+
+Payload = Union[bytes, Iterable[bytes], Callable[[], Iterable[bytes]]]
+"""The content of an output: bytes, an iterable of byte blocks (bytes or memoryviews) written
+in turn (a generator that encodes the next block only when asked, so a large file never sits
+in memory whole), or a callable returning such an iterable."""
+
+
+def byte_blocks(data: Payload) -> Iterable[bytes]:
+    """The blocks of a `Payload`, in file order (bytes give one block).
+
+    Example:
+        >>> b"".join(byte_blocks(lambda: (b"ab", b"c")))
+        b'abc'
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return (data,)
+    return data() if callable(data) else data
 
 
 class UnwritableError(NbfuncInputError):
@@ -150,8 +167,9 @@ def _new_temp(real: str, suffix: str, temps: list[str]) -> tuple[int, str]:
     return fd, tmp
 
 
-def stage(target: Target, data: bytes, temps: list[str]) -> str:
-    """Write ``data`` to a new hidden temporary file next to ``target.real``; return its path.
+def stage(target: Target, data: Payload, temps: list[str]) -> str:
+    """Write ``data`` (a `Payload`, block by block) to a new hidden temporary file next to
+    ``target.real``; return its path.
 
     The temporary file gets the existing file's permission bits and (where allowed) owner,
     or for a new file the bits fopen would give (0666 less the umask). Its path is appended
@@ -167,7 +185,8 @@ def stage(target: Target, data: bytes, temps: list[str]) -> str:
         os.close(fd)
         raise
     with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+        for block in byte_blocks(data):
+            handle.write(block)
     return tmp
 
 
@@ -185,15 +204,17 @@ def keep_copy(target: Target, temps: list[str]) -> str | None:
     return backup
 
 
-def write_in_place(target: Target, data: bytes, opened: list[str]) -> None:
-    """Open a FIFO or device and write ``data`` into it, as fopen(path, "wb") + fwrite do.
+def write_in_place(target: Target, data: Payload, opened: list[str]) -> None:
+    """Open a FIFO or device and write ``data`` (a `Payload`, block by block) into it, as
+    fopen(path, "wb") + fwrite do.
 
     Opening a FIFO waits for a reader, as in C. ``target.path`` is appended to ``opened``
     once it is open, from when on bytes may have gone out and cannot be taken back.
     """
     with open(target.path, "wb") as handle:
         opened.append(target.path)
-        handle.write(data)
+        for block in byte_blocks(data):
+            handle.write(block)
 
 
 def remove(path: str) -> None:
@@ -202,8 +223,9 @@ def remove(path: str) -> None:
         os.unlink(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` as fopen(path, "wb") would, all or nothing for a file.
+def atomic_write_bytes(path: str | os.PathLike, data: Payload) -> None:
+    """Write ``data`` (bytes or byte blocks, a `Payload`) to ``path`` as fopen(path, "wb")
+    would, all or nothing for a file.
 
     A symbolic link is followed (the link stays, its target gets ``data``); a FIFO or device
     is written in place; a regular file is replaced through a temporary file in its folder,

@@ -293,12 +293,35 @@ def roi_mask(shape: tuple, roi: tuple) -> np.ndarray:
     return (fast >= xmin) & (fast <= xmax) & (slow >= ymin) & (slow <= ymax)
 
 
-def int_image(float_image: np.ndarray, scale: float, adc_offset: float, roi: tuple) -> np.ndarray:
-    """The C program's ``-intfile`` pixels.
+def int_pixels(float_pixels: np.ndarray, scale: float, adc_offset: float) -> np.ndarray:
+    """The C program's ``-intfile`` value of each pixel (pixels inside the ROI).
 
     ``test = float32 pixel * scale + adc_offset`` (double), clamped to [0, 65535], then
-    ``floorf(test + 0.5)`` (the sum is rounded to float32 before the floor). Pixels outside
-    the inclusive ROI (xmin, xmax, ymin, ymax) are 0.
+    ``floorf(test + 0.5)`` (the sum is rounded to float32 before the floor).
+
+    Args:
+        float_pixels: photons per pixel, any shape (read as float32).
+        scale: counts per photon. adc_offset: counts added to every pixel.
+
+    Returns:
+        uint16 counts of the same shape.
+
+    Example:
+        >>> int_pixels(np.array([0.0, 2.0, 1e9]), 10.0, 40.0).tolist()
+        [40, 60, 65535]
+    """
+    img = np.asarray(float_pixels, dtype=np.float32)
+    test = img.astype(np.float64) * float(scale) + float(adc_offset)
+    test = np.where(test > 65535.0, 65535.0, test)
+    test = np.where(test < 0.0, 0.0, test)
+    with np.errstate(invalid="ignore", over="ignore"):
+        rounded = np.floor((test + 0.5).astype(np.float32)).astype(np.float64)
+    return c_unsigned_cast(rounded, 16).astype(np.uint16)
+
+
+def int_image(float_image: np.ndarray, scale: float, adc_offset: float, roi: tuple) -> np.ndarray:
+    """The C program's ``-intfile`` pixels of a whole (slow, fast) image: `int_pixels` inside
+    the inclusive ROI (xmin, xmax, ymin, ymax), 0 outside it.
 
     Args:
         float_image: (slow, fast) photons per pixel (read as float32).
@@ -307,10 +330,4 @@ def int_image(float_image: np.ndarray, scale: float, adc_offset: float, roi: tup
         uint16 (slow, fast).
     """
     img = np.asarray(float_image, dtype=np.float32)
-    test = img.astype(np.float64) * float(scale) + float(adc_offset)
-    test = np.where(test > 65535.0, 65535.0, test)
-    test = np.where(test < 0.0, 0.0, test)
-    with np.errstate(invalid="ignore", over="ignore"):
-        rounded = np.floor((test + 0.5).astype(np.float32)).astype(np.float64)
-    out = c_unsigned_cast(rounded, 16).astype(np.uint16)
-    return np.where(roi_mask(img.shape, roi), out, np.uint16(0))
+    return np.where(roi_mask(img.shape, roi), int_pixels(img, scale, adc_offset), np.uint16(0))

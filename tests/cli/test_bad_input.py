@@ -329,3 +329,74 @@ def test_detector_larger_than_a_c_int(workdir, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_device_torch_cannot_use(workdir, capsys):
     refuse(BASE + ["-device", "cuda"], workdir, capsys, "-device cuda", "use -device cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# sampling counts beyond memory: refused before any source or domain is generated
+# --------------------------------------------------------------------------------------------
+BILLIONS = "2000000000"  # a C int; 2e9 sources (about 1 TB) or orientations exceed any machine here
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["-hdivrange", "1", "-hdivsteps", BILLIONS], [f"-hdivsteps/-vdivsteps/-dispsteps {BILLIONS} x 1 x 1 = "]),
+    (["-vdivrange", "1", "-vdivsteps", BILLIONS], [f"{BILLIONS} x 1 = {BILLIONS} sources need"]),
+    (["-divergence", "1", "-divsteps", BILLIONS], [f"{BILLIONS} x {BILLIONS} x 1 = 4.00e+18 sources"]),
+    (["-dispersion", "0.1", "-dispsteps", BILLIONS], [f"1 x 1 x {BILLIONS} = "]),
+    (["-osc", "1", "-phisteps", BILLIONS], [f"-mosaic_dom 1 -phisteps {BILLIONS} needs", "fewer phi steps"]),
+    (["-mosaic", "1", "-mosaic_dom", BILLIONS, "-osc", "1", "-phisteps", "3"],
+     [f"-mosaic_dom {BILLIONS} -phisteps 3 needs", "fewer domains"]),
+])
+def test_sampling_counts_beyond_memory_are_refused_up_front(extra, needles, workdir, capsys):
+    """Each count family names its flags, the memory it needs and what is here, and the
+    largest count that fits; nothing is generated (the refusal takes no time)."""
+    line = refuse(BASE + extra, workdir, capsys, *needles, " GB ", "GB of memory here", "at most about")
+    assert len(line) < 300
+
+
+@pytest.mark.parametrize("extra, flags", [
+    (["-hdivrange", "1", "-hdivstep", "1e-320"], "-hdivrange/-hdivstep"),
+    (["-vdivrange", "1", "-vdivstep", "1e-320"], "-vdivrange/-vdivstep"),
+    (["-osc", "1", "-phistep", "1e-320"], "-osc/-phistep"),
+])
+def test_a_step_too_small_for_its_range(extra, flags, workdir, capsys):
+    refuse(BASE + extra, workdir, capsys, f"{flags}: the range over the step overflows")
+
+
+def test_mosaic_memory_is_checked_once_per_run(workdir, monkeypatch):
+    """derive checks the mosaic's memory up front and hands the draws to the tree, whose
+    validation checks only draws it makes itself (a Crystal built in Python)."""
+    import nbfunc.cli.derive
+    import nbfunc.crystal
+
+    calls = []
+    original = nbfunc.crystal.check_mosaic_memory
+    counting = lambda *args: calls.append(args) or original(*args)
+    monkeypatch.setattr(nbfunc.crystal, "check_mosaic_memory", counting)
+    monkeypatch.setattr(nbfunc.cli.derive, "check_mosaic_memory", counting)
+    p, _ = derive(BASE + ["-mosaic", "1", "-mosaic_dom", "7", "-phisteps", "2", "-osc", "1"])
+    assert len(p.crystal.mosaic_axes) == 7 and calls == [(7, 2, 8, calls[0][3])]
+    Crystal(cell_a=50, cell_b=50, cell_c=50, mosaic_spread=1, mosaic_domains=7, phisteps=2)
+    assert len(calls) == 2 and calls[1][:3] == (7, 2, 8)
+    with pytest.raises(ValidationError, match="-mosaic_dom 1000000000000 -phisteps 2 needs"):
+        Crystal(cell_a=50, cell_b=50, cell_c=50, mosaic_spread=1, mosaic_domains=10**12, phisteps=2)
+
+
+@pytest.mark.parametrize("extra, negative", [
+    (["-twotheta", "180"], True),   # MOSFLM: pivot about the beam spot turns the detector over
+    (["-twotheta", "120"], True),
+    (["-twotheta", "60"], False),
+    (["-twotheta", "180", "-xds"], False),  # pivot about the sample: a back-scattering detector
+])
+def test_a_detector_facing_away_renders_negative_with_a_warning(extra, negative):
+    """As the C program does (the solid angle takes the sign of the close distance), pixels
+    come out negative when the detector's normal points back at the sample; the run warns."""
+    import nbfunc
+
+    p, info = derive(BASE + ["-distance", "100", "-pixel", "0.1", "-lambda", "1"] + extra)
+    image = nbfunc.simulate(p)
+    facing = [w for w in info.warnings if "faces away from the sample" in w]
+    assert bool((image < 0).all()) is negative and bool((image > 0).all()) is not negative
+    assert len(facing) == int(negative)
+    if negative:
+        assert "close distance -" in facing[0] and "as in nanoBragg" in facing[0]
+        assert len(facing[0]) < 300

@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nbfunc.cli.cflags import CFlags, RTD
@@ -488,3 +489,38 @@ class TestTable:
             args = ["beam"] if h.name == "-pivot" else ["1"] * 6
             updates = h.apply(h.values.c_read(args))
             assert updates and set(updates) <= fields, h.name
+
+
+def _c_source_loop(round_div, hdiv, vdiv, disp):
+    """The C program's source loops, one source at a time: (hdiv, vdiv, disp) fractions."""
+    (hsteps, hrange, hstep), (vsteps, vrange, vstep), (dsteps, drange, dstep) = hdiv, vdiv, disp
+    out = []
+    for ht in range(hsteps):
+        for vt in range(vsteps):
+            h, v = hstep * ht - hrange / 2.0, vstep * vt - vrange / 2.0
+            with np.errstate(all="ignore"):
+                test = np.float64(h * h - hstep * hstep / 4.0 * (1 - hsteps % 2)) / hrange / hrange
+                test += np.float64(v * v - vstep * vstep / 4.0 * (1 - vsteps % 2)) / vrange / vrange
+            if round_div and test * 4.0 > 1.1:
+                continue
+            for t in range(dsteps):
+                out.append((h / hrange if hrange > 0 else 0.0, v / vrange if vrange > 0 else 0.0,
+                            (dstep * t - drange / 2.0) / drange if drange > 0 else 0.0))
+    return out
+
+
+@pytest.mark.parametrize("round_div", [True, False])
+@pytest.mark.parametrize("hdiv, vdiv, disp", [
+    ((7, 1e-3, 1e-3 / 6), (4, 2e-3, 2e-3 / 3), (3, 0.01, 0.005)),
+    ((6, 1e-3, 2e-4), (1, 0.0, 0.0), (1, 0.0, 0.0)),
+    ((1, 0.0, 0.0), (1, 0.0, 0.0), (5, 0.02, 0.005)),
+    ((11, 3e-3, 3e-4), (9, 1e-3, 1.25e-4), (2, 0.001, 0.001)),
+])
+def test_divergence_fractions_follow_the_c_loop(round_div, hdiv, vdiv, disp):
+    """The source grid, computed as arrays, holds the C loop's sources in its order, bit for bit."""
+    from nbfunc.cli.derive import divergence_fractions
+
+    f = CFlags(round_div=round_div)
+    hf, vf, df = divergence_fractions(f, hdiv, vdiv, disp)
+    assert all(isinstance(x, np.ndarray) and x.dtype == np.float64 for x in (hf, vf, df))
+    assert list(zip(hf.tolist(), vf.tolist(), df.tolist())) == _c_source_loop(round_div, hdiv, vdiv, disp)

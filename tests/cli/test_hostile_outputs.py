@@ -277,3 +277,55 @@ def test_an_ignored_signal_stays_ignored_during_the_run(tmp_path, monkeypatch):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert seen == [signal.SIG_IGN]
+
+
+# --------------------------------------------------------------------------------------------
+# a reader that goes away (nbfunc ... | head -1)
+# --------------------------------------------------------------------------------------------
+def _closed_pipe(buffering: int):
+    """A text stream into a pipe whose reader has gone: writing it fails with EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return os.fdopen(write_end, "w", buffering=buffering)
+
+
+def test_closed_stdout_exits_141_quietly_with_every_output_written(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Block-buffered stdout (any pipe) meets the gone reader when the run's lines are
+    flushed, after the outputs were written: status 141 as a shell reports for the C program
+    killed by SIGPIPE, no traceback, the outputs those of a normal run, and the unsent lines
+    dropped (the interpreter's last flush cannot fail again)."""
+    old = earlier_run(tmp_path)
+    (tmp_path / "ref").mkdir()
+    monkeypatch.chdir(tmp_path / "ref")
+    assert main.run(SMALL) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    stdout = _closed_pipe(buffering=-1)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert main.run(SMALL) == main.BROKEN_PIPE_EXIT == 141
+        print("more text", file=stdout)
+        stdout.flush()  # now into /dev/null
+    finally:
+        stdout.close()
+    assert capsys.readouterr().err == ""
+    assert sorted(os.listdir(tmp_path)) == sorted([*old, "ref"])
+    for name in old:
+        assert (tmp_path / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_stdout_closed_before_rendering_stops_the_run_with_nothing_written(tmp_path,
+                                                                           monkeypatch, capsys):
+    """A line-buffered stdout meets the gone reader at the summary, before the render: the
+    run stops there (as SIGPIPE stops the C program at that write) and no output changes."""
+    old = earlier_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    stdout = _closed_pipe(buffering=1)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert main.run(SMALL) == 141
+    finally:
+        stdout.close()
+    assert capsys.readouterr().err == ""
+    assert_untouched(tmp_path, old)

@@ -19,6 +19,29 @@ def test_writes_and_replaces(tmp_path):
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
+def test_blocks_and_a_callable_giving_blocks_are_written_in_order(tmp_path):
+    target = tmp_path / "out.bin"
+    atomic_write_bytes(target, (block for block in (b"ab", memoryview(b"cd"), b"", b"e")))
+    assert target.read_bytes() == b"abcde"
+    atomic_write_bytes(target, lambda: [b"x", b"yz"])
+    assert target.read_bytes() == b"xyz"
+
+
+def test_a_failing_block_keeps_the_previous_content(tmp_path):
+    """An encoder that fails after some blocks were written: the file keeps its previous
+    content and no temporary is left (the blocks went to the temporary file only)."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def blocks():
+        yield b"new, first block"
+        raise MemoryError("encoding the second block")
+
+    with pytest.raises(MemoryError):
+        atomic_write_bytes(target, blocks())
+    assert os.listdir(tmp_path) == ["out.bin"] and target.read_bytes() == b"old"
+
+
 def test_permissions_follow_umask(tmp_path):
     target = tmp_path / "out.bin"
     atomic_write_bytes(target, b"x")
@@ -120,7 +143,7 @@ def test_writes_into_a_fifo(tmp_path):
     received = []
     reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
     reader.start()
-    atomic_write_bytes(fifo, b"through the pipe")
+    atomic_write_bytes(fifo, iter([b"through ", b"the pipe"]))
     reader.join(10)
     assert received == [b"through the pipe"]
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

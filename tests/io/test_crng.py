@@ -215,6 +215,20 @@ class TestPoissonNoise:
         np.testing.assert_array_equal(noise.ravel(), expected)
         assert photons == sum(draws)
 
+    @pytest.mark.parametrize("block", [1, 3, 7])
+    def test_blocks_carry_the_generator(self, monkeypatch, block):
+        """Drawn NOISE_BLOCK pixels at a time, the uniform stream, the Gaussian spare (means
+        above 1e6) and the photon sum run on across blocks: any block size gives the counts
+        and sum of one scalar poidev sequence."""
+        means = np.array([[0.0, 2.5, 13.5, 2.5e6, 3e6], [7.0, 2.5e6, 900.0, 0.3, 4e6]], np.float32)
+        rng = crng.CRandom(-31)
+        draws = [crng.poidev(v, rng) for v in means.ravel().tolist()]
+        monkeypatch.setattr(crng, "NOISE_BLOCK", block)
+        counts, photons, overloads = crng.poisson_pixels(means, -31, 5.0)
+        expected = np.minimum(np.trunc(np.add(draws, 5.0)), 65535).astype(np.uint16)
+        np.testing.assert_array_equal(counts.ravel(), expected)
+        assert counts.shape == means.shape and photons == sum(draws) and overloads == 4
+
     def test_rejects_non_2d(self):
         with pytest.raises(ValueError, match="shape"):
             crng.poisson_noise(np.zeros(5), -1, (0, 4, 0, 0), 40.0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nbfunc.io.errors import NbfuncInputError
-from nbfunc.io.pgm import auto_pgm_scale, pgm_bytes, write_pgm
+from nbfunc.io.pgm import auto_pgm_scale, pgm_bytes, pgm_header, pgm_pixels, write_pgm
 
 GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden"
 
@@ -21,6 +21,17 @@ def test_header_values_and_roi():
     assert list(raw[len(header):]) == [10, 29, 255, 246, 0, 5]  # (unsigned char) truncation
     roi = pgm_bytes(image, 10.0, (1, 2, 1, 1))
     assert list(roi[len(header):]) == [0, 0, 0, 0, 0, 5]
+
+
+def test_header_and_roi_pixels_make_the_file():
+    """pgm_bytes is pgm_header, then pgm_pixels inside the ROI and 0 outside it."""
+    image = np.random.default_rng(4).exponential(20.0, (4, 5)).astype(np.float32)
+    raw = pgm_bytes(image, 3.5, (1, 3, 1, 2))
+    header = pgm_header(image.shape, 3.5)
+    assert header == b"P5\n5 4\n# pixels scaled by 3.5\n255\n" and raw.startswith(header)
+    pixels = np.frombuffer(raw[len(header):], np.uint8).reshape(4, 5)
+    np.testing.assert_array_equal(pixels[1:3, 1:4], pgm_pixels(image[1:3, 1:4], 3.5))
+    assert pixels.sum() == pixels[1:3, 1:4].sum()
 
 
 @pytest.mark.skipif(not GOLDEN.exists(), reason="golden cases not found")

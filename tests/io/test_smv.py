@@ -12,6 +12,7 @@ from nbfunc.io.smv import (
     auto_int_scale,
     header_value,
     int_image,
+    int_pixels,
     read_smv,
     smv_fields_from_geometry,
     smv_header,
@@ -197,6 +198,16 @@ class TestIntImage:
         # the sum is rounded to float32 before floorf: 100.49999999 + 0.5 -> 101.0f -> 101
         assert int_image(np.array([[100.0]]), 1.0, 0.49999999, (0, 0, 0, 0))[0, 0] == 101
         assert int_image(np.array([[100.0]]), 1.0, 0.4999, (0, 0, 0, 0))[0, 0] == 100
+
+    def test_pixels_of_any_shape_are_the_roi_values(self):
+        """int_pixels converts the ROI's pixels alone; int_image is it inside the ROI, 0 out."""
+        image = np.random.default_rng(2).exponential(900.0, (5, 6)).astype(np.float32)
+        whole = int_image(image, 70.0, 12.0, (1, 3, 2, 4))
+        assert int_pixels(image[2:5, 1:4], 70.0, 12.0).dtype == np.uint16
+        np.testing.assert_array_equal(int_pixels(image[2:5, 1:4], 70.0, 12.0), whole[2:5, 1:4])
+        np.testing.assert_array_equal(int_pixels(image[2:5, 1:4].ravel(), 70.0, 12.0),
+                                      whole[2:5, 1:4].ravel())
+        assert whole.sum() == whole[2:5, 1:4].sum()
 
     def test_auto_int_scale(self):
         assert auto_int_scale(110.0) == 500.0

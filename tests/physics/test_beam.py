@@ -1,8 +1,11 @@
 import math
 
+import numpy as np
+import pytest
 import torch
+from pydantic import ValidationError
 
-from nbfunc.beam import polarization_factor, sources
+from nbfunc.beam import check_source_memory, polarization_factor, source_memory_bytes, sources
 from nbfunc.params import Beam, SourceGrid
 
 D = torch.float64
@@ -54,3 +57,29 @@ class TestSources:
         grid = SourceGrid(dispersion=0.02, hdiv_fracs=(0.0,) * 3, vdiv_fracs=(0.0,) * 3, disp_fracs=(-0.5, 0.0, 0.5))
         _, lam = sources(Beam(wavelength=1.0, sources=grid))
         assert torch.allclose(lam, torch.tensor([0.99e-10, 1e-10, 1.01e-10], dtype=D))
+
+
+class TestSourceGridFractions:
+    def test_fractions_are_static_float64_arrays_from_tuples_or_arrays(self):
+        listed = SourceGrid(hdiv_fracs=(-0.5, 0.5), vdiv_fracs=(0.0, 0.0), disp_fracs=(0.25, -0.25))
+        arrays = SourceGrid(hdiv_fracs=np.array([-0.5, 0.5]), vdiv_fracs=torch.zeros(2),
+                            disp_fracs=np.array([0.25, -0.25], dtype=np.float32))
+        assert listed == arrays and listed.n_sources == 2
+        assert all(getattr(arrays, n).dtype == D for n in ("hdiv_fracs", "vdiv_fracs", "disp_fracs"))
+        assert "hdiv_fracs" in SourceGrid.static_fields() and "hdiv_fracs" not in SourceGrid.LEAVES
+        back = SourceGrid.model_validate_json(listed.model_dump_json())
+        assert torch.equal(back.disp_fracs, listed.disp_fracs)
+
+    def test_fractions_of_another_shape_are_refused(self):
+        with pytest.raises(ValidationError, match=r"hdiv_fracs has shape \(2, 1\); give one finite"):
+            SourceGrid(hdiv_fracs=((0.0,), (1.0,)), vdiv_fracs=(0.0, 0.0), disp_fracs=(0.0, 0.0))
+
+
+def test_source_memory_refusal_names_the_steps_and_what_fits():
+    check_source_memory(100, 100, 10, 8, source_memory_bytes(10**5, 8))
+    with pytest.raises(ValueError) as err:
+        check_source_memory(100, 100, 11, 8, source_memory_bytes(10**5, 8))
+    message = str(err.value)
+    assert message.startswith("-hdivsteps/-vdivsteps/-dispsteps 100 x 100 x 11 = 110000 sources need ")
+    fits = int(message.rsplit("at most about ", 1)[1].split()[0])
+    assert fits == 100000 and len(message) < 300

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from nbfunc.crng import mosaic_umats
@@ -61,5 +62,50 @@ def test_mosaic_matches_c_generator():
 
 
 def test_mosaic_draws_are_deterministic():
-    assert mosaic_draws(5, -12345678) == mosaic_draws(5, -12345678)
-    assert mosaic_draws(5, -1) != mosaic_draws(5, -2)
+    (axes, scales), (again, scales_again) = mosaic_draws(5, -12345678), mosaic_draws(5, -12345678)
+    assert torch.equal(axes, again) and torch.equal(scales, scales_again)
+    assert not torch.equal(mosaic_draws(5, -1)[0], mosaic_draws(5, -2)[0])
+
+
+def mosaic_crystal(**kw):
+    return Crystal(cell_a=50, cell_b=50, cell_c=50, mosaic_spread=0.5, mosaic_domains=6,
+                   mosaic_seed=-7, **kw)
+
+
+class TestMosaicDrawsInTheTree:
+    def test_draws_are_static_float64_arrays_not_leaves(self):
+        crystal = mosaic_crystal()
+        assert crystal.mosaic_axes.shape == (6, 3) and crystal.mosaic_scales.shape == (6,)
+        assert crystal.mosaic_axes.dtype == torch.float64 and not crystal.mosaic_axes.requires_grad
+        assert {"mosaic_axes", "mosaic_scales"} <= set(Crystal.static_fields())
+        assert not {"mosaic_axes", "mosaic_scales"} & set(Crystal.LEAVES)
+
+    def test_trees_built_apart_compare_equal_and_share_a_structure(self):
+        import torch.utils._pytree as pytree
+
+        one, two = mosaic_crystal(), mosaic_crystal()
+        assert one.mosaic_axes is not two.mosaic_axes
+        reseeded = Crystal(cell_a=50, cell_b=50, cell_c=50, mosaic_spread=0.5, mosaic_domains=6,
+                           mosaic_seed=-8)
+        assert one == two and one != reseeded
+        spec_one, spec_two = pytree.tree_flatten(one)[1], pytree.tree_flatten(two)[1]
+        assert spec_one == spec_two and hash(spec_one) == hash(spec_two)
+        assert not spec_one != spec_two
+        assert spec_one != pytree.tree_flatten(reseeded)[1]
+
+    def test_draws_given_as_tuples_are_kept(self):
+        crystal = mosaic_crystal()
+        listed = mosaic_crystal(mosaic_axes=tuple(map(tuple, crystal.mosaic_axes.tolist())),
+                                mosaic_scales=tuple(crystal.mosaic_scales.tolist()))
+        assert torch.equal(listed.mosaic_axes, crystal.mosaic_axes)
+        assert torch.equal(mosaic_rotations(listed), mosaic_rotations(crystal))
+
+    def test_json_round_trip_keeps_the_draws_exactly(self):
+        crystal = mosaic_crystal()
+        back = Crystal.model_validate_json(crystal.model_dump_json())
+        assert torch.equal(back.mosaic_axes, crystal.mosaic_axes) and back == crystal
+
+    def test_a_tree_listing_other_draws_than_domains_is_refused_at_render(self):
+        crystal = mosaic_crystal().model_copy(update={"mosaic_domains": 9})
+        with pytest.raises(ValueError, match=r"list 6/6 draws but mosaic_domains is 9; build"):
+            mosaic_rotations(crystal)

@@ -148,6 +148,28 @@ class TestOneDtypeAndDevice:
         assert Params.model_validate(p.model_dump()) == p
         assert renders_finite(p)
 
+    def test_a_leaf_on_another_device_is_refused(self):
+        """A group validated on its own and then given one leaf on another device (``meta``
+        stands for a GPU here): the tree that holds it is refused in one line."""
+        from nbfunc.tree import replace_leaves
+
+        moved = replace_leaves(detector(), {"distance": torch.tensor(100.0, dtype=torch.float64,
+                                                                      device="meta")})
+        message, error = refusal(lambda: params(det=moved))
+        assert error["loc"] == ()
+        assert "detector.distance is float64 on meta but beam.wavelength is float64 on cpu" in message
+        assert "device=" in message
+        assert_one_line(message)
+
+    def test_to_device_moves_every_leaf_and_keeps_the_static_arrays(self):
+        p = params(cr=crystal(mosaic_spread=0.5, mosaic_domains=3))
+        moved = p.to(device="meta")
+        assert {get_leaf(moved, path).device.type for path in moved.leaf_paths()} == {"meta"}
+        assert moved.crystal.mosaic_axes is p.crystal.mosaic_axes  # static: not moved
+        back = p.to(dtype=torch.float32, device="cpu")
+        assert {get_leaf(back, path).device.type for path in back.leaf_paths()} == {"cpu"}
+        assert renders_finite(back)
+
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
     def test_mixed_devices_are_refused(self):
         message, _ = refusal(lambda: params(
