@@ -31,6 +31,12 @@ five numbers; every source multiplies the render time, so real source lists (the
 examples have at most a few thousand) and stol tables (a few hundred rows) are far smaller.
 The limit stops ``-sourcefile /dev/zero`` or an endless pipe at once."""
 
+COLUMNS_MAX_LINES = 1_000_000
+"""Most lines of a column file read. Short lines fit many more rows than 700,000 in
+`COLUMNS_MAX_BYTES` (33 million of ``1``): parsed and set up for rendering they needed 8.9 GB and
+about three minutes before a single pixel. A million sources is far more than a real list, and
+each one multiplies the render time; a longer file is refused before it is parsed."""
+
 
 def _span(text: str, pos: int, chars: str) -> int:
     """``pos + strspn(text + pos, chars)``."""
@@ -83,10 +89,15 @@ def read_columns(path: str | os.PathLike, ncols: int, what: str = "column file")
         float64 (lines, ncols), NaN where a line has fewer columns; blank lines are skipped.
 
     Raises:
-        NbfuncInputError: missing, binary or larger than `COLUMNS_MAX_BYTES` file, a token
+        NbfuncInputError: missing, binary or larger than `COLUMNS_MAX_BYTES` file, more lines
+            than `COLUMNS_MAX_LINES`, a token
             that is not a number, or no data lines.
     """
     raw = read_limited(path, what, "check the file path", COLUMNS_MAX_BYTES)
+    n_lines = raw.count(b"\n")
+    if n_lines > COLUMNS_MAX_LINES:
+        raise file_error(path, f"has {n_lines} lines, more than the {COLUMNS_MAX_LINES} a {what} "
+                         "may have; give fewer lines")
     parts = raw.decode("utf-8", errors="replace").split("\n")
     lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
     rows = []

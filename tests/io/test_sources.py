@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nbfunc.io.errors import NbfuncInputError
-from nbfunc.io.sources import COLUMNS_MAX_BYTES, apply_source_defaults, read_columns, read_source_file, source_defaults
+from nbfunc.io.sources import COLUMNS_MAX_BYTES, COLUMNS_MAX_LINES, apply_source_defaults, read_columns, read_source_file, source_defaults
 
 GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden"
 PU11 = GOLDEN / "pu11_sourcefile_4_mixed_columns"
@@ -98,6 +98,14 @@ class TestSourceFile:
     def test_missing_file(self, tmp_path):
         with pytest.raises(NbfuncInputError, match="gone.txt"):
             read_source_file(tmp_path / "gone.txt")
+
+    def test_more_lines_than_the_limit_are_refused_before_parsing(self, tmp_path):
+        path = tmp_path / "many.txt"
+        path.write_bytes(b"1\n" * (COLUMNS_MAX_LINES + 1))
+        with pytest.raises(NbfuncInputError) as info:
+            read_columns(path, 5, "source file")
+        assert str(info.value) == (f"{path}: has {COLUMNS_MAX_LINES + 1} lines, more than the "
+                                   f"{COLUMNS_MAX_LINES} a source file may have; give fewer lines")
 
     def test_larger_than_limit_is_refused_before_reading(self, tmp_path):
         path = tmp_path / "huge.txt"
