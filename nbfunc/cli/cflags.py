@@ -152,9 +152,12 @@ class CFlags:
     printout: bool = False
     printout_pixel: tuple[int, int] = (-1, -1)  # fpixel, spixel
 
-    # nbfunc extensions (not nanoBragg flags): -dtype, -chunk, -device
+    # nbfunc extensions (not nanoBragg flags): -dtype, -chunk, -device, -cbffile, -nxsfile
     dtype: str = "float64"  # "float32" or "float64"
     chunk: int = 0  # pixels per evaluation chunk; 0 = automatic
     device: str = "cpu"  # torch device string
+    cbf_file: str | None = None  # -cbffile: miniCBF of the photons rounded to counts
+    nxs_file: str | None = None  # -nxsfile: NXmx HDF5 of the float image with its geometry
+    nxs_compression: str | None = None  # -nxs_compression: None, "gzip" or "bslz4"
 
     warnings: list[str] = field(default_factory=list)

@@ -16,8 +16,9 @@ Differences from the C program, so that nbfunc is a safe drop-in:
   spreads and fluxes (C divides by zero, or reads a negative value as "not given");
 * where C silently ignores or overrides a flag, its behaviour is kept and a one-line warning is
   added to `CFlags.warnings`;
-* ``-h``/``-help``/``--help`` raise `HelpRequested`; ``-dtype``, ``-chunk`` and ``-device`` are
-  nbfunc extensions.
+* ``-h``/``-help``/``--help`` raise `HelpRequested` and ``--version``/``-version``
+  `VersionRequested`; ``-dtype``, ``-chunk``, ``-device``, ``-cbffile``, ``-nxsfile`` and
+  ``-nxs_compression`` are nbfunc extensions.
 
 Arguments are the tokens after the program name (``sys.argv[1:]``).
 """
@@ -35,9 +36,11 @@ from nbfunc.cli.cflags import CFlags, RTD
 __all__ = [
     "FlagError",
     "HelpRequested",
+    "VersionRequested",
     "Handler",
     "HANDLERS",
     "HELP_FLAGS",
+    "VERSION_FLAGS",
     "find_header_files",
     "parse_flags",
     "known_flags",
@@ -48,6 +51,7 @@ __all__ = [
 ]
 
 HELP_FLAGS = ("-h", "-help", "--help")
+VERSION_FLAGS = ("--version", "-version")
 BEAM_PIVOT_CONVENTIONS = ("MOSFLM", "DENZO", "ADXV")
 SAMPLE_PIVOT_CONVENTIONS = ("XDS", "DIALS")
 
@@ -58,6 +62,10 @@ class FlagError(ValueError):
 
 class HelpRequested(Exception):
     """``-h``, ``-help`` or ``--help`` was given: the caller prints the usage and exits."""
+
+
+class VersionRequested(Exception):
+    """``--version`` or ``-version`` was given: the caller prints the version and exits."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,6 +617,14 @@ HANDLERS: tuple[Handler, ...] = (
        lambda v: {"chunk": v[0]}, "evaluations per chunk, 0 automatic (nbfunc)", nbfunc=True),
     _h("-device", _exact("-device"), Text("a torch device such as 'cpu' or 'cuda:0'", _DEVICE.fullmatch, meta="device"),
        lambda v: {"device": v[0]}, "torch device (nbfunc)", nbfunc=True),
+    _h("-cbffile", _exact("-cbffile"), _FILE, lambda v: {"cbf_file": v[0]},
+       "miniCBF image: photons rounded to counts, Pilatus header (nbfunc)", nbfunc=True),
+    _h("-nxsfile", _exact("-nxsfile"), _FILE, lambda v: {"nxs_file": v[0]},
+       "NXmx HDF5 image with its geometry, for DIALS (nbfunc)", nbfunc=True),
+    _h("-nxs_compression", _exact("-nxs_compression"),
+       Text("'none', 'gzip' or 'bslz4'", lambda s: s in ("none", "gzip", "bslz4"), meta="none|gzip|bslz4"),
+       lambda v: {"nxs_compression": None if v[0] == "none" else v[0]},
+       "compression of the -nxsfile image (nbfunc)", nbfunc=True),
 )
 
 
@@ -707,6 +723,8 @@ def _scan(argv: Sequence[str]) -> list[_Hit]:
     """Split argv into flags and their values; raise FlagError for anything nanoBragg would ignore."""
     if any(a in HELP_FLAGS for a in argv):
         raise HelpRequested()
+    if any(a in VERSION_FLAGS for a in argv):
+        raise VersionRequested()
     hits: list[_Hit] = []
     i = 0
     while i < len(argv):

@@ -40,6 +40,13 @@ def help_text() -> str:
     return HELP_HEADER + "\n" + usage().split("\n", 1)[1]
 
 
+def version_text() -> str:
+    """The --version line: nbfunc's version and the torch it runs on."""
+    from nbfunc import __version__
+
+    return f"nbfunc {__version__} (torch {torch.__version__})"
+
+
 def _fail(message: str) -> int:
     """One line on stderr, exit status 2."""
     line = " ".join(message.split()) if message else "bad input"
@@ -187,9 +194,12 @@ def run(argv: list[str]) -> int:
 def _run(argv: list[str]) -> int:
     """`run` without the signal handling."""
     from nbfunc.cli import outputs
-    from nbfunc.cli.flags import HelpRequested
+    from nbfunc.cli.flags import HelpRequested, VersionRequested
+    from nbfunc.compile import SETTING_ERRORS
     from nbfunc.io.errors import NbfuncInputError
 
+    if SETTING_ERRORS:
+        return _fail("; ".join(SETTING_ERRORS))
     if not argv:
         print(HELP_HEADER + "Run nbfunc -h for every flag.")
         return _fail("no flags given; nanoBragg needs at least a cell (-cell or -mat) and "
@@ -199,12 +209,16 @@ def _run(argv: list[str]) -> int:
     except HelpRequested:
         print(help_text())
         return 0
+    except VersionRequested:
+        print(version_text())
+        return 0
     if message is not None:
         return _fail(message)
     params, info = derived
     f = info.flags
     try:
         outputs.check_writable(outputs.planned_outputs(f))
+        outputs.check_formats(params, f)
     except NbfuncInputError as err:
         return _fail(str(err))
     if f.device != "cpu":
@@ -225,7 +239,7 @@ def _run(argv: list[str]) -> int:
     elapsed = time.perf_counter() - start
     stats = outputs.image_statistics(float_image, info.mask, f.pixel_size, info.oversample)
     try:
-        lines = outputs.write_all(float_image, stats, info)
+        lines = outputs.write_all(float_image, stats, info, params)
     except NbfuncInputError as err:
         return _fail(str(err))
     print("\n".join(lines))

@@ -40,7 +40,40 @@ def planned_outputs(f) -> dict[str, str]:
         out["pgm"] = f.pgm_file
     if f.calculate_noise:
         out["noise"] = f.noise_file
+    if f.cbf_file is not None:
+        out["cbf"] = f.cbf_file
+    if f.nxs_file is not None:
+        out["nxs"] = f.nxs_file
     return out
+
+
+FLAG_OF = {"float": "-floatfile", "int": "-intfile", "pgm": "-pgmfile", "noise": "-noisefile",
+           "cbf": "-cbffile", "nxs": "-nxsfile"}
+"""The flag that names each output kind."""
+
+
+def check_formats(params, f) -> None:
+    """Fail before any work where an nbfunc output format cannot hold this run: a geometry
+    that a miniCBF header cannot describe (`nbfunc.io.cbf.check_geometry`), h5py or
+    hdf5plugin missing for -nxsfile (`nbfunc.io.nxmx.check_dependencies`).
+
+    Raises:
+        NbfuncInputError: one line naming the flag.
+    """
+    if f.cbf_file is not None:
+        from nbfunc.io.cbf import check_geometry
+
+        try:
+            check_geometry(params)
+        except ValueError as err:
+            raise NbfuncInputError(f"-cbffile {f.cbf_file}: {err}") from err
+    if f.nxs_file is not None:
+        from nbfunc.io.nxmx import check_dependencies
+
+        try:
+            check_dependencies(f.nxs_compression)
+        except (ImportError, ValueError) as err:
+            raise NbfuncInputError(f"-nxsfile {f.nxs_file}: {err}") from err
 
 
 def check_writable(files: dict[str, str]) -> None:
@@ -53,9 +86,8 @@ def check_writable(files: dict[str, str]) -> None:
         NbfuncInputError: the name is empty, a folder, a socket or a read-only file, or its
             folder is missing or read-only.
     """
-    flags = {"float": "-floatfile", "int": "-intfile", "pgm": "-pgmfile", "noise": "-noisefile"}
     for kind, name in files.items():
-        flag = flags.get(kind, kind)
+        flag = FLAG_OF.get(kind, kind)
         if kind in OPTIONAL:
             continue
         if not name:
@@ -240,17 +272,28 @@ def _with_header(header: bytes, blocks: Iterable) -> Iterator:
     yield from blocks
 
 
-def encode_outputs(image: RoiImage, stats: dict, info) -> tuple[dict, dict, list[str]]:
+def whole_image(image: RoiImage) -> np.ndarray:
+    """The (slow, fast) image of a `RoiImage`, 0 outside its rectangle (detector-sized)."""
+    full = np.zeros(image.shape, dtype=image.pixels.dtype)
+    (y0, x0), (rows, cols) = image.origin, image.pixels.shape
+    full[y0:y0 + rows, x0:x0 + cols] = image.pixels
+    return full
+
+
+def encode_outputs(image: RoiImage, stats: dict, info, params=None) -> tuple[dict, dict, list[str]]:
     """Every output as a stream of byte blocks, and the lines the C program prints while
     writing them.
 
-    Each image output is a generator (`raster_blocks`) that encodes its next block only when
-    the writer asks for it, so no output is ever held whole; the noise image's counts are
-    drawn here, for the ROI only, because its printed line needs their sum.
+    Each image output of the C program is a generator (`raster_blocks`) that encodes its next
+    block only when the writer asks for it, so none is ever held whole; the noise image's
+    counts are drawn here, for the ROI only, because its printed line needs their sum. The
+    nbfunc formats are built whole, when the writer asks for them: a miniCBF's header gives
+    the size and MD5 of the packed pixels before them, and HDF5 is written by h5py in memory.
 
     Args:
         image: the rendered image, float32 photons per pixel (`RoiImage`).
         stats: from `image_statistics`.
+        params: the rendered `nbfunc.Params` (needed for -cbffile and -nxsfile).
     Returns:
         (kind -> file name, kind -> `nbfunc.io.atomic.Payload`, printed lines in the C
         program's order).
@@ -292,16 +335,27 @@ def encode_outputs(image: RoiImage, stats: dict, info) -> tuple[dict, dict, list
         payload["noise"] = _with_header(smv_header(smv_fields(info, noise=True)),
                                         raster_blocks(image._replace(pixels=counts), "<u2"))
         lines.append(f"writing {f.noise_file} as 2-byte integers")
+    if "cbf" in files:
+        from nbfunc.io.cbf import cbf_bytes
+
+        payload["cbf"] = lambda: (cbf_bytes(whole_image(image), params),)
+        lines.append(f"writing {f.cbf_file} as miniCBF, photons rounded to 4-byte integer counts")
+    if "nxs" in files:
+        from nbfunc.io.nxmx import nxmx_bytes
+
+        payload["nxs"] = lambda: (nxmx_bytes(whole_image(image), params,
+                                             compression=f.nxs_compression),)
+        lines.append(f"writing {f.nxs_file} as NXmx HDF5, 4-byte float photons")
     return files, payload, lines
 
 
-def write_all(image: RoiImage, stats: dict, info) -> list[str]:
+def write_all(image: RoiImage, stats: dict, info, params=None) -> list[str]:
     """Write every output of the run, all or nothing; return the lines to print.
 
     Raises:
         NbfuncInputError: an output could not be written (nothing was changed on disk).
     """
-    files, payload, lines = encode_outputs(image, stats, info)
+    files, payload, lines = encode_outputs(image, stats, info, params)
     if "fdump" in commit(files, payload):
         lines[0] = f"WARNING: unable to open dump file: {files['fdump']}"
     return lines
