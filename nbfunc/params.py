@@ -696,6 +696,12 @@ def _no_overflow(p: "Params", close: float, distance: float) -> None:
                              f"of {OVERFLOW_MARGIN:g}); {fix}{wider}")
 
 
+PARAMS_MAX_BYTES = 4 << 30
+"""Largest tree file `Params.load` reads (bytes): a tree's JSON is dominated by its structure
+factors, about 20 bytes per grid point, so this holds a grid of some 200 million points, more
+than any HKL file within its own 1 GiB limit gives."""
+
+
 class Params(Node):
     """A complete nanoBragg simulation: the argument of `nbfunc.simulate`.
 
@@ -734,6 +740,35 @@ class Params(Node):
         from nbfunc.tree import leaf_paths
 
         return leaf_paths(self)
+
+    def save(self, path) -> None:
+        """Write the tree as JSON (`model_dump_json`: tensors as ``{"dtype", "shape",
+        "data"}``, every field in the units its description gives), all or nothing, so that
+        `Params.load` gives back the same tree and the same images.
+
+        Raises:
+            nbfunc.io.errors.NbfuncInputError: the path cannot be written (one line).
+        """
+        from nbfunc.io.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, self.model_dump_json(indent=1).encode())
+
+    @classmethod
+    def load(cls, path) -> "Params":
+        """Read a tree written by `Params.save` (or any JSON of the same fields), validated
+        as a tree built from user input is.
+
+        Raises:
+            nbfunc.io.errors.NbfuncInputError: a missing, unreadable, binary or larger than
+                `PARAMS_MAX_BYTES` file (one line).
+            pydantic.ValidationError: JSON that is not a valid tree (each error names the
+                field and the fix).
+        """
+        from nbfunc.io.errors import read_limited
+
+        raw = read_limited(path, "parameter tree", "give a file written by Params.save or "
+                           "-params_out", PARAMS_MAX_BYTES)
+        return cls.model_validate_json(raw)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Params":
         """Copy with every floating leaf moved to ``dtype`` and ``device``.

@@ -159,5 +159,6 @@ class CFlags:
     cbf_file: str | None = None  # -cbffile: miniCBF of the photons rounded to counts
     nxs_file: str | None = None  # -nxsfile: NXmx HDF5 of the float image with its geometry
     nxs_compression: str | None = None  # -nxs_compression: None, "gzip" or "bslz4"
+    params_out: str | None = None  # -params_out: the parameter tree as JSON (Params.save)
 
     warnings: list[str] = field(default_factory=list)

@@ -18,7 +18,7 @@ Differences from the C program, so that nbfunc is a safe drop-in:
   added to `CFlags.warnings`;
 * ``-h``/``-help``/``--help`` raise `HelpRequested` and ``--version``/``-version``
   `VersionRequested`; ``-dtype``, ``-chunk``, ``-device``, ``-cbffile``, ``-nxsfile`` and
-  ``-nxs_compression`` are nbfunc extensions.
+  ``-nxs_compression``, ``-params_out`` are nbfunc extensions.
 
 Arguments are the tokens after the program name (``sys.argv[1:]``).
 """
@@ -625,6 +625,8 @@ HANDLERS: tuple[Handler, ...] = (
        Text("'none', 'gzip' or 'bslz4'", lambda s: s in ("none", "gzip", "bslz4"), meta="none|gzip|bslz4"),
        lambda v: {"nxs_compression": None if v[0] == "none" else v[0]},
        "compression of the -nxsfile image (nbfunc)", nbfunc=True),
+    _h("-params_out", _exact("-params_out"), _FILE, lambda v: {"params_out": v[0]},
+       "the run's parameter tree as JSON, for nbfunc.Params.load (nbfunc)", nbfunc=True),
 )
 
 

@@ -44,11 +44,13 @@ def planned_outputs(f) -> dict[str, str]:
         out["cbf"] = f.cbf_file
     if f.nxs_file is not None:
         out["nxs"] = f.nxs_file
+    if f.params_out is not None:
+        out["params"] = f.params_out
     return out
 
 
 FLAG_OF = {"float": "-floatfile", "int": "-intfile", "pgm": "-pgmfile", "noise": "-noisefile",
-           "cbf": "-cbffile", "nxs": "-nxsfile"}
+           "cbf": "-cbffile", "nxs": "-nxsfile", "params": "-params_out"}
 """The flag that names each output kind."""
 
 
@@ -293,7 +295,7 @@ def encode_outputs(image: RoiImage, stats: dict, info, params=None) -> tuple[dic
     Args:
         image: the rendered image, float32 photons per pixel (`RoiImage`).
         stats: from `image_statistics`.
-        params: the rendered `nbfunc.Params` (needed for -cbffile and -nxsfile).
+        params: the rendered `nbfunc.Params` (needed for -cbffile, -nxsfile, -params_out).
     Returns:
         (kind -> file name, kind -> `nbfunc.io.atomic.Payload`, printed lines in the C
         program's order).
@@ -346,6 +348,9 @@ def encode_outputs(image: RoiImage, stats: dict, info, params=None) -> tuple[dic
         payload["nxs"] = lambda: (nxmx_bytes(whole_image(image), params,
                                              compression=f.nxs_compression),)
         lines.append(f"writing {f.nxs_file} as NXmx HDF5, 4-byte float photons")
+    if "params" in files:
+        payload["params"] = lambda: (params.model_dump_json(indent=1).encode(),)
+        lines.append(f"writing {f.params_out} as the parameter tree (JSON, nbfunc.Params.load)")
     return files, payload, lines
 
 

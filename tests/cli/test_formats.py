@@ -57,3 +57,20 @@ def test_an_environment_flag_not_understood_is_one_line(tmp_path, monkeypatch):
     assert err == ("nbfunc: error: NANOBRAGG_DISABLE_COMPILE='2' is not understood; "
                    "use 1 (on) or 0 (off)\n")
     assert main.version_text().startswith("nbfunc ")
+
+
+def test_params_out_reproduces_the_run_from_python(tmp_path):
+    """The tree written by -params_out renders the command line's float image again."""
+    import torch
+
+    import nbfunc
+
+    flags = BASE + ["-mosaic", "0.5", "-mosaic_dom", "3", "-phi", "0", "-osc", "1", "-phisteps", "2",
+                    "-params_out", "tree.json"]
+    status, out, err = run_cli(flags, tmp_path)
+    assert status == 0, err
+    assert "writing tree.json as the parameter tree" in out
+    p = nbfunc.Params.load(tmp_path / "tree.json")
+    image, _ = nbfunc.simulate_with_carry(p, nbfunc.initial_carry(p))
+    expected = np.fromfile(tmp_path / "f.bin", dtype="<f4").reshape(24, 24)
+    assert np.array_equal(image.to(torch.float32).numpy(), expected)
