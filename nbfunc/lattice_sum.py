@@ -306,11 +306,11 @@ def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, 
 
 # the unrolled paths make one large fused loop: inductor's default node limit would split it
 # into several loops that store the per-path values
-_PARTIALS_OPTIONS = {"realize_reads_threshold": 8, "max_fusion_size": 4096}
+PARTIALS_OPTIONS = {"realize_reads_threshold": 8, "max_fusion_size": 4096}
 _compiled_partials = compiled(lattice_partials, static_argnames=("oversample", "layered"),
-                              options=_PARTIALS_OPTIONS)
+                              options=PARTIALS_OPTIONS)
 _compiled_pixel = compiled(pixel_partials, static_argnames=("oversample", "layered", "point_pixel",
-                                                            "polarized"), options=_PARTIALS_OPTIONS)
+                                                            "polarized"), options=PARTIALS_OPTIONS)
 
 
 def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,

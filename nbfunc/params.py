@@ -162,6 +162,10 @@ def _rotation(u, name: str):
     return u
 
 
+MAX_COUNT = 2**31 - 1
+"""Largest step or sample count (oversample, thicksteps, phisteps): a C int, as in the C
+program; beyond it torch's index arithmetic overflows or a render never ends."""
+
 MAX_PIXELS = 2**31 - 1
 """Most pixels a detector may have. The C program counts pixels in a C int, and `simulate`
 returns the whole (spixels, fpixels) image even for a small ROI: at this size 8 GiB in
@@ -339,7 +343,7 @@ class Detector(Node):
     twotheta_axis: Vec3 = (0.0, 0.0, -1.0)
     curved: bool = False
     point_pixel: bool = False
-    thicksteps: int = Field(1, gt=0, description="sensor layers")
+    thicksteps: int = Field(1, gt=0, le=MAX_COUNT, description="sensor layers")
     thick_step_fraction: float = Field(0.0, ge=0, description="layer depth / thickness")
     absorption: bool = Field(False, description="model sensor absorption (thickness > 0)")
 
@@ -435,7 +439,7 @@ class Crystal(Node):
     interpolate: bool = False
     base_orientation: tuple[Vec3, Vec3, Vec3] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
     spindle_axis: Vec3 = (0.0, 0.0, 1.0)
-    phisteps: int = Field(1, gt=0)
+    phisteps: int = Field(1, gt=0, le=MAX_COUNT)
     mosaic_domains: int = Field(1, gt=0)
     mosaic_seed: int = -12345678
     mosaic_axes: StaticArray = Field((), description="(mosaic, 3) unit rotation axes of the "
@@ -574,7 +578,7 @@ class Sampling(Node):
     ones and for most compiled renders that record an autograd graph).
     """
 
-    oversample: int = Field(1, gt=0, description="sub-pixels per pixel edge")
+    oversample: int = Field(1, gt=0, le=MAX_COUNT, description="sub-pixels per pixel edge")
     oversample_thick: bool = False
     oversample_polar: bool = False
     oversample_omega: bool = False
@@ -650,18 +654,20 @@ OVERFLOW_MARGIN = 16.0
 accepts: room for the overshoot of tricubic interpolation (up to 1.25^3 in F) and rounding."""
 
 
-def _pixel_bounds(p: "Params", close: float, distance: float) -> list[tuple[str, float, str]]:
+def _pixel_bounds(p: "Params", close: float, distance: float,
+                  lattice_peak: bool = True) -> list[tuple[str, float, str]]:
     """Upper bounds of the quantities a render multiplies into a pixel, in the order it forms
     them: (name, bound, how to lower it). Computed in float64 (a Python float; inf on overflow).
 
     A pixel is ``r_e^2 fluence / steps * sum over paths (F^2 F_latt^2 + background) * capture
     * polarization * omega`` with ``F_latt^2 <= (Na Nb Nc)^2``, capture <= 1, polarization
     ``(1 + cos^2 - K cos(2psi) sin^2)/2 <= 1`` for ``|K| <= 1``, and ``omega <= pixel^2 / min(|close|, |distance|)^2`` (``1/min(...)^2`` for a point
-    pixel), lengths in m.
+    pixel), lengths in m. ``lattice_peak=False`` takes ``F_latt^2 = 1`` instead: the bound of
+    a pixel off the Bragg peaks, which a render with a sharp lattice factor usually keeps to.
     """
     cr, det, beam = p.crystal, p.detector, p.beam
     f_max = max(abs(float(cr.default_F)), float(cr.fhkl.abs().max()) if cr.fhkl.numel() else 0.0)
-    cells = float(cr.Na) * float(cr.Nb) * float(cr.Nc)
+    cells = float(cr.Na) * float(cr.Nb) * float(cr.Nc) if lattice_peak else 1.0
     terms = (det.thicksteps * p.sampling.oversample**2 * beam.sources.n_sources * cr.phisteps
              * cr.mosaic_domains)
     steps = terms / det.thicksteps
@@ -682,6 +688,11 @@ def _pixel_bounds(p: "Params", close: float, distance: float) -> list[tuple[str,
              "give a larger distance or smaller pixels (mm)"),
             ("beam.fluence: a pixel's photons", value,
              "lower fluence, the structure factors or Na, Nb, Nc")]
+
+
+def photons_bound(p: "Params", close: float, distance: float, lattice_peak: bool = True) -> float:
+    """Upper bound of a pixel's photons (`_pixel_bounds`; ``close``, ``distance`` in m)."""
+    return _pixel_bounds(p, close, distance, lattice_peak)[-1][1]
 
 
 def _no_overflow(p: "Params", close: float, distance: float) -> None:
@@ -778,12 +789,26 @@ class Params(Node):
 
         Raises:
             pydantic.ValidationError: the converted tree would not render a finite image.
+            TypeError: ``dtype`` is not a floating torch dtype.
+            RuntimeError: torch cannot use ``device`` here (one line, e.g. CUDA on a CPU-only
+                build).
         """
         from nbfunc.compile import in_functorch_transform
         from nbfunc.tree import tree_map_leaves
 
-        out = tree_map_leaves(lambda t: t.to(dtype=dtype if t.is_floating_point() else None,
-                                             device=device), self)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"Params.to: dtype {dtype!r} is not a floating torch dtype; give "
+                            "torch.float64 or torch.float32")
+        try:
+            out = tree_map_leaves(lambda t: t.to(dtype=dtype if t.is_floating_point() else None,
+                                                 device=device), self)
+        except (AssertionError, RuntimeError) as err:  # torch's CUDA-less build asserts
+            if device is None:
+                raise
+            reason = " ".join(str(err).split())
+            reason = reason if len(reason) <= 100 else reason[:99] + "…"
+            raise RuntimeError(f"Params.to: device {str(device)!r} is not usable here: {reason}; "
+                               "give 'cpu' or an available device") from None
         if dtype is not None and not in_functorch_transform() and out.beam.wavelength.dim() == 0:
             try:
                 _finite_geometry(out)

@@ -37,8 +37,8 @@ from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor
-from nbfunc.lattice_sum import (miller_indices, per_orientation, pixel_partials_sum, pixel_partials_vjp,
-                                pixel_rows)
+from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, miller_indices, per_orientation,
+                                pixel_partials, pixel_partials_sum, pixel_partials_vjp, pixel_rows)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -438,6 +438,10 @@ class ImagePartialsRules(StructuredRules):
     def forward(self, args, kwargs):
         p, _, pixel_index = args
         plan = kwargs["plan"]
+        if self.compile and plan.n_paths <= PATHS_PER_CALL:
+            with torch.no_grad():
+                value, seen, rows = _compiled_image_partials(p, pixel_index, plan=plan)
+            return (value, seen, None), (rows,)
         setup, orient, _, _, finish = (_compiled_image_setup if self.compile else image_setup)(
             p, None, plan=plan)
         state = torch.zeros((), dtype=torch.bool, device=orient.device)
@@ -665,6 +669,29 @@ def image_kernel(p: Params, carry_orientation: torch.Tensor | None, pixel_index:
 _one_call_kernel = compiled(image_kernel, static_argnames=("plan", "capture_col"))
 """The compiled `image_kernel`, for compiled renders that fit one chunk and record no graph."""
 
+
+def image_partials(p: Params, pixel_index: torch.Tensor, plan: Plan):
+    """`image_setup` and the pixel partial sums (`nbfunc.lattice_sum.pixel_partials`) of a
+    plain-configuration render that fits one chunk, as one function: compiled, one call (and
+    one set of guards) instead of two for a gradient's forward.
+
+    Returns:
+        ((N,) photons, 0-d False (the carry's state, unused without a carry), (R, N) partial
+        sums).
+    """
+    setup, orient, _, _, finish = image_setup(p, None, plan=plan)
+    fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
+    paths = path_block(setup, plan, 0, plan.n_paths)
+    value, rows = pixel_partials(
+        *_partials_inputs(setup, orient, plan, finish), fpix, spix, paths.sub_f, paths.sub_s,
+        paths.layer, oversample=plan.oversample, layered=plan.thicksteps > 1,
+        point_pixel=plan.point_pixel, polarized=plan.polarization)
+    return value, torch.zeros((), dtype=torch.bool, device=value.device), rows
+
+
+_compiled_image_partials = compiled(image_partials, static_argnames=("plan",),
+                                    options=PARTIALS_OPTIONS)
+
 _PARTIALS = {(mode, one_call): ({}, (ImagePartialsRules if one_call else PartialsRules)(mode))
              for mode in (False, True) for one_call in (False, True)}
 """Per compile mode, for `chunk_kernel` and for `image_kernel`: the derived functions with
@@ -683,6 +710,18 @@ def _partials_kernel(compile: bool, one_call: bool = False):
     return kernel
 
 
+def _check_renderable(p) -> None:
+    """Refuse, in one line, what is not one tree: another object, or a stacked tree
+    (`nbfunc.stack`) outside ``torch.func.vmap``."""
+    if not isinstance(p, Params):
+        raise TypeError(f"expected an nbfunc.Params tree, got {type(p).__name__}; build one with "
+                        "nbfunc.params_from_args(flags) or nbfunc.Params(...)")
+    if p.beam.wavelength.dim() != 0 and not in_functorch_transform():
+        raise ValueError(f"this tree is a stack of {p.beam.wavelength.shape[0]} trees (beam."
+                         f"wavelength has shape {tuple(p.beam.wavelength.shape)}); render it "
+                         "with torch.func.vmap(nbfunc.simulate)(tree), or one tree at a time")
+
+
 # torch.compile applied by a user over a render (``torch.compile(torch.func.grad(loss))``) runs
 # the render as nbfunc runs it: dynamo tracing the orchestrator from outside took over ten
 # minutes per call and then marked nbfunc's frames as skipped, so that later renders ran eagerly
@@ -696,6 +735,7 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
     decides by the eager work done so far (`nbfunc.compile.COMPILE_AFTER`). The decision is
     made here, once per render, and every chunk follows it."""
     check_settings()
+    _check_renderable(p)
     plan, pixel_list = make_plan(p)
     n_pix = len(pixel_list)
     if compile is None:

@@ -29,7 +29,13 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def _from_json(value: dict, name: str) -> torch.Tensor:
-    """The tensor of a ``{"dtype", "shape", "data"}`` dict (`tensor_to_json`'s layout)."""
+    """The tensor of a ``{"dtype", "shape", "data"}`` dict (`tensor_to_json`'s layout); other
+    keys are refused rather than ignored (``"device": "cuda"`` would silently stay on cpu)."""
+    extra = sorted(map(str, set(value) - {"dtype", "shape", "data"}))
+    if extra:
+        raise ValueError(f"{name}: unknown JSON tensor keys {[k[:30] for k in extra[:3]]}; a "
+                         "tensor holds only \"dtype\", \"shape\" and \"data\" (move a tree with "
+                         "Params.to(device=...))")
     dtype = _DTYPES.get(value["dtype"])
     if dtype is None:
         raise ValueError(f"{name}: unknown tensor dtype {value['dtype']!r}; expected one of "

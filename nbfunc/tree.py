@@ -111,17 +111,39 @@ def get_leaf(tree: Node, path: str) -> Any:
     return node
 
 
+def _unknown_leaves(tree: Node, unknown: list, paths: list[str]) -> str:
+    """One line naming (up to three of) ``unknown`` and the leaf names nearest the first, or
+    saying that it is a static setting."""
+    import difflib
+
+    parent, _, field = str(unknown[0]).rpartition(".")
+    try:
+        node = get_leaf(tree, parent) if parent else tree
+    except AttributeError:
+        node = None
+    if isinstance(node, Node) and field in type(node).static_fields():
+        return (f"{unknown[0]!r} is a static setting, not a tensor leaf; build a new tree to "
+                "change it (e.g. Params(**{...}) or .model_copy(update=...))")
+    shown = ", ".join(repr(str(name)[:60]) for name in unknown[:3])
+    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+    near = difflib.get_close_matches(str(unknown[0]), paths, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
+    return (f"not leaves of this tree: {shown}{more}; {hint}nbfunc.leaf_paths(tree) lists its "
+            f"{len(paths)} leaves")
+
+
 def replace_leaves(tree: Node, updates: dict[str, Any]) -> Any:
     """A copy of ``tree`` with the leaves named by dotted paths replaced (no validation).
 
     Raises:
-        KeyError: a path that is not a leaf, listing the valid ones.
+        KeyError: a path that is not a leaf, with the nearest leaf names (`leaf_paths` lists
+            them all).
     """
     leaves, spec = pytree.tree_flatten(tree)
     paths = _paths_from_spec(tree, spec)
-    unknown = set(updates) - set(paths)
+    unknown = sorted(set(updates) - set(paths), key=str)
     if unknown:
-        raise KeyError(f"not leaves of this tree: {sorted(unknown)}; leaves are {paths}")
+        raise KeyError(_unknown_leaves(tree, unknown, paths))
     index = {p: i for i, p in enumerate(paths)}
     for path, value in updates.items():
         leaves[index[path]] = value

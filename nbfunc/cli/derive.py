@@ -26,7 +26,8 @@ from nbfunc.beam import check_source_memory
 from nbfunc.crystal import check_mosaic_memory, mosaic_draw_arrays, oriented_cell, physical_memory
 from nbfunc.detector import detector_frame
 from nbfunc.io.errors import NbfuncInputError
-from nbfunc.params import Beam, Crystal, Detector, Params, Sampling, SourceGrid, SourceList
+from nbfunc.params import (Beam, Crystal, Detector, Params, Sampling, SourceGrid, SourceList,
+                           photons_bound)
 
 RTD = 180.0 / math.pi
 
@@ -601,6 +602,9 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
         start = header
     f = parse_flags(list(argv), start)
     check_physical(f, start, origins)
+    if f.device.split(":")[0] == "meta":
+        raise FlagError(f"-device {f.device}: the meta device holds shapes, not values, so no "
+                        "image could be written; use -device cpu or cuda")
     info = RunInfo(flags=f, warnings=list(f.warnings))
     warn = info.warnings
 
@@ -796,6 +800,13 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
     elif oversample < recommended:
         warn.append(f"intensity may vary across a pixel: recommend -oversample {recommended}")
 
+    # amorphous-scattering table: unused, but C reads it and stops when it cannot (exit 9)
+    if f.stol_file is not None:
+        from nbfunc.io.stol import read_stol
+
+        with reading({1e10: "-stol", 1e10 / 4: "-4stol"}.get(f.stol_file_mult, "-Q")):
+            read_stol(path(f.stol_file), f.stol_file_mult)
+
     # sources
     if f.source_file is not None:
         from nbfunc.io.sources import apply_source_defaults, read_source_file
@@ -839,10 +850,51 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
             dmin=f.dmin * 1e10, chunk=getattr(f, "chunk", 0))
         params = Params(beam=beam, detector=detector, crystal=crystal, sampling=sampling)
         params = params.to(dtype=dtype)
+    check_float_image(params, frame)
 
     info.oversample, info.roi, info.mask = oversample, tuple(roi), mask
     info.header = _header_values(f, conv, frame, fpixels, spixels, osc)
+    check_smv_header(info.header["smv"])
     return params, info
+
+
+def check_float_image(params: Params, frame) -> None:
+    """Refuse a run whose every pixel could overflow the float image (float32, as C's),
+    whatever the dtype it renders in: the bound of a pixel off the Bragg peaks (lattice factor
+    1: structure factors, water background, fluence) beyond 3.4e38 photons. A pixel on a
+    sharp peak may still reach inf, as in C's float image.
+
+    Raises:
+        FlagError: naming the bound (`nbfunc.params.photons_bound`) and the flags that raise it.
+    """
+    bound = photons_bound(params, float(frame.close_distance), float(frame.distance),
+                          lattice_peak=False)
+    limit = float(torch.finfo(torch.float32).max)
+    if not bound <= limit:
+        raise FlagError(f"-default_F/-hkl/-water/-fluence: a pixel off the Bragg peaks could "
+                        f"reach {bound:.3g} photons, beyond what the float32 float image holds "
+                        f"({limit:.3g}); lower the structure factors, -water or -fluence/-flux")
+
+
+def check_smv_header(smv: dict) -> None:
+    """Refuse geometry whose SMV header (-intfile, -noisefile) does not fit its 512 bytes.
+
+    Only absurd values (``-pixel 1e-320``, a detector 1e10 mm wide) print so long with C's
+    ``%g``; the C program then writes the pixels at the wrong offset.
+    Args:
+        smv: `_header_values`' "smv" entry (lengths in m, angles in rad).
+    Raises:
+        FlagError: naming the header's length and the flags that set its numbers.
+    """
+    from nbfunc.io.smv import HEADER_BYTES, smv_fields_from_geometry, smv_header_text
+
+    text = max((smv_header_text(smv_fields_from_geometry(**smv, noise_image=noise))
+                for noise in (False, True)), key=len)
+    if len(text) > HEADER_BYTES:
+        longest = max(text.decode("ascii").split("\n")[5:-3], key=len)
+        raise FlagError(f"-pixel/-distance/-lambda/-Xbeam/-Ybeam: the SMV header of the int and "
+                        f"noise images would be {len(text)} bytes, more than its {HEADER_BYTES} "
+                        f"(e.g. {longest}); give lengths of a real detector in mm")
 
 
 def _header_values(f: CFlags, conv: dict, frame, fpixels: int, spixels: int, osc: float) -> dict:

@@ -49,7 +49,9 @@ def version_text() -> str:
 
 def _fail(message: str) -> int:
     """One line on stderr, exit status 2."""
-    line = " ".join(message.split()) if message else "bad input"
+    from nbfunc.io.errors import clip_words
+
+    line = clip_words(message) if message else "bad input"
     print(f"nbfunc: error: {line}", file=sys.stderr)
     return 2
 
@@ -72,8 +74,9 @@ def _to_device(params, device: str):
     try:
         return params.to(device=device), None
     except (RuntimeError, AssertionError) as err:
-        return None, (f"-device {device}: not usable here ({str(err).splitlines()[0]}); "
-                      "use -device cpu")
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = reason.removeprefix("Params.to: ").split("; give ")[0]
+        return None, f"-device {device}: {reason}; use -device cpu"
 
 
 def _out_of_memory(err: BaseException) -> bool:

@@ -144,7 +144,8 @@ def roi_image(values: np.ndarray, flat: np.ndarray, roi: tuple[int, int, int, in
     y0, x0, rows, cols = roi_rectangle(shape, roi)
     pixels = np.zeros((rows, cols), dtype=np.float32)
     flat = np.asarray(flat, dtype=np.int64)
-    pixels[flat // shape[1] - y0, flat % shape[1] - x0] = values
+    with np.errstate(over="ignore"):  # C stores a float beyond float32 as inf, silently
+        pixels[flat // shape[1] - y0, flat % shape[1] - x0] = values
     return RoiImage(pixels, (y0, x0), tuple(shape))
 
 
@@ -191,10 +192,11 @@ def image_statistics(image: RoiImage, mask: np.ndarray | None, pixel_size: float
                 else np.asarray(mask[y0:y0 + rows, x0:x0 + cols], dtype=bool))
     values = block[rendered].astype(np.float32)
     n = values.size
-    mean = _c_sum(values) / max(n, 1)
-    rms = math.sqrt(_c_sum(values * values) / (max(n, 2) - 1))
-    deviations = block.reshape(-1).astype(np.float64) - mean
-    rmsd = math.sqrt(_c_sum(deviations * deviations) / (max(deviations.size, 2) - 1))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN as C's float sums give them
+        mean = _c_sum(values) / max(n, 1)
+        rms = math.sqrt(_c_sum(values * values) / (max(n, 2) - 1))
+        deviations = block.reshape(-1).astype(np.float64) - mean
+        rmsd = math.sqrt(_c_sum(deviations * deviations) / (max(deviations.size, 2) - 1))
     max_i, pixel, at = 0.0, (0, 0), (0.0, 0.0)
     if n and float(values.max()) > 0.0:
         first = int(np.argmax(values))

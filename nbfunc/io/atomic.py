@@ -100,9 +100,9 @@ def target_of(path: str) -> Target:
     """Classify ``path`` as C's fopen(path, "wb") would open it, or refuse it.
 
     Raises:
-        UnwritableError: the path is a folder, a socket, a symbolic-link loop, a read-only
-            file (no write permission bit, even when run as root), or lies in a missing or
-            read-only folder.
+        UnwritableError: the path is a folder (or ends with '/', '.' or '..'), a socket, a
+            symbolic-link loop, a read-only file (no write permission bit, even when run as
+            root), or lies in a missing (``none/../x`` included) or read-only folder.
     """
     try:
         info = os.stat(path)  # follows symbolic links, as fopen does
@@ -118,6 +118,13 @@ def target_of(path: str) -> Target:
     link_note = f" (the symbolic link points to {real})" if os.path.islink(path) else ""
     if info is not None and stat.S_ISDIR(info.st_mode):
         raise UnwritableError(path, "it is a folder, expected a file name")
+    head, tail = os.path.split(path)
+    if info is None and tail in ("", ".", ".."):  # "new/", "new/.": realpath would drop the end
+        raise UnwritableError(path, "it ends with '/', '.' or '..' as a folder name does, "
+                                    "expected a file name")
+    if info is None and head and not os.path.isdir(head):  # "none/../x": C's fopen fails too
+        raise UnwritableError(path, f"folder {head} does not exist; give a path in an existing "
+                                    "folder")
     if info is not None and stat.S_ISSOCK(info.st_mode):
         raise UnwritableError(path, "it is a socket, expected a file, FIFO or device")
     if info is not None and (not os.access(path, os.W_OK) or not info.st_mode & 0o222):

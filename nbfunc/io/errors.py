@@ -16,15 +16,36 @@ class NbfuncInputError(ValueError):
     """
 
 
+WORD_MAX = 120
+"""Longest word (file name, value) a message shows whole, in characters: longer ones (past
+any real path, a 100 kB token of a damaged file) are clipped so that a message stays one line
+under 300 characters whatever the user typed or the file holds."""
+
+
+def clip_words(text: str, width: int = WORD_MAX) -> str:
+    """``text`` on one line, each word longer than ``width`` shortened to its start and end.
+
+    Example:
+        >>> clip_words("got '" + "9" * 40 + "', expected a count", width=20)
+        "got '999999999999…(43 characters)…99', expected a count"
+    """
+    def clip(word: str) -> str:
+        if len(word) <= width:
+            return word
+        return f"{word[:width * 2 // 3]}…({len(word)} characters)…{word[-width // 5:]}"
+    return " ".join(clip(word) for word in text.split())
+
+
 def file_error(path: str | os.PathLike, message: str, line: int | None = None) -> NbfuncInputError:
-    """Build an :class:`NbfuncInputError` whose message starts with the file (and line).
+    """Build an :class:`NbfuncInputError` whose message starts with the file (and line), on
+    one line, with over-long names and values clipped (`clip_words`).
 
     Example:
         >>> str(file_error("P1.hkl", "found 3 numbers, expected 4 (h k l F)", line=7))
         'P1.hkl: line 7: found 3 numbers, expected 4 (h k l F)'
     """
     where = f"{os.fspath(path)}: line {line}: " if line is not None else f"{os.fspath(path)}: "
-    return NbfuncInputError(where + " ".join(message.split()))
+    return NbfuncInputError(clip_words(where + message))
 
 
 def size_text(n: int) -> str:

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import re
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,29 +94,35 @@ def _parse_hkl_line(path, lineno: int, text: str) -> tuple | None:
     return tuple(values)
 
 
-def _read_entries(path) -> list:
-    """All (lineno, h, k, l, F) entries of an HKL text file."""
-    lines = io.StringIO(read_text(path, "HKL file", "check the -hkl path", HKL_MAX_BYTES)).readlines()
-    entries = []
-    for lineno, text in enumerate(lines, start=1):
-        parsed = _parse_hkl_line(path, lineno, text)
+def _read_entries(path) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of an HKL text file: (line numbers int64 (n,), h k l F float64 (n, 4)).
+
+    Parsed one line at a time into flat arrays (40 bytes an entry), not into Python objects
+    (some 400 bytes a line), so a file near `HKL_MAX_BYTES` fits in memory.
+    """
+    text = read_text(path, "HKL file", "check the -hkl path", HKL_MAX_BYTES)
+    numbers, values = array("q"), array("d")
+    for lineno, line in enumerate(io.StringIO(text), start=1):
+        parsed = _parse_hkl_line(path, lineno, line)
         if parsed is not None:
-            entries.append((lineno,) + parsed)
-    if not entries:
+            numbers.append(lineno)
+            values.extend(parsed)
+    if not numbers:
         raise file_error(path, "no 'h k l F' lines found, expected at least one; the file is empty")
-    return entries
+    return (np.frombuffer(numbers, dtype=np.int64),
+            np.frombuffer(values, dtype=np.float64).reshape(-1, 4))
 
 
-def _index_warnings(path, entries: list) -> tuple:
-    """C's non-integer index warnings (its test: ``h != ceil(h - 0.4)``)."""
+def _index_warnings(path, numbers: np.ndarray, hkl: np.ndarray) -> tuple:
+    """C's non-integer index warnings (its test: ``h != ceil(h - 0.4)``), in file order;
+    ``numbers`` are the entries' line numbers, ``hkl`` their (n, 3) indices."""
     out = []
-    for lineno, h, k, l, _ in entries:
-        for name, v in (("h", h), ("k", k), ("l", l)):
-            if v != math.ceil(v - 0.4):
-                out.append(
-                    f"WARNING: {os.fspath(path)}: line {lineno}: non-integer value for {name} "
-                    f"({v:g}), stored at index {_c_int(v)}"
-                )
+    for row, axis in np.argwhere(hkl != np.ceil(hkl - 0.4)):
+        v = float(hkl[row, axis])
+        out.append(
+            f"WARNING: {os.fspath(path)}: line {int(numbers[row])}: non-integer value for "
+            f"{'hkl'[axis]} ({v:g}), stored at index {_c_int(v)}"
+        )
     return tuple(out)
 
 
@@ -138,8 +145,8 @@ def read_hkl(path: str | os.PathLike, default_F: float) -> HKLGrid:
             that is not four finite numbers, an index beyond a C int, or an index range too
             large for memory.
     """
-    entries = _read_entries(path)
-    idx = np.array([[_c_int(h), _c_int(k), _c_int(l)] for _, h, k, l, _ in entries], dtype=np.int64)
+    numbers, entries = _read_entries(path)
+    idx = entries[:, :3].astype(np.int64)  # truncation toward zero, as C's (int) and _c_int
     lo = idx.min(axis=0)
     shape = tuple(int(v) for v in idx.max(axis=0) - lo + 1)
     if math.prod(shape) > _MAX_GRID_POINTS:
@@ -149,11 +156,11 @@ def read_hkl(path: str | os.PathLike, default_F: float) -> HKLGrid:
         )
     F = np.full(shape, float(default_F), dtype=np.float64)
     flat = np.ravel_multi_index(tuple((idx - lo).T), shape)
-    values = np.array([e[4] for e in entries], dtype=np.float64)
+    values = entries[:, 3]
     _, last = np.unique(flat[::-1], return_index=True)  # a later duplicate wins, as in C
     keep = len(flat) - 1 - last
     F.reshape(-1)[flat[keep]] = values[keep]
-    warnings = _index_warnings(path, entries)
+    warnings = _index_warnings(path, numbers, entries[:, :3])
     return HKLGrid(F, int(lo[0]), int(lo[1]), int(lo[2]), len(entries), warnings)
 
 

@@ -225,15 +225,12 @@ def smv_fields_from_geometry(
     )
 
 
-def smv_header(fields: SMVHeaderFields) -> bytes:
-    """The C program's 512-byte SMV header for ``-intfile`` / ``-noisefile`` (little-endian).
-
-    Raises:
-        ValueError: the text does not fit in 512 bytes.
-    """
+def smv_header_text(fields: SMVHeaderFields) -> bytes:
+    """The text of the C program's SMV header, ``{`` to ``}\\f``, before its padding to 512
+    bytes (`smv_header`); numbers printed with C's ``%g``."""
     f = fields
     ox, oy, oz = f.dials_origin_mm
-    text = (
+    return (
         "{\nHEADER_BYTES=512;\nDIM=2;\nBYTE_ORDER=little_endian;\nTYPE=unsigned_short;\n"
         "SIZE1=%d;\nSIZE2=%d;\nPIXEL_SIZE=%g;\nDISTANCE=%g;\n"
         % (f.fpixels, f.spixels, f.pixel_size_mm, f.distance_mm)
@@ -250,6 +247,15 @@ def smv_header(fields: SMVHeaderFields) -> bytes:
         + "TWOTHETA=%g;\n" % f.twotheta_deg
         + "DETECTOR_SN=000;\nBEAMLINE=fake;\n}\f"
     ).encode("ascii")
+
+
+def smv_header(fields: SMVHeaderFields) -> bytes:
+    """The C program's 512-byte SMV header for ``-intfile`` / ``-noisefile`` (little-endian).
+
+    Raises:
+        ValueError: the text does not fit in 512 bytes.
+    """
+    text = smv_header_text(fields)
     if len(text) > HEADER_BYTES:
         raise ValueError(
             f"SMV header text is {len(text)} bytes, expected at most {HEADER_BYTES}; "
@@ -311,10 +317,10 @@ def int_pixels(float_pixels: np.ndarray, scale: float, adc_offset: float) -> np.
         [40, 60, 65535]
     """
     img = np.asarray(float_pixels, dtype=np.float32)
-    test = img.astype(np.float64) * float(scale) + float(adc_offset)
-    test = np.where(test > 65535.0, 65535.0, test)
-    test = np.where(test < 0.0, 0.0, test)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf pixels give NaN here, as in C
+        test = img.astype(np.float64) * float(scale) + float(adc_offset)
+        test = np.where(test > 65535.0, 65535.0, test)
+        test = np.where(test < 0.0, 0.0, test)
         rounded = np.floor((test + 0.5).astype(np.float32)).astype(np.float64)
     return c_unsigned_cast(rounded, 16).astype(np.uint16)
 

@@ -331,6 +331,66 @@ def test_device_torch_cannot_use(workdir, capsys):
     refuse(BASE + ["-device", "cuda"], workdir, capsys, "-device cuda", "use -device cpu")
 
 
+def test_meta_device_is_refused_before_rendering(workdir, capsys):
+    refuse(BASE + ["-device", "meta"], workdir, capsys, "-device meta", "meta device")
+
+
+@pytest.mark.parametrize("flag", ["-floatfile", "-intfile", "-noisefile", "-pgmfile"])
+def test_output_name_ending_in_a_slash(flag, workdir, capsys):
+    """``new/`` names a folder (C's fopen fails); it must not become a file named ``new``."""
+    refuse(BASE + [flag, "new/"], workdir, capsys, f"{flag} new/", "ends with '/'")
+
+
+@pytest.mark.parametrize("flag", ["-stol", "-4stol", "-Q"])
+@pytest.mark.parametrize("name, needles", [("missing.stol", ["No such file"]),
+                                           ("empty.hkl", ["no data lines"]), (".", ["is a folder"])])
+def test_unusable_amorphous_table_is_refused(flag, name, needles, workdir, capsys):
+    """The table is unused, but C reads it and stops (exit 9) when it is missing or empty."""
+    refuse(BASE + [flag, name], workdir, capsys, f"{flag} {name}", *needles)
+
+
+def test_readable_amorphous_table_is_read_and_unused(workdir, capsys):
+    (workdir / "water.stol").write_text("0.1 2.5\n0.2 nan\n")
+    assert main.run(BASE + ["-stol", "water.stol", "-floatfile", "a.bin", "-nopgm",
+                            "-nonoise"]) == 0
+    assert "water.stol: nanoBragg reads this file but does not use it" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["-pixel", "1e-320"], ["SMV header", "543 bytes", "DIALS_ORIGIN="]),
+    (["-pixel", "2147483648"], ["SMV header", "532 bytes"]),
+])
+def test_smv_header_beyond_its_512_bytes_is_refused_before_rendering(extra, needles, workdir,
+                                                                      capsys):
+    refuse(BASE + extra, workdir, capsys, *needles)
+
+
+@pytest.mark.parametrize("extra", [["-default_F", "1e30"], ["-water", "1e30"],
+                                   ["-fluence", "1e300"], ["-default_F", "1e23"]])
+def test_pixels_beyond_the_float32_float_image_are_refused(extra, workdir, capsys):
+    """Every pixel would be inf in C's float image (and numpy warned on stderr); nbfunc
+    refuses before rendering, naming the bound."""
+    refuse(BASE + extra, workdir, capsys, "photons", "float32 float image")
+
+
+def test_a_sharp_lattice_peak_beyond_float32_is_not_refused(workdir):
+    """-N 1e7 could put 1e40 photons on an exact Bragg peak, but C renders it (a peak pixel,
+    if hit, becomes inf): only a bound off the peaks refuses a run."""
+    assert main.run(BASE + ["-N", "10000000", "-floatfile", "a.bin"]) == 0
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["-hkl", "x" * 400], ["-hkl xxxxxxxx", "(401 characters)", "File name too long"]),
+    (["-hkl", "long.hkl"], ["-hkl long.hkl: line 1: F is '1111", "(100003 characters)"]),
+    (["-sourcefile", "long.src"], ["column 3 is 'zzzz", "(5003 characters)"]),
+])
+def test_long_names_and_values_are_clipped_in_messages(argv, needles, workdir, capsys):
+    (workdir / "long.hkl").write_text("1 2 3 " + "1" * 100000 + "\n")
+    (workdir / "long.src").write_text("0 0 " + "z" * 5000 + "\n")
+    line = refuse(BASE + argv, workdir, capsys, *needles)
+    assert len(line) < 300, len(line)
+
+
 # --------------------------------------------------------------------------------------------
 # sampling counts beyond memory: refused before any source or domain is generated
 # --------------------------------------------------------------------------------------------

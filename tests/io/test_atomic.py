@@ -182,3 +182,19 @@ def test_signals_are_held_inside_the_block_and_sent_after_it():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("name", ["new/", "new/deeper/", "new/.", "new/.."])
+def test_a_name_ending_like_a_folder_is_refused_not_created_as_a_file(tmp_path, name):
+    """C's fopen("new/", "wb") fails; following realpath, which drops the '/' (or '/.'),
+    created a file named ``new``."""
+    with pytest.raises(UnwritableError, match="ends with '/', '.' or '..'"):
+        target_of(f"{tmp_path}/{name}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_path_through_a_missing_folder_is_refused(tmp_path):
+    """``none/../x.bin``: the kernel (and C's fopen) needs ``none`` to exist; realpath did not."""
+    with pytest.raises(UnwritableError, match="none/.. does not exist"):
+        target_of(f"{tmp_path}/none/../x.bin")
+    assert os.listdir(tmp_path) == []

@@ -5,12 +5,28 @@ import time
 
 import pytest
 
-from nbfunc.io.errors import NbfuncInputError, file_error, read_limited, read_text, size_text
+from nbfunc.io.errors import (WORD_MAX, NbfuncInputError, clip_words, file_error, read_limited,
+                              read_text, size_text)
 
 
 def test_file_error_is_one_line_naming_the_file():
     err = file_error("x.hkl", "found\n3   numbers", line=2)
     assert str(err) == "x.hkl: line 2: found 3 numbers"
+
+
+@pytest.mark.parametrize("word", ["x" * 400, "'" + "1" * 100000 + "',", "d/" * 2100 + "x"])
+def test_file_error_clips_long_names_and_values(word):
+    """A name past NAME_MAX or PATH_MAX, or a 100 kB token, still gives a short line that
+    shows its start, its end and its length."""
+    message = str(file_error(word, f"value {word} is bad", line=1))
+    assert len(message) < 2 * (WORD_MAX + 40) + 40, len(message)
+    assert f"…({len(word) + 1}" in message and f"…({len(word)} characters)…" in message
+    assert message.count(word[:WORD_MAX * 2 // 3]) == 2 and message.endswith("is bad")
+
+
+def test_clip_words_keeps_short_words():
+    text = "-hkl P1.hkl: line 7: found 3 values"
+    assert clip_words(text) == text and clip_words("a " * 3 + "\n b") == "a a a b"
 
 
 @pytest.mark.parametrize("n, text", [(1 << 30, "1 GiB"), (64 << 20, "64 MiB"), (300, "300 bytes"),

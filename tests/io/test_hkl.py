@@ -45,6 +45,29 @@ class TestReadHkl:
         # the value is truncated toward zero, as C's double -> int conversion
         assert grid.maxima == (1, 0, 0) and grid.F[1, 0, 0] == 2.0
 
+    def test_non_integer_warnings_in_file_order(self, tmp_path):
+        grid = read_hkl(write(tmp_path, "\n-1.5 0 2.7 1\n\n0 -0.7 0 3\n"), default_F=0.0)
+        assert [w.split(": ", 3)[3] for w in grid.warnings] == [
+            "non-integer value for h (-1.5), stored at index -1",
+            "non-integer value for l (2.7), stored at index 2",
+            "non-integer value for k (-0.7), stored at index 0"]
+        assert [w.split(": ")[2] for w in grid.warnings] == ["line 2", "line 2", "line 4"]
+
+    def test_memory_per_line_is_bounded(self, tmp_path):
+        """Entries are held as flat arrays: about 120 bytes a line at the peak, where Python
+        tuples took about 360, so a file near HKL_MAX_BYTES (1 GiB) needed some 40 GB."""
+        import tracemalloc
+
+        lines = 10_000
+        path = write(tmp_path, "".join(f"{i % 7} {i % 5} {i % 3} {i}.5\n" for i in range(lines)))
+        tracemalloc.start()
+        try:
+            read_hkl(path, default_F=0.0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 200 * lines, peak / lines
+
     @needs_golden
     def test_golden_hkl_file(self):
         grid = read_hkl(PU01_HKL, default_F=12.0)

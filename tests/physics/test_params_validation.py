@@ -295,3 +295,57 @@ def test_extreme_valid_values_render_finite(case):
     p = params(beam=Beam(**{"wavelength": 1.0, **kw.get("beam", {})}),
                det=detector(**kw.get("det", {})), cr=crystal(**kw.get("cr", {})))
     assert renders_finite(p)
+
+
+# --------------------------------------------------------------------------------------------
+# conversions and leaf replacement: one-line errors, not torch's
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_to_a_device_torch_cannot_use_is_one_runtime_error(device):
+    """Torch's CPU-only build raises a bare AssertionError for CUDA."""
+    with pytest.raises(RuntimeError, match=f"device '{device}' is not usable here") as caught:
+        params().to(device=device)
+    assert_one_line(str(caught.value))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, "float32"])
+def test_to_a_dtype_that_is_not_floating_is_refused(dtype):
+    with pytest.raises(TypeError, match="not a floating torch dtype") as caught:
+        params().to(dtype=dtype)
+    assert_one_line(str(caught.value))
+
+
+@pytest.mark.parametrize("node, field", [("sampling", "oversample"), ("detector", "thicksteps"),
+                                         ("crystal", "phisteps")])
+def test_counts_beyond_a_c_int_are_refused(node, field):
+    """10**19 sub-pixels overflowed torch's integers; 10**19 sensor layers never finished."""
+    tree = json.loads(params().model_dump_json())
+    tree[node][field] = 10**19
+    with pytest.raises(ValidationError, match="less than or equal to 2147483647"):
+        Params.model_validate(tree)
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("beam.bogus", ["'beam.bogus'", "did you mean", "nbfunc.leaf_paths(tree)"]),
+    ("", ["not leaves of this tree: ''"]),
+    ("beam.wavelength.x", ["did you mean 'beam.wavelength'"]),
+    ("detector.fpixels", ["'detector.fpixels' is a static setting"]),
+])
+def test_replace_leaves_names_an_unknown_leaf_in_one_short_line(name, needles):
+    with pytest.raises(KeyError) as caught:
+        nbfunc.replace_leaves(params(), {name: torch.tensor(1.0)})
+    message = caught.value.args[0]
+    assert_one_line(message)
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize("extra", [{"device": "cuda"}, {"evil": 1}])
+def test_a_json_tensor_with_unknown_keys_is_refused(extra):
+    """A key such as "device" was ignored, leaving the tree where the user did not ask."""
+    tree = json.loads(params().model_dump_json())
+    tree["beam"]["wavelength"].update(extra)
+    message, _ = refusal(lambda: Params.model_validate(tree))
+    assert f"unknown JSON tensor keys ['{next(iter(extra))}']" in message
+    assert_one_line(message)
