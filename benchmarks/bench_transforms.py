@@ -16,6 +16,11 @@ interleaved with the forward (`common.measure_interleaved`), so a ratio sees one
 load. Also ``vmap`` (64 members of 64x64 pixels, against a loop of forwards) and
 ``uncertainty`` (`nbfunc.uncertainty` with 10 free leaves on bench_roi).
 
+With ``--busy`` every transform and the vmap comparison are timed a second time in the same
+worker while another process keeps one core busy (`common.busy_process`): the ratios then,
+and how much each side slowed against its quiet timing (the issue's check that transforms
+slow no more than the forward does when the machine is shared).
+
 Each runs in a ``compiled`` worker (every render compiled: `nbfunc.compile.COMPILE_AFTER` and
 ``COMPILE_AFTER_TRANSFORMS`` = 0; the transforms run the compiled functions derived from the kernel, `nbfunc.derived`) and
 an ``eager`` worker (NANOBRAGG_DISABLE_COMPILE=1). ``cold_s`` of the compiled worker includes
