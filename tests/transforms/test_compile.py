@@ -32,6 +32,10 @@ from _transforms_support import (CONFIGS, assert_close_scaled, eager_mode, leave
 
 needs_compile = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
                                    reason="NANOBRAGG_DISABLE_COMPILE=1: nothing is compiled")
+run_once = pytest.mark.skipif(nbcompile.COMPILE_DISABLED,
+                              reason="run once, by the test command's compiled run: the subprocess "
+                                     "sets (or ignores) NANOBRAGG_DISABLE_COMPILE itself, so both "
+                                     "runs would test the same thing")
 
 
 @pytest.fixture(autouse=True)
@@ -291,6 +295,7 @@ print(bool(image.sum() > 0), bool(g.detector.distance != 0), "torch._inductor.co
 """
 
 
+@run_once
 def test_a_first_small_render_and_gradient_do_not_compile():
     """With compilation on and the default `COMPILE_AFTER`, a fresh process renders a 128x128
     image and its gradient without compiling (inductor, which every compile loads, is never
@@ -624,6 +629,7 @@ def test_unknown_flag_values_are_rejected(monkeypatch, name, raw):
         nbcompile._read_flag(name, False)
 
 
+@run_once
 def test_unknown_flag_value_stops_the_first_render_not_the_import():
     """``import nbfunc`` succeeds; the first render raises one line naming the variable."""
     env = {**os.environ, "NANOBRAGG_DISABLE_COMPILE": "maybe"}
@@ -638,6 +644,7 @@ def test_unknown_flag_value_stops_the_first_render_not_the_import():
                                   "use 1 (on) or 0 (off)")
 
 
+@run_once
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.parametrize("extra, expected", [({}, "True"), ({"NANOBRAGG_KEEP_FREED_MEMORY": "0"}, "False"),
                                              ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "False")])

@@ -17,6 +17,7 @@ import torch
 
 import nbfunc
 from _transforms_support import CONFIGS
+from nbfunc.compile import COMPILE_DISABLED
 from nbfunc.tree import get_leaf
 
 ROI = (1, 4, 2, 4)
@@ -44,6 +45,9 @@ def unit_offset_function(p: nbfunc.Params, path: str):
     return f, torch.zeros_like(x0, requires_grad=True)
 
 
+@pytest.mark.skipif(COMPILE_DISABLED, reason="run once, by the test command's compiled run: "
+                    "its renders below nbfunc.compile.COMPILE_AFTER (tests/conftest.py), forced "
+                    "eager besides, run the same eager kernel as NANOBRAGG_DISABLE_COMPILE=1 (~20 s)")
 @pytest.mark.parametrize("path", list(LEAF_CONFIG))
 def test_gradcheck_and_gradgradcheck(path, configs, eager):
     f, u0 = unit_offset_function(configs[LEAF_CONFIG[path]], path)
