@@ -185,3 +185,14 @@ class TestFdump:
         grid = HKLGrid(np.zeros((1, 1, 1)), 0, 0, 0, 1)
         with pytest.raises(NbfuncInputError, match="missing_dir"):
             write_fdump(tmp_path / "missing_dir" / "Fdump.bin", grid)
+
+
+def test_a_file_too_large_for_memory_is_refused_with_the_figure(tmp_path):
+    from nbfunc.io.hkl import HKL_MEMORY_PER_BYTE, _check_memory
+
+    _check_memory(tmp_path / "p1.hkl", 1000, memory=1000 * HKL_MEMORY_PER_BYTE)
+    with pytest.raises(NbfuncInputError) as info:
+        _check_memory(tmp_path / "p1.hkl", 10**9, memory=8 * 10**9)
+    assert str(info.value) == (f"{tmp_path / 'p1.hkl'}: 1000 MB of text need about 16.0 GB to "
+                               "read, more than the 8.0 GB of memory here; give a smaller file "
+                               "(only the reflections the image needs)")
