@@ -16,7 +16,7 @@ field's own validator checks its entries.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import numpy as np
 import torch
@@ -125,14 +125,19 @@ def tensor_to_json(t: torch.Tensor) -> dict:
     return {"dtype": name, "shape": list(t.shape), "data": t.reshape(-1).tolist()}
 
 
-TensorLike = Annotated[
-    torch.Tensor,
-    PlainValidator(_validate),
-    PlainSerializer(tensor_to_json, when_used="json"),
-    WithJsonSchema({"type": "object", "properties": {"dtype": {"type": "string"},
-                                                     "shape": {"type": "array"},
-                                                     "data": {"type": "array"}}}),
-]
+def _json_tensor_field(validator: Callable) -> Any:
+    """A tensor field type validated by ``validator`` and written to JSON by `tensor_to_json`."""
+    return Annotated[
+        torch.Tensor,
+        PlainValidator(validator),
+        PlainSerializer(tensor_to_json, when_used="json"),
+        WithJsonSchema({"type": "object", "properties": {"dtype": {"type": "string"},
+                                                         "shape": {"type": "array"},
+                                                         "data": {"type": "array"}}}),
+    ]
+
+
+TensorLike = _json_tensor_field(_validate)
 
 
 def to_static_array(value: Any, name: str = "value") -> torch.Tensor:
@@ -162,12 +167,5 @@ def _validate_static(value: Any, info: ValidationInfo) -> torch.Tensor:
     return to_static_array(value, info.field_name or "value")
 
 
-StaticArray = Annotated[
-    torch.Tensor,
-    PlainValidator(_validate_static),
-    PlainSerializer(tensor_to_json, when_used="json"),
-    WithJsonSchema({"type": "object", "properties": {"dtype": {"type": "string"},
-                                                     "shape": {"type": "array"},
-                                                     "data": {"type": "array"}}}),
-]
+StaticArray = _json_tensor_field(_validate_static)
 """A static float64 table of a `nbfunc.params` node (not a leaf): validated by `to_static_array`."""
