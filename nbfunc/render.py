@@ -397,12 +397,9 @@ class PartialsRules(StructuredRules):
 
     def forward(self, args, kwargs):
         setup, orient, _, pixel_index, paths, disabled, seen = args
-        plan, finish = kwargs["plan"], kwargs["finish"]
-        fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
-        value, rows = pixel_partials_sum(
-            *_partials_inputs(setup, orient, plan, finish), fpix, spix, paths.sub_f,
-            paths.sub_s, paths.layer, oversample=plan.oversample, layered=plan.thicksteps > 1,
-            point_pixel=plan.point_pixel, polarized=plan.polarization, compile=self.compile)
+        inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
+                                            kwargs["plan"])
+        value, rows = pixel_partials_sum(*inputs, **flags, compile=self.compile)
         return {"value": value, "disabled": disabled, "seen": seen}, (rows,)
 
     def inputs(self, args, kwargs):
@@ -412,14 +409,28 @@ class PartialsRules(StructuredRules):
         return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
 
 
+def _partials_flags(plan: Plan) -> dict:
+    """The static flags of `nbfunc.lattice_sum.pixel_partials` and its VJP for ``plan``."""
+    return {"layered": plan.thicksteps > 1, "point_pixel": plan.point_pixel,
+            "polarized": plan.polarization}
+
+
+def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish, plan: Plan):
+    """The positional arguments and the keyword flags of `nbfunc.lattice_sum.pixel_partials`
+    for a chunk of the plain configuration."""
+    fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
+    inputs = (*_partials_inputs(setup, orient, plan, finish), fpix, spix, paths.sub_f,
+              paths.sub_s, paths.layer)
+    return inputs, {"oversample": plan.oversample, **_partials_flags(plan)}
+
+
 def _partials_vjp(grad_value, rows, inputs, plan: Plan):
     """`nbfunc.lattice_sum.pixel_partials_vjp`: the gradients of the 17 `_partials_inputs`."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
      close_distance, _, _, _, scale, background) = inputs
     return pixel_partials_vjp(grad_value, rows, fdet, sdet, odet, pixel_size, layer_depth,
                               wavelength, orient, n_cells, default_f, close_distance, scale,
-                              background, layered=plan.thicksteps > 1, point_pixel=plan.point_pixel,
-                              polarized=plan.polarization)
+                              background, **_partials_flags(plan))
 
 
 class ImagePartialsRules(StructuredRules):
@@ -680,12 +691,9 @@ def image_partials(p: Params, pixel_index: torch.Tensor, plan: Plan):
         sums).
     """
     setup, orient, _, _, finish = image_setup(p, None, plan=plan)
-    fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
-    paths = path_block(setup, plan, 0, plan.n_paths)
-    value, rows = pixel_partials(
-        *_partials_inputs(setup, orient, plan, finish), fpix, spix, paths.sub_f, paths.sub_s,
-        paths.layer, oversample=plan.oversample, layered=plan.thicksteps > 1,
-        point_pixel=plan.point_pixel, polarized=plan.polarization)
+    inputs, flags = _partials_arguments(setup, orient, pixel_index,
+                                        path_block(setup, plan, 0, plan.n_paths), finish, plan)
+    value, rows = pixel_partials(*inputs, **flags)
     return value, torch.zeros((), dtype=torch.bool, device=value.device), rows
 
 

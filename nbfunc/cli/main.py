@@ -198,11 +198,13 @@ def _run(argv: list[str]) -> int:
     """`run` without the signal handling."""
     from nbfunc.cli import outputs
     from nbfunc.cli.flags import HelpRequested, VersionRequested
-    from nbfunc.compile import SETTING_ERRORS
+    from nbfunc.compile import check_settings
     from nbfunc.io.errors import NbfuncInputError
 
-    if SETTING_ERRORS:
-        return _fail("; ".join(SETTING_ERRORS))
+    try:
+        check_settings()
+    except ValueError as err:
+        return _fail(str(err))
     if not argv:
         print(HELP_HEADER + "Run nbfunc -h for every flag.")
         return _fail("no flags given; nanoBragg needs at least a cell (-cell or -mat) and "
