@@ -5,7 +5,9 @@ default values and in the C program's internal units (metres, radians, photons/m
 derivation in `nbfunc.cli.derive` can follow the C program line by line. Sentinels follow C:
 ``NaN`` means "not given" for beam-centre style values and ``-1`` for counts and ranges that the
 C program auto-selects. This record never reaches the physics: `params_from_args` turns it into
-a validated `nbfunc.Params`.
+a validated `nbfunc.Params`, whose builders (`nbfunc.cli.derive`) convert each value once into
+the tree's units (mm, Angstrom, deg); after the derivation only the output and run-control
+fields are read (file names, scales, seeds, device).
 """
 from __future__ import annotations
 
@@ -152,7 +154,8 @@ class CFlags:
     printout: bool = False
     printout_pixel: tuple[int, int] = (-1, -1)  # fpixel, spixel
 
-    # nbfunc extensions (not nanoBragg flags): -dtype, -chunk, -device, -cbffile, -nxsfile
+    # nbfunc extensions (not nanoBragg flags): -dtype, -chunk, -device, -cbffile, -nxsfile,
+    # -params_out, -params
     dtype: str = "float64"  # "float32" or "float64"
     chunk: int = 0  # pixels per evaluation chunk; 0 = automatic
     device: str = "cpu"  # torch device string
@@ -160,5 +163,6 @@ class CFlags:
     nxs_file: str | None = None  # -nxsfile: NXmx HDF5 of the float image with its geometry
     nxs_compression: str | None = None  # -nxs_compression: None, "gzip" or "bslz4"
     params_out: str | None = None  # -params_out: the parameter tree as JSON (Params.save)
+    params_in: str | None = None  # -params: render this saved tree instead of deriving one
 
     warnings: list[str] = field(default_factory=list)

@@ -18,7 +18,7 @@ Differences from the C program, so that nbfunc is a safe drop-in:
   added to `CFlags.warnings`;
 * ``-h``/``-help``/``--help`` raise `HelpRequested` and ``--version``/``-version``
   `VersionRequested`; ``-dtype``, ``-chunk``, ``-device``, ``-cbffile``, ``-nxsfile`` and
-  ``-nxs_compression``, ``-params_out`` are nbfunc extensions.
+  ``-nxs_compression``, ``-params_out`` and ``-params`` are nbfunc extensions.
 
 Arguments are the tokens after the program name (``sys.argv[1:]``).
 """
@@ -42,6 +42,7 @@ __all__ = [
     "HELP_FLAGS",
     "VERSION_FLAGS",
     "find_header_files",
+    "given_flags",
     "parse_flags",
     "known_flags",
     "triggered",
@@ -627,6 +628,8 @@ HANDLERS: tuple[Handler, ...] = (
        "compression of the -nxsfile image (nbfunc)", nbfunc=True),
     _h("-params_out", _exact("-params_out"), _FILE, lambda v: {"params_out": v[0]},
        "the run's parameter tree as JSON, for nbfunc.Params.load (nbfunc)", nbfunc=True),
+    _h("-params", _exact("-params"), _FILE, lambda v: {"params_in": v[0]},
+       "render a parameter tree saved by -params_out or Params.save (nbfunc)", nbfunc=True),
 )
 
 
@@ -764,6 +767,19 @@ def _run_hit(cf: CFlags, hit: _Hit, argv: Sequence[str]) -> tuple[CFlags, list[_
         if h.stops(values):
             break
     return cf, events
+
+
+def given_flags(argv: Sequence[str]) -> dict[str, str]:
+    """Handler name -> the argument that ran it, for every handler the command line runs by
+    its own name or as nanoBragg's substring match (later arguments win).
+
+    Raises FlagError/HelpRequested/VersionRequested for the command lines `parse_flags` refuses.
+
+    >>> given_flags(["-N", "5", "-pixels", "0.1"])
+    {'-N': '-N', '-pixel': '-pixels'}
+    """
+    return {h.name: hit.token for hit in _scan(list(argv))
+            for h, read in zip(hit.handlers, hit.reads) if read is not _C_READ}
 
 
 def find_header_files(argv: Sequence[str]) -> tuple[str | None, str | None]:

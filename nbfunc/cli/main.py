@@ -23,7 +23,9 @@ Every flag of the C program nanoBragg is accepted with its meaning and units (do
 Structure factors come from -hkl FILE, a Fdump.bin left by an earlier -hkl run, or -default_F;
 the cell from -cell or -mat FILE. Outputs: -floatfile -intfile -noisefile -pgmfile (written by
 default under C's names; -nonoise, -nopgm to skip), -scale, -adc. Conventions: -mosflm -xds
--adxv -denzo -dials, or custom vectors. nbfunc extensions: -dtype, -chunk, -device.
+-adxv -denzo -dials, or custom vectors. nbfunc extensions: -dtype, -chunk, -device,
+-cbffile, -nxsfile, -params_out FILE (save the run's parameter tree) and -params FILE (render
+a saved tree again, with output flags only).
 """
 
 COMPILE_THRESHOLD = 50_000_000
@@ -242,7 +244,8 @@ def _run(argv: list[str]) -> int:
         return _fail(f"out of memory while rendering ({str(err).splitlines()[0][:120]}); give a "
                      "smaller -chunk, a -roi, or a smaller detector")
     elapsed = time.perf_counter() - start
-    stats = outputs.image_statistics(float_image, info.mask, f.pixel_size, info.oversample)
+    stats = outputs.image_statistics(float_image, info.mask, info.header.pixel_size_mm * 1e-3,
+                                     info.oversample)
     try:
         lines = outputs.write_all(float_image, stats, info, params)
     except NbfuncInputError as err:

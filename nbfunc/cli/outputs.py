@@ -219,10 +219,11 @@ def statistics_lines(stats: dict) -> list[str]:
 # encoding and writing
 # --------------------------------------------------------------------------------------------
 def smv_fields(info, noise: bool = False):
-    """SMV header values of this run (`nbfunc.io.smv.SMVHeaderFields`)."""
-    from nbfunc.io.smv import smv_fields_from_geometry
+    """SMV header values of this run (`nbfunc.io.smv.SMVHeaderFields`), from its header
+    geometry (`nbfunc.cli.header.header_from_tree`)."""
+    from nbfunc.cli.header import smv_fields as fields_of
 
-    return smv_fields_from_geometry(**info.header["smv"], noise_image=noise)
+    return fields_of(info.header, noise)
 
 
 BLOCK_BYTES = 4 << 20
@@ -469,10 +470,10 @@ def commit(files: dict[str, str], payload: dict[str, atomic.Payload]) -> list[st
 def print_summary(params, info) -> None:
     """Short geometry summary: convention, pivot, beam centre, sources, domains, steps."""
     h, p = info.header, params
-    print(f"{h['convention']} convention, pivot {h['pivot']}; "
-          f"beam centre Fbeam={h['fbeam_mm']:g} Sbeam={h['sbeam_mm']:g} mm, "
-          f"distance={h['distance_mm']:g} mm, close_distance={h['close_distance_mm']:g} mm")
-    print(f"  {p.detector.fpixels}x{p.detector.spixels} pixels of {h['pixel_size_mm']:g} mm; "
+    print(f"{h.convention} convention, pivot {h.pivot}; "
+          f"beam centre Fbeam={h.fbeam_mm:g} Sbeam={h.sbeam_mm:g} mm, "
+          f"distance={h.distance_mm:g} mm, close_distance={h.close_distance_mm:g} mm")
+    print(f"  {p.detector.fpixels}x{p.detector.spixels} pixels of {h.pixel_size_mm:g} mm; "
           f"{p.beam.sources.n_sources} sources, {p.crystal.mosaic_domains} mosaic domains, "
           f"{p.crystal.phisteps} phi steps, {p.sampling.oversample}x{p.sampling.oversample} "
           f"sub-pixels, {p.detector.thicksteps} sensor layers")

@@ -19,7 +19,6 @@ from nbfunc.io.errors import file_error, open_input, read_up_to
 from nbfunc.io.matrix import c_atof
 
 HEADER_BYTES = 512
-RTD = 180.0 * 0.31830988618379067154  # the C program's 180 * M_1_PI
 
 
 @dataclass(frozen=True)
@@ -197,31 +196,36 @@ class SMVHeaderFields:
     twotheta_deg: float
 
 
-def smv_fields_from_geometry(
-    *, fpixels: int, spixels: int, pixel_size_m: float, distance_m: float, lambda0_m: float,
-    xbeam_m: float, ybeam_m: float, fbeam_m: float, sbeam_m: float, detsize_s_m: float,
-    dials_origin_mm: tuple, orgx: float, orgy: float, close_distance_m: float,
-    phi0_rad: float, osc_rad: float, twotheta_rad: float, noise_image: bool = False,
+def smv_fields_mm(
+    *, fpixels: int, spixels: int, pixel_size_mm: float, distance_mm: float, wavelength_A: float,
+    beam_x_mm: float, beam_y_mm: float, fbeam_mm: float, sbeam_mm: float, dials_origin_mm: tuple,
+    orgx: float, orgy: float, close_distance_mm: float, phi_deg: float, osc_deg: float,
+    twotheta_deg: float, detsize_s_mm: float | None = None, noise_image: bool = False,
 ) -> SMVHeaderFields:
-    """Header numbers from SI geometry with the C program's exact arithmetic.
+    """Header numbers from geometry already in header units (mm, Angstrom, deg, pixels).
 
-    ``noise_image`` selects the noise file's ``Sbeam + 0.0*pixel`` DENZO lines instead of the
-    int file's ``Sbeam - 0.0*pixel`` (they differ only for a beam centre of -0.0).
+    ``beam_x_mm``, ``beam_y_mm`` are written as BEAM_CENTER_X/Y; ``fbeam_mm``, ``sbeam_mm``
+    (where the direct beam meets the detector, fast and slow from the corner of pixel (0, 0))
+    give the ADXV, MOSFLM and DENZO lines as the C program forms them:
+    ``ADXV = (f, detsize_s - s)``, ``MOSFLM = (s - pixel/2, f - pixel/2)``,
+    ``DENZO = (s -+ 0.0*pixel, f -+ 0.0*pixel)``. ``detsize_s_mm`` is the detector's height
+    (default ``spixels * pixel``). ``noise_image`` selects the noise file's ``+ 0.0*pixel``
+    instead of the int file's ``- 0.0*pixel`` (they differ only for a beam centre of -0.0).
     """
-    zero = (0.0 if noise_image else -0.0) * pixel_size_m
+    zero = (0.0 if noise_image else -0.0) * pixel_size_mm
+    if detsize_s_mm is None:
+        detsize_s_mm = pixel_size_mm * spixels
     return SMVHeaderFields(
-        fpixels=int(fpixels), spixels=int(spixels),
-        pixel_size_mm=pixel_size_m * 1000.0, distance_mm=distance_m * 1000.0,
-        wavelength_A=lambda0_m * 1e10,
-        beam_center_x_mm=xbeam_m * 1000.0, beam_center_y_mm=ybeam_m * 1000,
-        adxv_center_x_mm=fbeam_m * 1000.0, adxv_center_y_mm=(detsize_s_m - sbeam_m) * 1000,
-        mosflm_center_x_mm=(sbeam_m - 0.5 * pixel_size_m) * 1000.0,
-        mosflm_center_y_mm=(fbeam_m - 0.5 * pixel_size_m) * 1000,
-        denzo_x_beam_mm=(sbeam_m + zero) * 1000.0, denzo_y_beam_mm=(fbeam_m + zero) * 1000,
+        fpixels=int(fpixels), spixels=int(spixels), pixel_size_mm=pixel_size_mm,
+        distance_mm=distance_mm, wavelength_A=wavelength_A,
+        beam_center_x_mm=beam_x_mm, beam_center_y_mm=beam_y_mm,
+        adxv_center_x_mm=fbeam_mm, adxv_center_y_mm=detsize_s_mm - sbeam_mm,
+        mosflm_center_x_mm=sbeam_mm - 0.5 * pixel_size_mm,
+        mosflm_center_y_mm=fbeam_mm - 0.5 * pixel_size_mm,
+        denzo_x_beam_mm=sbeam_mm + zero, denzo_y_beam_mm=fbeam_mm + zero,
         dials_origin_mm=tuple(float(v) for v in dials_origin_mm),
-        xds_orgx=orgx, xds_orgy=orgy, close_distance_mm=close_distance_m * 1000.0,
-        phi_deg=phi0_rad * RTD, osc_start_deg=phi0_rad * RTD, osc_range_deg=osc_rad * RTD,
-        twotheta_deg=twotheta_rad * RTD,
+        xds_orgx=orgx, xds_orgy=orgy, close_distance_mm=close_distance_mm,
+        phi_deg=phi_deg, osc_start_deg=phi_deg, osc_range_deg=osc_deg, twotheta_deg=twotheta_deg,
     )
 
 

@@ -16,7 +16,8 @@ import torch
 from pydantic import ValidationError
 
 from nbfunc.cli import main
-from nbfunc.cli.derive import derive, tree_error
+from nbfunc.cli.checks import tree_error
+from nbfunc.cli.derive import derive
 from nbfunc.params import Beam, Crystal, Detector, Params, Sampling, SourceGrid, SourceList
 
 CELL = ["-cell", "50", "50", "50", "90", "90", "90"]
@@ -425,14 +426,14 @@ def test_a_step_too_small_for_its_range(extra, flags, workdir, capsys):
 def test_mosaic_memory_is_checked_once_per_run(workdir, monkeypatch):
     """derive checks the mosaic's memory up front and hands the draws to the tree, whose
     validation checks only draws it makes itself (a Crystal built in Python)."""
-    import nbfunc.cli.derive
+    import nbfunc.cli.checks
     import nbfunc.crystal
 
     calls = []
     original = nbfunc.crystal.check_mosaic_memory
     counting = lambda *args: calls.append(args) or original(*args)
     monkeypatch.setattr(nbfunc.crystal, "check_mosaic_memory", counting)
-    monkeypatch.setattr(nbfunc.cli.derive, "check_mosaic_memory", counting)
+    monkeypatch.setattr(nbfunc.cli.checks, "check_mosaic_memory", counting)
     p, _ = derive(BASE + ["-mosaic", "1", "-mosaic_dom", "7", "-phisteps", "2", "-osc", "1"])
     assert len(p.crystal.mosaic_axes) == 7 and calls == [(7, 2, 8, calls[0][3])]
     Crystal(cell_a=50, cell_b=50, cell_c=50, mosaic_spread=1, mosaic_domains=7, phisteps=2)

@@ -518,7 +518,7 @@ def _c_source_loop(round_div, hdiv, vdiv, disp):
 ])
 def test_divergence_fractions_follow_the_c_loop(round_div, hdiv, vdiv, disp):
     """The source grid, computed as arrays, holds the C loop's sources in its order, bit for bit."""
-    from nbfunc.cli.derive import divergence_fractions
+    from nbfunc.cli.rules import divergence_fractions
 
     f = CFlags(round_div=round_div)
     hf, vf, df = divergence_fractions(f, hdiv, vdiv, disp)

@@ -14,7 +14,7 @@ from nbfunc.io.smv import (
     int_image,
     int_pixels,
     read_smv,
-    smv_fields_from_geometry,
+    smv_fields_mm,
     smv_header,
     write_smv,
 )
@@ -68,14 +68,14 @@ class TestHeader:
         assert image.header_text.encode("latin-1") == raw
 
     @needs_golden
-    def test_fields_from_geometry_match_c(self):
+    def test_fields_in_header_units_match_c(self):
         # pu18: -mosflm, 64 x 0.3 mm pixels, distance 85 mm, lambda 1.1 A;
         # stdout: Xbeam=Ybeam=0.00975, Fbeam=Sbeam=0.0099, dials origin -9.9 9.9 -85
-        fields = smv_fields_from_geometry(
-            fpixels=64, spixels=64, pixel_size_m=0.0003, distance_m=0.085, lambda0_m=1.1e-10,
-            xbeam_m=0.00975, ybeam_m=0.00975, fbeam_m=0.0099, sbeam_m=0.0099,
-            detsize_s_m=64 * 0.0003, dials_origin_mm=(-9.9, 9.9, -85.0), orgx=33.5, orgy=33.5,
-            close_distance_m=0.085, phi0_rad=0.0, osc_rad=0.0, twotheta_rad=0.0,
+        fields = smv_fields_mm(
+            fpixels=64, spixels=64, pixel_size_mm=0.3, distance_mm=85.0, wavelength_A=1.1,
+            beam_x_mm=9.75, beam_y_mm=9.75, fbeam_mm=9.9, sbeam_mm=9.9,
+            dials_origin_mm=(-9.9, 9.9, -85.0), orgx=33.5, orgy=33.5,
+            close_distance_mm=85.0, phi_deg=0.0, osc_deg=0.0, twotheta_deg=0.0,
         )
         assert smv_header(fields) == (PU18 / "int.img").read_bytes()[:512]
 
@@ -93,13 +93,13 @@ class TestHeader:
 
     def test_denzo_signed_zero_differs_between_int_and_noise(self):
         kw = dict(
-            fpixels=1, spixels=1, pixel_size_m=1e-4, distance_m=0.1, lambda0_m=1e-10,
-            xbeam_m=0.0, ybeam_m=0.0, fbeam_m=-0.0, sbeam_m=-0.0, detsize_s_m=1e-4,
-            dials_origin_mm=(0, 0, 0), orgx=0, orgy=0, close_distance_m=0.1,
-            phi0_rad=0, osc_rad=0, twotheta_rad=0,
+            fpixels=1, spixels=1, pixel_size_mm=0.1, distance_mm=100.0, wavelength_A=1.0,
+            beam_x_mm=0.0, beam_y_mm=0.0, fbeam_mm=-0.0, sbeam_mm=-0.0,
+            dials_origin_mm=(0, 0, 0), orgx=0, orgy=0, close_distance_mm=100.0,
+            phi_deg=0, osc_deg=0, twotheta_deg=0,
         )
-        assert b"DENZO_X_BEAM=-0;" in smv_header(smv_fields_from_geometry(**kw))
-        assert b"DENZO_X_BEAM=0;" in smv_header(smv_fields_from_geometry(noise_image=True, **kw))
+        assert b"DENZO_X_BEAM=-0;" in smv_header(smv_fields_mm(**kw))
+        assert b"DENZO_X_BEAM=0;" in smv_header(smv_fields_mm(noise_image=True, **kw))
 
     def test_header_value_follows_c_valueof(self):
         text = "{\nDISTANCE=85;\nXDS_ORGX=33.5;\nCLOSE_DISTANCE=70;\nODD\n}"
