@@ -183,3 +183,12 @@ def test_spec_files_are_validated_in_one_line(tmp_path, capsys):
 def test_a_folder_of_another_spec_is_refused(reference):
     with pytest.raises(NbfuncInputError, match="holds a dataset of another spec"):
         dataset.generate(make_spec(seed=8), reference[0])
+
+
+def test_the_ensemble_command_line_generates_too(reference, tmp_path):
+    """``python -m nbfunc.ensemble generate SPEC FOLDER`` is `nbfunc.dataset`'s command line."""
+    from nbfunc.ensemble.__main__ import main
+
+    (tmp_path / "spec.json").write_text(make_spec().model_dump_json())
+    assert main(["generate", str(tmp_path / "spec.json"), str(tmp_path / "out")]) == 0
+    assert_same(contents(str(tmp_path / "out")), reference[1])
