@@ -93,6 +93,13 @@ def test_autograd_and_higher_orders(call):
     torch.testing.assert_close(h, 12 * X * Y)    # derived from the function, not the rules
     loss = lambda t: f(t, Y)["b"].sum()
     torch.testing.assert_close(torch.func.hessian(loss)(X), torch.diag(12 * X * Y))
+    # second derivatives in both inputs (the mixed blocks of a JVP of a VJP)
+    both = torch.func.hessian(lambda t, u: f(t, u)["b"].sum() + f(t, u)["a"], argnums=(0, 1))(X, Y)
+    expected = ((torch.diag(12 * X * Y), torch.diag(6 * X**2 + 1)),
+                (torch.diag(6 * X**2 + 1), torch.zeros(3, 3, dtype=X.dtype)))
+    for row, want_row in zip(both, expected):
+        for block, want in zip(row, want_row):
+            torch.testing.assert_close(block, want)
     grid = torch.stack([X, 2 * X])
     torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(grid), 6 * grid**2 * Y)
     torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(lambda t: f(t, Y)["b"]))(grid),
