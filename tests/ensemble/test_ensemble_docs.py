@@ -1,25 +1,11 @@
 """The ```python blocks of docs/ensemble.md run, in order, in one namespace, in a scratch folder."""
 import os
-import pathlib
-import re
-
-import pytest
-
-DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "ensemble.md"
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
-def test_docs_code_runs(tmp_path, monkeypatch):
+def test_docs_code_runs(tmp_path, monkeypatch, run_doc):
     monkeypatch.setattr("nbfunc.compile.COMPILE_AFTER", 1 << 62)  # small renders: eager
-    blocks = BLOCK.findall(DOC.read_text())
-    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "docs_ensemble"}
-    for i, source in enumerate(blocks):
-        try:
-            exec(compile(source, f"{DOC.name}[block {i}]", "exec"), namespace)
-        except Exception as err:  # name the failing block
-            pytest.fail(f"block {i} of {DOC.name} failed: {type(err).__name__}: {err}\n{source}")
+    namespace = run_doc("ensemble.md", 4)
     assert namespace["result"].converged and namespace["out"]["converged"]
     assert 0.2 < float(namespace["pulls"].pow(2).mean()) < 5
     assert sorted(os.listdir(tmp_path / "shots")) == sorted(
