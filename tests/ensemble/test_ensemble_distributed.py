@@ -97,3 +97,24 @@ class TestCollectives:
         assert per_shot(LOCAL, [5, 6], fn, lambda i: i) == [5, 6]
         with pytest.raises(ShotError, match=r"^shot 7 \(rank 0\) failed: ValueError: bad image$"):
             per_shot(LOCAL, [6, 7, 8], fn, lambda i: i)
+
+
+def test_two_ranks_generate_a_dataset(tmp_path):
+    """``generate`` under torchrun's environment on two ranks: each writes its blocks, rank 0
+    writes the manifest after the barrier, and the files equal one process's."""
+    from nbfunc import dataset
+
+    fields = {"flags": "-cell 40 40 60 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 80 "
+                       "-detpixels 8 -pixel 0.8 -oversample 1",
+              "shots": 5, "seed": 2, "shots_per_file": 2,
+              "vary": {"crystal.misset": "random_orientation", "crystal.Na": {"uniform": [4, 8]}}}
+    (tmp_path / "spec.json").write_text(json.dumps(fields))
+    ranks = launch_forked(2, ["generate", str(tmp_path / "spec.json"), str(tmp_path / "two")], tmp_path)
+    assert [r[0] for r in ranks] == [0, 0], ranks
+    assert json.loads(ranks[0][1])["complete"] and ranks[1][1] == ""
+    spec = dataset.DatasetSpec.model_validate(fields)
+    dataset.generate(spec, str(tmp_path / "one"))
+    dataset.write_manifest(str(tmp_path / "one"), spec)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for name in ("manifest.json", "shots_0000002-0000003.json"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
