@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from nbfunc.lattice import components
-from nbfunc.params import SourceGrid, SourceList
+from nbfunc.params import SourceList
 from nbfunc.rotation import rotate_axis
 from nbfunc.units import ANGSTROM, MRAD
 

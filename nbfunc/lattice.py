@@ -232,14 +232,62 @@ def round_lattice(dhkl: torch.Tensor | Components, n_cells: torch.Tensor, fudge:
     return na * nb * nc * ROUND_NORM * torch.where(positive, sinc3(math.pi * radius), at_zero)
 
 
-def reciprocal_distance_sq(dhkl: torch.Tensor | Components, recip: torch.Tensor,
-                           n_cells: torch.Tensor) -> torch.Tensor:
-    """``|dh a* + dk b* + dl c*|^2 (Na Nb Nc)^2`` with a*, b*, c* in 1/Angstrom (nanoBragg's units).
+def size_determinant(n_cells: torch.Tensor, n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
+    """``det N`` of the domain-size matrix ``N = [[Na, Nd, Nf], [Nd, Nb, Ne], [Nf, Ne, Nc]]``
+    (cells^3, the number of cells in the domain).
+
+    Written as ``Na Nb Nc + (2 Nd Ne Nf - Na Ne^2 - Nb Nf^2 - Nc Nd^2)``: with zero
+    off-diagonal terms the bracket is exactly 0, so the result is bit for bit ``Na Nb Nc``.
 
     Args:
-        dhkl: (*, 3) or components; recip: (3, 3) rows a*, b*, c*; n_cells: (3,).
+        n_cells: (*, 3) Na, Nb, Nc; n_offdiag: (*, 3) Nd, Ne, Nf (cells), or None for zeros.
+    Returns:
+        (*) the determinant.
+    """
+    product = n_cells.prod(-1)
+    if n_offdiag is None:
+        return product
+    na, nb, nc = n_cells.unbind(-1)
+    nd, ne, nf = n_offdiag.unbind(-1)
+    return product + (2.0 * nd * ne * nf - na * ne * ne - nb * nf * nf - nc * nd * nd)
+
+
+def coupled_offsets(dhkl: torch.Tensor | Components, n_cells: torch.Tensor,
+                    n_offdiag: torch.Tensor | None) -> Components:
+    """The Miller offsets turned by the relative shape ``diag(Na, Nb, Nc)^-1 N``.
+
+    ``dh' = dh + (Nd dk + Nf dl)/Na``, ``dk' = dk + (Nd dh + Ne dl)/Nb``,
+    ``dl' = dl + (Nf dh + Ne dk)/Nc`` (dimensionless). With zero off-diagonal terms each
+    added quotient is a signed zero, so the offsets come back bit for bit unchanged.
+
+    Args:
+        dhkl: (*, 3) offsets from the nearest integer indices, or their components;
+        n_cells: (3,) Na, Nb, Nc; n_offdiag: (3,) Nd, Ne, Nf (cells), or None (no change).
+    Returns:
+        the three (*) components.
     """
     dh, dk, dl = components(dhkl)
+    if n_offdiag is None:
+        return dh, dk, dl
+    na, nb, nc = n_cells.unbind(-1)
+    nd, ne, nf = n_offdiag.unbind(-1)
+    return (dh + (nd * dk + nf * dl) / na, dk + (nd * dh + ne * dl) / nb,
+            dl + (nf * dh + ne * dk) / nc)
+
+
+def reciprocal_distance_sq(dhkl: torch.Tensor | Components, recip: torch.Tensor,
+                           n_cells: torch.Tensor, n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
+    """``|dh' a* + dk' b* + dl' c*|^2 (Na Nb Nc)^2`` with a*, b*, c* in 1/Angstrom (nanoBragg's
+    units), ``(dh', dk', dl')`` the offsets coupled by the off-diagonal size terms
+    (`coupled_offsets`; the plain offsets when they are zero or None).
+
+    Args:
+        dhkl: (*, 3) or components; recip: (3, 3) rows a*, b*, c*; n_cells: (3,);
+        n_offdiag: (3,) Nd, Ne, Nf (cells) or None.
+    Returns:
+        (*) nanoBragg's ``rad_star_sqr`` (1/Angstrom^2 times cells^6, used as a pure number).
+    """
+    dh, dk, dl = coupled_offsets(dhkl, n_cells, n_offdiag)
     total = 0.0
     for axis in range(3):
         d = dh * recip[..., 0, axis] + dk * recip[..., 1, axis] + dl * recip[..., 2, axis]
@@ -247,9 +295,11 @@ def reciprocal_distance_sq(dhkl: torch.Tensor | Components, recip: torch.Tensor,
     return total * n_cells.prod(-1) ** 2
 
 
-def gauss_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
-    """Gaussian spots: ``Na Nb Nc exp(-rad*^2/0.63 * fudge)``."""
-    return n_cells.prod(-1) * torch.exp(-(rad_star_sq / 0.63 * fudge))
+def gauss_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor,
+                  n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian spots: ``det N exp(-rad*^2/0.63 * fudge)`` (``det N = Na Nb Nc`` without
+    off-diagonal terms, `size_determinant`)."""
+    return size_determinant(n_cells, n_offdiag) * torch.exp(-(rad_star_sq / 0.63 * fudge))
 
 
 def tophat_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
@@ -259,14 +309,18 @@ def tophat_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torc
 
 
 def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tensor,
-                   n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
+                   n_cells: torch.Tensor, fudge: torch.Tensor,
+                   n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
     """F_latt for a crystal ``shape`` in {"square", "round", "gauss", "tophat"}.
 
-    Nearest indices are ``ceil(h - 1/2)`` as in nanoBragg.
+    Nearest indices are ``ceil(h - 1/2)`` as in nanoBragg. The off-diagonal size terms enter
+    the Gaussian shape only (docs/physics.md, "Domain-size tensor"); the other shapes ignore
+    them.
 
     Args:
         hkl: (*, 3) fractional indices or their three components; recip: (3, 3) reciprocal
-        cell (1/Angstrom); n_cells: (3,) Na, Nb, Nc; fudge: scalar.
+        cell (1/Angstrom); n_cells: (3,) Na, Nb, Nc; fudge: scalar; n_offdiag: (3,) Nd, Ne,
+        Nf (cells) or None for zeros.
     Returns:
         (*) lattice factor (dimensionless).
     """
@@ -275,7 +329,7 @@ def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tens
     dhkl = tuple(x - torch.ceil(x - 0.5) for x in components(hkl))
     if shape == "round":
         return round_lattice(dhkl, n_cells, fudge)
-    rad = reciprocal_distance_sq(dhkl, recip, n_cells)
     if shape == "gauss":
-        return gauss_lattice(rad, n_cells, fudge)
-    return tophat_lattice(rad, n_cells, fudge)
+        rad = reciprocal_distance_sq(dhkl, recip, n_cells, n_offdiag)
+        return gauss_lattice(rad, n_cells, fudge, n_offdiag)
+    return tophat_lattice(reciprocal_distance_sq(dhkl, recip, n_cells), n_cells, fudge)

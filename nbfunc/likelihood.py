@@ -38,7 +38,8 @@ free leaves on bench_1024's 256x256 ROI, compiled: 50 ms in one tile, 95 ms in f
 POSITIVE_LEAVES = frozenset({
     "beam.wavelength", "beam.fluence", "beam.sources.wavelengths", "detector.distance",
     "detector.pixel_size", "crystal.cell_a", "crystal.cell_b", "crystal.cell_c", "crystal.Na",
-    "crystal.Nb", "crystal.Nc", "crystal.mosaic_spread", "crystal.fudge", "crystal.water_size"})
+    "crystal.Nb", "crystal.Nc", "crystal.mosaic_spread", "crystal.fudge", "crystal.water_size",
+    "crystal.G"})
 """Leaves of a `Params` tree that must stay > 0 during a fit (fitted in log space)."""
 
 _UNITS = ("Angstrom", "mm", "deg", "mrad", "um", "e", "photons/m^2", "1/mm", "fraction")

@@ -404,11 +404,16 @@ class Crystal(Node):
     and z (deg). ``fhkl[h-h_min, k-k_min, l-l_min]`` holds structure factors (electrons); any
     other reflection has ``default_F``. ``Na, Nb, Nc`` are numbers of cells (continuous for
     differentiation). ``water_size`` (micrometres) sets the constant water background.
+
+    ``Ncells_def`` holds the off-diagonal terms Nd, Ne, Nf of diffBragg's domain-size matrix
+    ``N = [[Na, Nd, Nf], [Nd, Nb, Ne], [Nf, Ne, Nc]]`` (cells); only the Gaussian shape uses
+    them, and ``N`` must be positive definite. ``G`` is a per-shot scale (dimensionless) of
+    the crystal's photons (not the water background's). See docs/physics.md.
     """
 
     LEAVES: ClassVar = ("cell_a", "cell_b", "cell_c", "cell_alpha", "cell_beta", "cell_gamma",
                         "misset", "Na", "Nb", "Nc", "fudge", "mosaic_spread", "phi_start",
-                        "phi_step", "default_F", "fhkl", "water_size")
+                        "phi_step", "default_F", "fhkl", "water_size", "Ncells_def", "G")
     cell_a: TensorLike = Field(description="cell edge a (Angstrom)")
     cell_b: TensorLike = Field(description="cell edge b (Angstrom)")
     cell_c: TensorLike = Field(description="cell edge c (Angstrom)")
@@ -434,6 +439,11 @@ class Crystal(Node):
                              description="structure factor grid (e), shape (h, k, l)")
     water_size: TensorLike = Field(default_factory=_t(0.0),
                                    description="water layer size for the background (um)")
+    Ncells_def: TensorLike = Field(default_factory=_t([0.0, 0.0, 0.0]),
+                                   description="off-diagonal domain-size terms Nd (a-b), Ne "
+                                   "(b-c), Nf (a-c) (cells); Gaussian shape only")
+    G: TensorLike = Field(default_factory=_t(1.0),
+                          description="per-shot scale of the crystal's photons, not the water's (dimensionless)")
     hkl_origin: tuple[int, int, int] = (0, 0, 0)
     shape: Literal["square", "round", "gauss", "tophat"] = "square"
     interpolate: bool = False
@@ -486,6 +496,20 @@ class Crystal(Node):
     @classmethod
     def _scalars(cls, v, info):
         return _scalar(info.field_name, v)
+
+    @field_validator("G")
+    @classmethod
+    def _scale(cls, v, info):
+        _scalar("G", v)
+        _check("G", v, bool((v > 0) & torch.isfinite(v)), "a finite scale > 0 (dimensionless; 1: none)")
+        return v
+
+    @field_validator("Ncells_def")
+    @classmethod
+    def _offdiag(cls, v, info):
+        _check("Ncells_def", v, v.shape == (3,) and bool(torch.isfinite(v).all()),
+               "three finite numbers Nd, Ne, Nf (cells)")
+        return v
 
     @field_validator("misset")
     @classmethod
@@ -561,7 +585,26 @@ class Crystal(Node):
             raise ValueError(f"mosaic_axes and mosaic_scales need {self.mosaic_domains} entries "
                              f"(one per domain), got {len(self.mosaic_axes)} and "
                              f"{len(self.mosaic_scales)}")
+        self._size_matrix()
         return self
+
+    def _size_matrix(self) -> None:
+        """Refuse off-diagonal size terms on a shape that ignores them, or a domain-size
+        matrix N that is not positive definite (Sylvester: leading minors > 0)."""
+        nd, ne, nf = (float(x) for x in self.Ncells_def)
+        if (nd, ne, nf) == (0.0, 0.0, 0.0):
+            return
+        shown = _shown((nd, ne, nf))
+        if self.shape != "gauss":
+            raise ValueError(f"crystal.Ncells_def = {shown} is used only by the Gaussian shape, not "
+                             f"'{self.shape}'; give zeros, or shape='gauss' (-gauss_xtal)")
+        na, nb, nc = float(self.Na), float(self.Nb), float(self.Nc)
+        minor = na * nb - nd * nd
+        det = na * nb * nc + 2 * nd * ne * nf - na * ne * ne - nb * nf * nf - nc * nd * nd
+        if not (minor > 0 and det > 0):
+            raise ValueError(f"crystal.Ncells_def = {shown} with Na, Nb, Nc = {_shown((na, nb, nc))} "
+                             f"makes the domain-size matrix not positive definite (det {det:.4g}, "
+                             f"minor {minor:.4g}); give off-diagonal terms small against Na, Nb, Nc")
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,8 +703,9 @@ def _pixel_bounds(p: "Params", close: float, distance: float,
     them: (name, bound, how to lower it). Computed in float64 (a Python float; inf on overflow).
 
     A pixel is ``r_e^2 fluence / steps * sum over paths (F^2 F_latt^2 + background) * capture
-    * polarization * omega`` with ``F_latt^2 <= (Na Nb Nc)^2``, capture <= 1, polarization
-    ``(1 + cos^2 - K cos(2psi) sin^2)/2 <= 1`` for ``|K| <= 1``, and ``omega <= pixel^2 / min(|close|, |distance|)^2`` (``1/min(...)^2`` for a point
+    * polarization * omega * G`` with ``F_latt^2 <= (Na Nb Nc)^2`` (also with off-diagonal
+    size terms: ``det N <= Na Nb Nc`` for a positive definite ``N``, Hadamard), capture <= 1,
+    polarization ``(1 + cos^2 - K cos(2psi) sin^2)/2 <= 1`` for ``|K| <= 1``, and ``omega <= pixel^2 / min(|close|, |distance|)^2`` (``1/min(...)^2`` for a point
     pixel), lengths in m. ``lattice_peak=False`` takes ``F_latt^2 = 1`` instead: the bound of
     a pixel off the Bragg peaks, which a render with a sharp lattice factor usually keeps to.
     """
@@ -677,7 +721,7 @@ def _pixel_bounds(p: "Params", close: float, distance: float,
     near = min(abs(close), abs(distance))
     pixel = 1.0 if det.point_pixel else float(det.pixel_size) * MM
     omega = pixel * pixel / (near * near) if near * near > 0 else math.inf
-    value = R_E_SQR * fluence / steps * intensity * omega
+    value = R_E_SQR * fluence * float(cr.G) / steps * intensity * omega
     return [("crystal.default_F/fhkl: F^2", f_max * f_max, "lower the structure factors"),
             ("crystal.Na/Nb/Nc: (Na Nb Nc)^2", cells * cells, "lower Na, Nb, Nc"),
             ("crystal.water_size: the water background", background,
@@ -686,8 +730,8 @@ def _pixel_bounds(p: "Params", close: float, distance: float,
              "lower the structure factors, Na, Nb, Nc or the number of paths"),
             ("detector.pixel_size: the solid angle of a pixel", omega,
              "give a larger distance or smaller pixels (mm)"),
-            ("beam.fluence: a pixel's photons", value,
-             "lower fluence, the structure factors or Na, Nb, Nc")]
+            ("beam.fluence/crystal.G: a pixel's photons", value,
+             "lower fluence, G, the structure factors or Na, Nb, Nc")]
 
 
 def photons_bound(p: "Params", close: float, distance: float, lattice_peak: bool = True) -> float:

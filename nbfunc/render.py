@@ -80,6 +80,7 @@ class Setup(NamedTuple):
     water: torch.Tensor         # water size (m)
     layer_depth: torch.Tensor   # m
     mu: torch.Tensor            # 1/m
+    n_offdiag: torch.Tensor     # (3,) Nd, Ne, Nf (cells), Gaussian shape only
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,8 @@ def prepare(p: Params) -> tuple[Setup, torch.Tensor, torch.Tensor, torch.Tensor]
     real, recip = oriented_cell(cr)
     setup = Setup(frame, incident, wavelengths, polar_axis, beam.kahn_factor, recip,
                   torch.stack([cr.Na, cr.Nb, cr.Nc], -1), cr.fudge, cr.default_F, cr.fhkl,
-                  cr.water_size * UM, det.thickness * det.thick_step_fraction * MM, det.mu / MM)
+                  cr.water_size * UM, det.thickness * det.thick_step_fraction * MM, det.mu / MM,
+                  cr.Ncells_def)
     return setup, real, phi_rotations(cr), mosaic_rotations(cr)
 
 
@@ -474,7 +476,7 @@ def pixel_values(plan: Plan, scale, intensity, capture_last, polar_found, polar_
     """Photons per pixel from the accumulated sum and the per-pixel "first/last" factors.
 
     Args:
-        scale: 0-d ``r_e^2 fluence / steps`` (m^2 times photons/m^2, divided by the number
+        scale: 0-d ``r_e^2 fluence G / steps`` (m^2 times photons/m^2, divided by the number
             of sub-pixels x sources x orientations);
         intensity: (P,) accumulated ``F^2 F_latt^2`` sum, background included;
         capture_last, polar_first, omega_first: (P,) the factors found by the chunks
@@ -542,7 +544,7 @@ def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, di
         hkl = tuple(torch.where(per_orient(first), a, b) for a, b in zip(hkl_first, hkl))
         seen = seen_in | alive.any()
     n_cells = setup.n_cells
-    f_latt = lattice_factor(plan.shape, hkl, setup.recip, n_cells, setup.fudge)
+    f_latt = lattice_factor(plan.shape, hkl, setup.recip, n_cells, setup.fudge, setup.n_offdiag)
     # nanoBragg skips an evaluation whose F_latt is 0 (without water background): the skip
     # matters for the interpolation switch-off and the oversample_* factors; otherwise the
     # term is 0 anyway and the (slow) boolean mask is left out
@@ -634,9 +636,10 @@ def image_setup(p: Params, carry_orientation: torch.Tensor | None, plan: Plan):
         carry_orientation: (3, 3) the phi carry's orientation (C-parity path), or None.
     Returns:
         (setup, orientations (O, 3, 3), first-evaluation orientations or None, the carry's
-        orientation after this render or None, ``finish``: (scale 0-d ``r_e^2 fluence /
-        steps`` (m^2 photons/m^2), water background 0-d (photons/sr)) in the orientations'
-        dtype, as `chunk_kernel` takes them).
+        orientation after this render or None, ``finish``: (scale 0-d ``r_e^2 fluence G /
+        steps`` (m^2 photons/m^2), water background over G 0-d (photons/sr)) in the
+        orientations' dtype, as `chunk_kernel` takes them: the per-shot scale G multiplies
+        the crystal's photons and leaves the water's.
     """
     setup, real, phi_rot, mosaic_rot = prepare(p)
     first_orient = after = None
@@ -650,8 +653,11 @@ def image_setup(p: Params, carry_orientation: torch.Tensor | None, plan: Plan):
         orient = orientation_matrices(steps_rest, mosaic_rot)
     fluence = p.beam.fluence
     steps = plan.n_sources * plan.n_orient * plan.oversample**2
+    # G scales the crystal's photons only: the scale takes G and the water background 1/G
+    # (exact for G = 1), so every path of the renderer, `PartialsRules` included, applies it
+    g = p.crystal.G
     finish = tuple(torch.as_tensor(x, dtype=orient.dtype, device=orient.device)
-                   for x in (R_E_SQR * fluence / steps, water_background(setup.water, fluence)))
+                   for x in (R_E_SQR * fluence * g / steps, water_background(setup.water, fluence) / g))
     return setup, orient, first_orient, after, finish
 
 

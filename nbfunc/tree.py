@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from nbfunc.params import Beam, Crystal, Detector, Node, Params, Sampling, SourceGrid, SourceList, _same
+from nbfunc.params import Beam, Crystal, Detector, Node, Params, SourceGrid, SourceList, _same
 
 
 class StaticSettings(tuple):

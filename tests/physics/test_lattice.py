@@ -158,3 +158,51 @@ class TestLatticeFactor:
         i1 = lattice_factor(shape, hkl, self.recip, self.n, self.fudge) ** 2
         i2 = lattice_factor(shape, hkl, self.recip, 2 * self.n, self.fudge) ** 2
         assert torch.allclose(i2 / i1, torch.tensor(64.0, dtype=D))
+
+
+class TestDomainSizeTensor:
+    """Off-diagonal domain-size terms (Nd, Ne, Nf) of the Gaussian shape (docs/physics.md)."""
+
+    recip = torch.tensor([[0.020, 0.001, -0.002], [0.0, 0.017, 0.003], [0.0, 0.0, 0.014]], dtype=D)
+    n = torch.tensor([5.0, 6.0, 7.0], dtype=D)
+    fudge = torch.tensor(1.3, dtype=D)
+    offdiag = torch.tensor([0.8, -0.5, 0.3], dtype=D)
+
+    def hkl(self):
+        return (torch.rand(300, 3, generator=torch.Generator().manual_seed(3), dtype=D) - 0.5) * 8
+
+    @pytest.mark.parametrize("shape", ["square", "round", "gauss", "tophat"])
+    def test_zero_offdiagonals_are_bit_for_bit_the_plain_factor(self, shape):
+        hkl = self.hkl()
+        plain = lattice_factor(shape, hkl, self.recip, self.n, self.fudge)
+        zeros = lattice_factor(shape, hkl, self.recip, self.n, self.fudge, torch.zeros(3, dtype=D))
+        assert torch.equal(plain, zeros)
+
+    def test_gauss_is_the_documented_matrix_formula(self):
+        hkl = self.hkl()
+        na, nb, nc = self.n.tolist()
+        nd, ne, nf = self.offdiag.tolist()
+        size = torch.tensor([[na, nd, nf], [nd, nb, ne], [nf, ne, nc]], dtype=D)
+        dhkl = hkl - torch.ceil(hkl - 0.5)
+        coupled = dhkl @ (torch.diag(1.0 / self.n) @ size).T      # rows D^-1 N dh
+        rad = ((coupled @ self.recip) ** 2).sum(-1) * (na * nb * nc) ** 2
+        expected = torch.linalg.det(size) * torch.exp(-rad / 0.63 * self.fudge)
+        got = lattice_factor("gauss", hkl, self.recip, self.n, self.fudge, self.offdiag)
+        assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+        assert not torch.allclose(got, lattice_factor("gauss", hkl, self.recip, self.n, self.fudge))
+
+    @pytest.mark.parametrize("shape", ["square", "round", "tophat"])
+    def test_other_shapes_ignore_offdiagonals(self, shape):
+        hkl = self.hkl()
+        plain = lattice_factor(shape, hkl, self.recip, self.n, self.fudge)
+        assert torch.equal(plain, lattice_factor(shape, hkl, self.recip, self.n, self.fudge, self.offdiag))
+
+    def test_peak_is_det_n_within_hadamards_bound(self):
+        peak = lattice_factor("gauss", torch.tensor([2.0, -1.0, 3.0], dtype=D), self.recip, self.n,
+                              self.fudge, self.offdiag)
+        na, nb, nc = self.n.tolist()
+        nd, ne, nf = self.offdiag.tolist()
+        size = torch.tensor([[na, nd, nf], [nd, nb, ne], [nf, ne, nc]], dtype=D)
+        assert torch.allclose(peak, torch.linalg.det(size), rtol=1e-14)
+        # the overflow bound of nbfunc.params takes F_latt <= Na Nb Nc
+        assert peak < na * nb * nc

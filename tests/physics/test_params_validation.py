@@ -349,3 +349,44 @@ def test_a_json_tensor_with_unknown_keys_is_refused(extra):
     message, _ = refusal(lambda: Params.model_validate(tree))
     assert f"unknown JSON tensor keys ['{next(iter(extra))}']" in message
     assert_one_line(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Domain-size tensor (crystal.Ncells_def) and per-shot scale (crystal.G)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build, shown", [
+    (lambda: crystal(Ncells_def=[1.0, 0.0, 0.0]), "used only by the Gaussian shape, not 'square'"),
+    (lambda: crystal(Ncells_def=[0.0, 0.5, 0.0], shape="round"), "not 'round'"),
+    (lambda: crystal(Ncells_def=[5.0, 0.0, 0.0], shape="gauss"), "not positive definite (det 0"),
+    (lambda: crystal(Ncells_def=[4.5, 4.5, -4.5], shape="gauss"), "not positive definite"),
+])
+def test_offdiagonal_size_terms_are_refused_in_one_line(build, shown):
+    message, _ = refusal(build)
+    assert "crystal.Ncells_def" in message and shown in message and "; give" in message, message
+    assert_one_line(message)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(Ncells_def=[1.0, 2.0]), "Ncells_def"), (dict(Ncells_def=[0.0, INF, 0.0]), "Ncells_def"),
+    (dict(G=0.0), "G"), (dict(G=-1.0), "G"), (dict(G=NAN), "G"), (dict(G=[1.0, 2.0]), "G"),
+])
+def test_bad_offdiagonals_and_scales_are_refused(changes, field):
+    message, error = refusal(lambda: crystal(**changes))
+    assert error["loc"] == (field,) and field in message, message
+    assert_one_line(message)
+
+
+def test_a_scale_whose_image_overflows_is_refused():
+    message, _ = refusal(lambda: params(cr=crystal(G=1e300, default_F=1e10)))
+    assert "crystal.G" in message, message
+    assert_one_line(message)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(Ncells_def=[4.99, 0.0, 0.0]),                 # nearly singular domain-size matrix
+    dict(Ncells_def=[2.0, -2.0, 2.0], G=1e-300),
+    dict(Ncells_def=[3.0, 3.0, 3.0], G=1e20, fudge=1e-300),
+])
+def test_valid_offdiagonals_and_scales_render_finite(changes):
+    assert renders_finite(params(cr=crystal(shape="gauss", **changes),
+                                 det=detector(fpixels=4, spixels=4)))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nbfunc.cli.derive import params_from_args
-from nbfunc.params import Beam, Crystal, Detector, Params, Sampling
+from nbfunc.params import Beam, Crystal, Detector, Params
 from nbfunc.render import rendered_pixels, simulate, simulate_pixels
 
 D = torch.float64

@@ -28,7 +28,7 @@ CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
         "detector.beam_center_f", "detector.beam_center_s", "detector.pixel_size",
         "crystal.cell_a", "crystal.cell_b", "crystal.cell_c", "crystal.cell_alpha",
         "crystal.cell_beta", "crystal.cell_gamma", "crystal.misset", "crystal.Na", "crystal.Nb",
-        "crystal.Nc", "crystal.phi_start", "crystal.default_F")),
+        "crystal.Nc", "crystal.phi_start", "crystal.default_F", "crystal.G")),
     "rotated_detector": ("-twotheta 5 -detector_rotx 1 -detector_roty 2 -detector_rotz 3", (
         "detector.rotx", "detector.roty", "detector.rotz", "detector.twotheta",
         "detector.distance", "detector.beam_center_f")),
@@ -46,7 +46,8 @@ CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hkl": ("-hkl {hkl}", ("crystal.fhkl", "crystal.default_F")),
     "water": ("-water 10", ("crystal.water_size", "beam.fluence")),
     "round": ("-round_xtal -fudge 2", ("crystal.fudge", "crystal.Na")),
-    "gauss": ("-gauss_xtal -fudge 2", ("crystal.fudge", "crystal.cell_a")),
+    "gauss": ("-gauss_xtal -fudge 2", ("crystal.fudge", "crystal.cell_a", "crystal.Ncells_def",
+                                       "crystal.G")),
     "tophat": ("-tophat_spots -fudge 2", ("crystal.Na", "beam.fluence")),
     "polarized": ("-polar 0.5", ("beam.kahn_factor",)),
     "sourcefile": ("-sourcefile {sources}", ("beam.sources.directions",

@@ -10,13 +10,12 @@ import math
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
 
 import nbfunc
 from nbfunc import Beam, Crystal, Detector, Params, SourceGrid
 from nbfunc.lattice import lattice_factor
 from nbfunc.units import R_E_SQR
-from _transforms_support import all_finite, assert_close_scaled, central_difference, leaf_step
+from _transforms_support import all_finite, assert_close_scaled, central_difference
 
 f64 = lambda x: torch.tensor(x, dtype=torch.float64)
 

@@ -42,7 +42,7 @@ class TestFlatten:
                             "beam.sources.vdivrange"]
         assert listed[3:5] == ["beam.sources.directions", "beam.sources.wavelengths"]
         assert grid[6:] == listed[5:]
-        assert len(grid) == 33
+        assert len(grid) == 35
 
     def test_sampling_and_settings_are_not_leaves(self, tiny):
         paths = tiny.leaf_paths()
