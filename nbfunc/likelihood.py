@@ -141,7 +141,10 @@ def element_name(path: str, index: int | None) -> str:
 
 
 def pack(leaves: Mapping[str, torch.Tensor], elements: Sequence[tuple[str, int | None]]) -> torch.Tensor:
-    """The free elements' values as one float64 vector (n,)."""
+    """The free elements' values as one float64 vector (n,); (0,) when nothing is free."""
+    if not elements:
+        device = next(iter(leaves.values())).device if leaves else None
+        return torch.zeros(0, dtype=torch.float64, device=device)
     return torch.stack([leaves[p].reshape(-1)[i or 0].to(torch.float64) for p, i in elements])
 
 

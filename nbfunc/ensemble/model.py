@@ -195,9 +195,7 @@ def _leaves(p: Params) -> dict[str, torch.Tensor]:
 
 def _theta(p: Params, free: Sequence[str]) -> torch.Tensor:
     """(m,) the values of the free elements in ``p`` (m = 0 without any)."""
-    elements = free_elements(p, free)
-    cell = p.crystal.cell_a
-    return pack(_leaves(p), elements) if elements else cell.new_zeros(0)
+    return pack(_leaves(p), free_elements(p, free))
 
 
 # --------------------------------------------------------------------------------------------

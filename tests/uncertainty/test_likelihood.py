@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from _uncertainty_support import render
-from nbfunc.likelihood import (linearize, parse_free, pixel_deviance, pixel_nll, poisson_problem,
-                               row_bands, unpacker)
+from nbfunc.likelihood import (linearize, pack, parse_free, pixel_deviance, pixel_nll,
+                               poisson_problem, row_bands, unpacker)
 
 f64 = lambda x: torch.tensor(x, dtype=torch.float64)
 
@@ -15,6 +15,13 @@ def test_parse_free_expands_leaves_into_elements():
     leaves = {"m": f64([1.0, 2.0, 3.0]), "d": f64(4.0)}
     assert parse_free(["m", "d"], leaves) == [("m", 0), ("m", 1), ("m", 2), ("d", None)]
     assert parse_free(["m[2]", "d[0]"], leaves) == [("m", 2), ("d", None)]
+
+
+def test_pack_gathers_the_free_elements_and_nothing_when_none_is_free():
+    leaves = {"m": f64([1.0, 2.0, 3.0]), "d": f64(7.0)}
+    assert torch.equal(pack(leaves, [("m", 2), ("d", None)]), f64([3.0, 7.0]))
+    empty = pack(leaves, [])
+    assert empty.shape == (0,) and empty.dtype == torch.float64
 
 
 def test_unpacker_replaces_only_the_free_elements_and_is_linear():
