@@ -35,8 +35,9 @@ that is not a valid tree stops the run with the shot's index. ``noise``: Poisson
 drawn per shot from the same stream (else expected photons). Varying a detector or beam leaf
 needs ``shots_per_file`` 1 (an NXmx file has one geometry).
 
-Run on one process, or on several with torchrun (the ranks share nothing but a barrier
-before rank 0 writes the manifest)::
+Run on one process, or on several with torchrun (the ranks share nothing but one collective
+at the end, `nbfunc.ensemble.distributed.agree`: a failure on any rank is printed by rank 0 on
+one line and every rank exits 1; otherwise rank 0 writes the manifest)::
 
     python -m nbfunc.dataset spec.json out/
     torchrun --nproc_per_node 4 -m nbfunc.dataset spec.json out/
@@ -339,18 +340,12 @@ def write_manifest(folder: str, spec: DatasetSpec) -> dict:
     return out
 
 
-def _distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether a process group was started) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status: 0 done, 1 a rank failed (rank 0 prints the
+    first failure on one line; every rank learns of it at the same collective, so none waits
+    for a failed one), 2 a bad process environment."""
+    from nbfunc.ensemble.distributed import ShotError, agree, finish, init_from_env
+
     parser = argparse.ArgumentParser(prog="python -m nbfunc.dataset",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="dataset spec (JSON)")
@@ -358,28 +353,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (each rank uses cuda:LOCAL_RANK)")
     args = parser.parse_args(argv)
-    rank, world, group = _distributed()
-    device = args.device
-    if device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    try:
+        comm = init_from_env(args.device)
+    except (ValueError, RuntimeError) as err:
+        print(f"nbfunc.dataset: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    failure = None
     try:
         spec = load_spec(args.spec)
-        generate(spec, args.folder, rank, world, os.path.dirname(os.path.abspath(args.spec)), device)
-    except (NbfuncInputError, OSError, RuntimeError) as err:
-        print(f"nbfunc.dataset: rank {rank}: {err}", file=sys.stderr)
+        generate(spec, args.folder, comm.rank, comm.world,
+                 os.path.dirname(os.path.abspath(args.spec)), str(comm.device))
+    except (NbfuncInputError, OSError, RuntimeError, ValueError) as err:
+        failure = f"rank {comm.rank}: {' '.join(str(err).split())}"
+    try:
+        agree(comm, failure)  # every rank reaches it, failed or not
+    except ShotError as err:
+        if comm.rank == 0:
+            print(f"nbfunc.dataset: {err}", file=sys.stderr)
+        finish(comm)
         return 1
-    if group:
-        import torch.distributed as dist
-
-        dist.barrier()
-    if rank == 0:
+    if comm.rank == 0:
         out = write_manifest(args.folder, spec)
         print(json.dumps({"folder": args.folder, "complete": out["complete"],
                           "files": len(out["files"]), "missing": len(out["missing"])}))
-    if group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    finish(comm)
     return 0
 
 

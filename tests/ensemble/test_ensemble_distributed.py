@@ -118,3 +118,18 @@ def test_two_ranks_generate_a_dataset(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     for name in ("manifest.json", "shots_0000002-0000003.json"):
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+
+
+def test_a_rank_whose_shot_fails_stops_generation_everywhere(tmp_path):
+    """Shot 1 (on rank 1; seed 6 draws a negative Na for it and valid ones for shots 0, 2, 3)
+    makes an invalid tree: rank 0, whose shots render, prints rank 1's failure on one line,
+    both ranks exit 1 at the same collective, and no manifest is written."""
+    fields = {"flags": "-cell 40 40 60 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 80 "
+                       "-detpixels 8 -pixel 0.8 -oversample 1",
+              "shots": 4, "seed": 6, "shots_per_file": 1, "vary": {"crystal.Na": {"normal": [1, 3]}}}
+    (tmp_path / "spec.json").write_text(json.dumps(fields))
+    ranks = launch_forked(2, ["generate", str(tmp_path / "spec.json"), str(tmp_path / "out")], tmp_path)
+    assert [r[0] for r in ranks] == [1, 1], ranks
+    message = ranks[0][2].strip()
+    assert "\n" not in message and message.startswith("nbfunc.dataset: rank 1: shot 1: the drawn values"), message
+    assert ranks[1][2] == "" and not (tmp_path / "out" / "manifest.json").exists()
