@@ -272,9 +272,13 @@ def prepare_folder(folder: str, spec: DatasetSpec, rank: int, mine: list[tuple[i
     no other rank writes them) and, on rank 0, of the spec and the manifest.
 
     Raises:
-        NbfuncInputError: the folder holds a dataset of another spec.
+        NbfuncInputError: the folder cannot be created, or holds a dataset of another spec.
     """
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise NbfuncInputError(f"{folder}: cannot be the output folder ({exc.strerror}); give a "
+                               "folder that exists or can be created") from None
     path = os.path.join(folder, "spec.json")
     text = spec_text(spec)
     if os.path.exists(path):

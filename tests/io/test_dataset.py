@@ -180,6 +180,14 @@ def test_spec_files_are_validated_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(NbfuncInputError, match="cannot be the output folder") as err:
+            dataset.generate(make_spec(), str(folder))
+        assert "\n" not in str(err.value)
+
+
 def test_a_folder_of_another_spec_is_refused(reference):
     with pytest.raises(NbfuncInputError, match="holds a dataset of another spec"):
         dataset.generate(make_spec(seed=8), reference[0])
