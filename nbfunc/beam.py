@@ -1,4 +1,4 @@
-"""Sources (directions and wavelengths) and the Kahn polarization factor."""
+"""Sources (directions, wavelengths and weights) and the Kahn polarization factor."""
 from __future__ import annotations
 
 import torch
@@ -41,6 +41,18 @@ def sources(beam) -> tuple[torch.Tensor, torch.Tensor]:
     towards = rotate_axis(towards, vert.expand(towards.shape), hdiv)
     wavelengths = beam.wavelength[..., None] * ANGSTROM * (1.0 + src.dispersion[..., None] * frac(src.disp_fracs))
     return -_unit(towards), wavelengths.expand(vdiv.shape[:-1] + (n,))
+
+
+def source_weights(beam) -> torch.Tensor | None:
+    """Per-source weights (source,) (dimensionless) of listed sources, None for a grid.
+
+    A path's term is multiplied by its source's weight (docs/physics.md, "Spectra"); grid
+    sources all weigh one, as in nanoBragg, and need no multiplication.
+
+    Args:
+        beam: `nbfunc.params.Beam`.
+    """
+    return beam.sources.weights if isinstance(beam.sources, SourceList) else None
 
 
 def _cross(u, v):

@@ -226,25 +226,51 @@ class SourceGrid(Node):
 
 
 class SourceList(Node):
-    """Explicit sources (from ``-sourcefile``): a direction and a wavelength per source.
+    """Explicit sources (``-sourcefile``, a spectrum): a direction, a wavelength and a weight
+    per source.
 
     ``directions`` (source, 3) point from the sample towards each source (they are normalised
-    inside the simulation); ``wavelengths`` (source,) are in Angstrom. As in nanoBragg, the
-    per-source weight column of a source file is not used.
+    inside the simulation); ``wavelengths`` (source,) are in Angstrom; ``weights`` (source,)
+    are dimensionless, default all ones. Source ``s`` contributes ``weights[s]`` times its
+    term to every pixel, and the sum is divided by the number of sources, as nanoBragg divides
+    by its "steps": a pixel is ``r_e^2 fluence G / steps * (background + sum over paths of
+    weights[s] F^2 F_latt^2)`` (docs/physics.md, "Spectra"). With weights of one the image is
+    the C program's, which ignores the weight column of a source file; weights with mean 1
+    keep ``beam.fluence`` the shot's total fluence. Validated: finite, >= 0, not all zero.
     """
 
-    LEAVES: ClassVar = ("directions", "wavelengths")
+    LEAVES: ClassVar = ("directions", "wavelengths", "weights")
     directions: TensorLike
     wavelengths: TensorLike
+    weights: TensorLike = Field(description="per-source weight (dimensionless), default all ones")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_weights(cls, data):
+        """Weights of one, in the wavelengths' dtype and device, when none are given."""
+        if isinstance(data, dict) and data.get("weights") is None and "wavelengths" in data:
+            w = data["wavelengths"]
+            if isinstance(w, torch.Tensor):
+                ones = torch.ones(w.shape[:1], dtype=w.dtype if w.is_floating_point() else
+                                  torch.float64, device=w.device)
+            else:
+                ones = np.ones(np.shape(w)[:1])
+            data = {**data, "weights": ones}
+        return data
 
     @model_validator(mode="after")
     def _shapes(self):
-        d, w = self.directions, self.wavelengths
+        d, w, g = self.directions, self.wavelengths, self.weights
         _check("directions", d, d.dim() == 2 and d.shape[-1] == 3 and d.shape[0] > 0,
                "an array of shape (sources, 3)")
         _check("wavelengths", w, w.shape == d.shape[:1], f"an array of shape ({d.shape[0]},)")
         _check("wavelengths", w, bool((w > 0).all()), "> 0 Angstrom")
         _check("directions", d, bool((d.norm(dim=-1) > 0).all()), "non-zero vectors")
+        _check("weights", g, g.shape == d.shape[:1], f"an array of shape ({d.shape[0]},), one "
+               "weight per source")
+        _check("weights", g, bool((g >= 0).all()), ">= 0 (dimensionless)")
+        _check("weights", g, bool((g > 0).any()), "not all zero; give a positive weight to at "
+               "least one source")
         return self
 
     @property
@@ -702,8 +728,9 @@ def _pixel_bounds(p: "Params", close: float, distance: float,
     """Upper bounds of the quantities a render multiplies into a pixel, in the order it forms
     them: (name, bound, how to lower it). Computed in float64 (a Python float; inf on overflow).
 
-    A pixel is ``r_e^2 fluence / steps * sum over paths (F^2 F_latt^2 + background) * capture
-    * polarization * omega * G`` with ``F_latt^2 <= (Na Nb Nc)^2`` (also with off-diagonal
+    A pixel is ``r_e^2 fluence / steps * sum over paths (w F^2 F_latt^2 + background) * capture
+    * polarization * omega * G`` (``w``: the path's source weight, bounded here by
+    ``max(1, max weight)``) with ``F_latt^2 <= (Na Nb Nc)^2`` (also with off-diagonal
     size terms: ``det N <= Na Nb Nc`` for a positive definite ``N``, Hadamard), capture <= 1,
     polarization ``(1 + cos^2 - K cos(2psi) sin^2)/2 <= 1`` for ``|K| <= 1``, and ``omega <= pixel^2 / min(|close|, |distance|)^2`` (``1/min(...)^2`` for a point
     pixel), lengths in m. ``lattice_peak=False`` takes ``F_latt^2 = 1`` instead: the bound of
@@ -717,7 +744,8 @@ def _pixel_bounds(p: "Params", close: float, distance: float,
     steps = terms / det.thicksteps
     fluence, water = float(beam.fluence), float(cr.water_size) * UM
     background = WATER_F**2 * R_E_SQR * fluence * (water * water * water) * 1e6 * AVOGADRO / WATER_MW
-    intensity = terms * (f_max * f_max * cells * cells + background)
+    weight = float(beam.sources.weights.max()) if isinstance(beam.sources, SourceList) else 1.0
+    intensity = terms * (f_max * f_max * cells * cells * max(weight, 1.0) + background)
     near = min(abs(close), abs(distance))
     pixel = 1.0 if det.point_pixel else float(det.pixel_size) * MM
     omega = pixel * pixel / (near * near) if near * near > 0 else math.inf

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch.utils._pytree import tree_leaves
 
-from nbfunc.beam import polarization_axes, polarization_factor, sources
+from nbfunc.beam import polarization_axes, polarization_factor, source_weights, sources
 from nbfunc.compile import (check_settings, compiled, forward_mode_active, in_functorch_transform,
                             only_batching, per_call_under_transforms, report_failure)
 from nbfunc.derived import StructuredRules, derived_call
@@ -81,6 +81,7 @@ class Setup(NamedTuple):
     layer_depth: torch.Tensor   # m
     mu: torch.Tensor            # 1/m
     n_offdiag: torch.Tensor     # (3,) Nd, Ne, Nf (cells), Gaussian shape only
+    weights: torch.Tensor | None = None  # (source,) dimensionless; None: all one
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def prepare(p: Params) -> tuple[Setup, torch.Tensor, torch.Tensor, torch.Tensor]
     setup = Setup(frame, incident, wavelengths, polar_axis, beam.kahn_factor, recip,
                   torch.stack([cr.Na, cr.Nb, cr.Nc], -1), cr.fudge, cr.default_F, cr.fhkl,
                   cr.water_size * UM, det.thickness * det.thick_step_fraction * MM, det.mu / MM,
-                  cr.Ncells_def)
+                  cr.Ncells_def, source_weights(beam))
     return setup, real, phi_rotations(cr), mosaic_rotations(cr)
 
 
@@ -230,7 +231,9 @@ def water_background(water: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor
 class Paths(NamedTuple):
     """A block of paths (layer, sub-pixel, source), each field with leading shape (E, 1).
 
-    layer, sub_s, sub_f: float indices; incident: (E, 1, 3) unit vectors; wavelength: (E, 1) m.
+    layer, sub_s, sub_f: float indices; incident: (E, 1, 3) unit vectors; wavelength: (E, 1) m;
+    weight: (E, 1) the source's weight (dimensionless), or None when every weight is one or
+    is folded into the scale (`image_setup`).
     """
 
     layer: torch.Tensor
@@ -238,6 +241,7 @@ class Paths(NamedTuple):
     sub_f: torch.Tensor
     incident: torch.Tensor
     wavelength: torch.Tensor
+    weight: torch.Tensor | None = None
 
 
 def path_block(setup: Setup, plan: Plan, start: int, stop: int) -> Paths:
@@ -250,7 +254,8 @@ def path_block(setup: Setup, plan: Plan, start: int, stop: int) -> Paths:
     layer = e // (plan.n_sources * os2)
     as_float = lambda x: x.to(dtype)[:, None]
     return Paths(as_float(layer), as_float(sub // plan.oversample), as_float(sub % plan.oversample),
-                 setup.incident[src][:, None], setup.wavelengths[src][:, None])
+                 setup.incident[src][:, None], setup.wavelengths[src][:, None],
+                 None if setup.weights is None else setup.weights[src][:, None])
 
 
 def path_rays(setup: Setup, plan: Plan, fpix, spix, paths: Paths):
@@ -554,6 +559,8 @@ def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, di
         counted = None
     f_cell, disabled = structure_factor(setup, plan, hkl, counted, disabled_in)
     term = (f_cell * f_latt) ** 2
+    if paths.weight is not None:
+        term = term * per_orient(paths.weight)
     if counted is not None:
         term = torch.where(counted, term, 0.0)
     out = {"disabled": disabled, "seen": seen}
@@ -639,7 +646,9 @@ def image_setup(p: Params, carry_orientation: torch.Tensor | None, plan: Plan):
         orientation after this render or None, ``finish``: (scale 0-d ``r_e^2 fluence G /
         steps`` (m^2 photons/m^2), water background over G 0-d (photons/sr)) in the
         orientations' dtype, as `chunk_kernel` takes them: the per-shot scale G multiplies
-        the crystal's photons and leaves the water's.
+        the crystal's photons and leaves the water's. The weight of a single listed source
+        is folded into G the same way (the returned setup then has no weights); with several
+        sources each path's term is multiplied by its source's weight in `chunk_kernel`.
     """
     setup, real, phi_rot, mosaic_rot = prepare(p)
     first_orient = after = None
@@ -654,8 +663,12 @@ def image_setup(p: Params, carry_orientation: torch.Tensor | None, plan: Plan):
     fluence = p.beam.fluence
     steps = plan.n_sources * plan.n_orient * plan.oversample**2
     # G scales the crystal's photons only: the scale takes G and the water background 1/G
-    # (exact for G = 1), so every path of the renderer, `PartialsRules` included, applies it
+    # (exact for G = 1), so every path of the renderer, `PartialsRules` included, applies it.
+    # The weight of a single source is folded in the same way (weights are validated > 0 then)
     g = p.crystal.G
+    if setup.weights is not None and plan.n_sources == 1:
+        g = g * setup.weights[0]
+        setup = setup._replace(weights=None)
     finish = tuple(torch.as_tensor(x, dtype=orient.dtype, device=orient.device)
                    for x in (R_E_SQR * fluence * g / steps, water_background(setup.water, fluence) / g))
     return setup, orient, first_orient, after, finish

@@ -9,7 +9,9 @@ token such as ``1-2`` counts as one column (value 1). A token with no numeric pr
 (C would read 0) is rejected here.
 
 A source file has the columns X Y Z (position of the source relative to the sample, any
-length unit), weight and wavelength (m).
+length unit), weight and wavelength (m). As in the C program, the command line does not use
+the weight column (its tree gets weights of one); spectra with weights are read by
+`nbfunc.io.spectrum`, and `nbfunc.params.SourceList.weights` can be set directly.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tophat": ("-tophat_spots -fudge 2", ("crystal.Na", "beam.fluence")),
     "polarized": ("-polar 0.5", ("beam.kahn_factor",)),
     "sourcefile": ("-sourcefile {sources}", ("beam.sources.directions",
-                                             "beam.sources.wavelengths")),
+                                             "beam.sources.wavelengths",
+                                             "beam.sources.weights")),
 }
 
 HKL_TEXT = "".join(f"{h} {k} {l} {50 + 7 * h + 3 * k - 5 * l + 0.25 * h * l}\n"

@@ -40,8 +40,9 @@ class TestFlatten:
         assert grid[:6] == ["beam.wavelength", "beam.kahn_factor", "beam.fluence",
                             "beam.sources.dispersion", "beam.sources.hdivrange",
                             "beam.sources.vdivrange"]
-        assert listed[3:5] == ["beam.sources.directions", "beam.sources.wavelengths"]
-        assert grid[6:] == listed[5:]
+        assert listed[3:6] == ["beam.sources.directions", "beam.sources.wavelengths",
+                               "beam.sources.weights"]
+        assert grid[6:] == listed[6:]
         assert len(grid) == 35
 
     def test_sampling_and_settings_are_not_leaves(self, tiny):
@@ -161,6 +162,14 @@ class TestValidationErrors:
         (lambda: Crystal(cell_a=50, cell_b=50, cell_c=50, misset=[1.0, 2.0]), "misset", "three angles"),
         (lambda: SourceGrid(hdivrange=-1.0), "hdivrange", ">= 0"),
         (lambda: SourceList(directions=[[-1, 0, 0]], wavelengths=[1.0, 2.0]), "wavelengths", "shape (1,)"),
+        (lambda: SourceList(directions=[[-1, 0, 0]], wavelengths=[1.0], weights=[1.0, 2.0]),
+         "weights", "shape (1,)"),
+        (lambda: SourceList(directions=[[-1, 0, 0]] * 2, wavelengths=[1.0, 2.0],
+                            weights=[1.0, -0.5]), "weights", ">= 0"),
+        (lambda: SourceList(directions=[[-1, 0, 0]] * 2, wavelengths=[1.0, 2.0],
+                            weights=[0.0, 0.0]), "weights", "not all zero"),
+        (lambda: SourceList(directions=[[-1, 0, 0]], wavelengths=[1.0], weights=[float("inf")]),
+         "weights", "non-finite"),
     ])
     def test_error_names_field_and_range(self, build, field, expected):
         with pytest.raises(ValidationError) as info:
