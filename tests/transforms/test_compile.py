@@ -402,9 +402,13 @@ def test_partials_choice(tiny):
 
 @pytest.mark.slow
 @needs_compile
-def test_compiled_autograd_equals_transform_gradient_with_many_paths(input_files):
+def test_compiled_autograd_equals_transform_gradient_with_many_paths(input_files, aot_eager):
     """Several sources (paths) and several orientations: ``.backward()`` through the compiled
-    VJP derived from the kernel (one tree with both: one compile instead of two)."""
+    VJP derived from the kernel (one tree with both: one compile instead of two). Traced by
+    dynamo and AOT autograd as inductor's input is (``aot_eager``): inductor's own code for
+    this graph took 128 s of the test command's 10 minutes; its output is checked on the
+    single-path kernel above (`test_autograd_through_the_wrapper_equals_transform_gradient`,
+    `test_inductor_compiled_gradient_equals_eager`)."""
     p = make_params(CONFIGS["mosaic_phi"][0] + " " + CONFIGS["divergence_dispersion"][0], input_files)
     with eager_mode():
         target = (nbfunc.simulate(p) * 1.1).detach()
