@@ -47,7 +47,7 @@ gigabytes of a whole-image graph."""
 
 @pytest.mark.skipif(COMPILE_DISABLED, reason="run once, by the test command's compiled run: the "
                     "measuring subprocess always sets NANOBRAGG_DISABLE_COMPILE=1, so both runs "
-                    "measure the same thing (~100 s)")
+                    "measure the same thing (~17 s)")
 @pytest.mark.parametrize("transform", ["grad", "hessian"])
 def test_transform_memory_is_set_by_the_chunk(transform):
     env = {**os.environ, "NANOBRAGG_DISABLE_COMPILE": "1"}
