@@ -59,7 +59,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nbfunc.io.atomic import atomic_write_bytes
-from nbfunc.io.errors import NbfuncInputError, read_limited
+from nbfunc.io.errors import NbfuncInputError, first_validation_error, read_limited
 from nbfunc.params import Params
 from nbfunc.tree import get_leaf, replace_leaves
 
@@ -125,10 +125,9 @@ def load_spec(path: str) -> DatasetSpec:
     try:
         return DatasetSpec.model_validate_json(raw)
     except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "spec"
-        raise NbfuncInputError(f"{path}: {where}: {first['msg']} (see nbfunc.dataset for the "
-                               "spec's fields)") from None
+        where, message = first_validation_error(err)
+        raise NbfuncInputError(f"{path}: {where or 'spec'}: {message} (see nbfunc.dataset for "
+                               "the spec's fields)") from None
 
 
 def base_tree(spec: DatasetSpec, spec_dir: str = ".") -> Params:
@@ -211,10 +210,9 @@ def shot_tree(base: Params, values: dict, index: int) -> Params:
     try:
         return Params.model_validate_json(replace_leaves(base, like).model_dump_json())
     except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
+        where, message = first_validation_error(err)
         raise NbfuncInputError(f"shot {index}: the drawn values make an invalid tree ({where}: "
-                               f"{first['msg']}); narrow the distribution in 'vary'") from None
+                               f"{message}); narrow the distribution in 'vary'") from None
 
 
 def block_name(first: int, last: int) -> str:
@@ -348,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status: 0 done, 1 a rank failed (rank 0 prints the
     first failure on one line; every rank learns of it at the same collective, so none waits
     for a failed one), 2 a bad process environment."""
-    from nbfunc.ensemble.distributed import ShotError, agree, finish, init_from_env
+    from nbfunc.ensemble.distributed import ShotError, agree, finish, init_from_env, one_line
 
     parser = argparse.ArgumentParser(prog="python -m nbfunc.dataset",
                                      description=__doc__.splitlines()[0])
@@ -360,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         comm = init_from_env(args.device)
     except (ValueError, RuntimeError) as err:
-        print(f"nbfunc.dataset: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"nbfunc.dataset: {one_line(err, None, named=False)}", file=sys.stderr)
         return 2
     failure = None
     try:
@@ -368,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         generate(spec, args.folder, comm.rank, comm.world,
                  os.path.dirname(os.path.abspath(args.spec)), str(comm.device))
     except (NbfuncInputError, OSError, RuntimeError, ValueError) as err:
-        failure = f"rank {comm.rank}: {' '.join(str(err).split())}"
+        failure = f"rank {comm.rank}: {one_line(err, None, named=False)}"
     try:
         agree(comm, failure)  # every rank reaches it, failed or not
     except ShotError as err:

@@ -20,6 +20,7 @@ from nbfunc.cli.flags import FlagError, given_flags, parse_flags
 from nbfunc.cli.header import convention_of, fits_convention
 from nbfunc.cli.rules import resolve_roi
 from nbfunc.detector import detector_frame
+from nbfunc.io.errors import first_validation_error
 from nbfunc.params import Params, Sampling
 
 OUTPUT_FLAGS = ("-params", "-params_out", "-floatfile", "-intfile", "-pgmfile", "-noisefile",
@@ -65,9 +66,9 @@ def load_tree(path: str, name: str) -> Params:
 
 def tree_file_error(err, name: str) -> FlagError:
     """A pydantic ValidationError of a tree file as one line: file, field path and message."""
-    first = err.errors()[0]
-    where = ".".join(str(x) for x in first["loc"]) or "the tree"
-    message = " ".join(str(first["msg"]).removeprefix("Value error, ").split())[:160]
+    where, message = first_validation_error(err)
+    where = where or "the tree"
+    message = " ".join(message.removeprefix("Value error, ").split())[:160]
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return FlagError(f"-params {name}: {where}: {message}{more}; give a tree written by "
                      "-params_out or Params.save")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nbfunc.ensemble.distributed import DEFAULT_TIMEOUT_S, ShotError, finish, init_from_env
+from nbfunc.ensemble.distributed import DEFAULT_TIMEOUT_S, ShotError, finish, init_from_env, one_line
 from nbfunc.ensemble.spec import run_refinement
 
 PROG = "python -m nbfunc.ensemble"
@@ -55,12 +55,6 @@ def pull_main(args) -> int:
     return 0
 
 
-def _line(err: BaseException, limit: int = 250) -> str:
-    """The error's message on one line (its type left out: the message says what is wrong)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = parser().parse_args(argv)
@@ -73,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         comm = init_from_env(args.device, args.timeout)
     except (ValueError, RuntimeError) as err:
-        print(f"{PROG}: error: {_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err, 250, named=False)}", file=sys.stderr)
         return 2
     try:
         out = run_refinement(args.spec, comm)
@@ -84,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ShotError as err:
         if comm.rank == 0:
-            print(f"{PROG}: error: {_line(err)}", file=sys.stderr)
+            print(f"{PROG}: error: {one_line(err, 250, named=False)}", file=sys.stderr)
         return 1
     except ValueError as err:
         where = f"(rank {comm.rank}) " if comm.world > 1 else ""
-        print(f"{PROG}: error: {where}{_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {where}{one_line(err, 250, named=False)}", file=sys.stderr)
         return 2
     finally:
         finish(comm)

@@ -138,10 +138,11 @@ def agree(comm: Comm, failure: str | None) -> None:
     raise ShotError(messages[0])
 
 
-def one_line(err: BaseException, limit: int = 200) -> str:
-    """``"TypeName: message"`` on one line, cut to ``limit`` characters."""
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+def one_line(err: BaseException, limit: int | None = 200, named: bool = True) -> str:
+    """``"TypeName: message"`` (or, not ``named``, the message alone) on one line, cut to
+    ``limit`` characters (None: not cut)."""
+    text = " ".join((f"{type(err).__name__}: {err}" if named else str(err)).split())
+    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
 
 
 def per_shot(comm: Comm, shots: Sequence[Any], fn: Callable[[Any], T],

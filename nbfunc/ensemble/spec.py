@@ -72,16 +72,16 @@ def load_spec(path) -> tuple[RefineSpec, pathlib.Path]:
     Raises:
         ValueError: a missing, unreadable or invalid spec (one line naming the field).
     """
-    from nbfunc.io.errors import read_limited
+    from nbfunc.io.errors import first_validation_error, read_limited
 
     raw = read_limited(path, "ensemble spec", "give a JSON refinement spec (docs/ensemble.md)",
                        SPEC_MAX_BYTES)
     try:
         return RefineSpec.model_validate_json(raw), pathlib.Path(path).resolve().parent
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "spec"
-        raise ValueError(f"{path}: {where}: {first['msg']} (docs/ensemble.md lists the fields)") from None
+        where, message = first_validation_error(err)
+        raise ValueError(f"{path}: {where or 'spec'}: {message} (docs/ensemble.md lists the "
+                         "fields)") from None
 
 
 def read_counts(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray:

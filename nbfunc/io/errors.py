@@ -36,6 +36,13 @@ def clip_words(text: str, width: int = WORD_MAX) -> str:
     return " ".join(clip(word) for word in text.split())
 
 
+def first_validation_error(err) -> tuple[str, str]:
+    """``(dotted location, message)`` of the first error of a pydantic ValidationError
+    (the location "" for an error of the whole model)."""
+    first = err.errors()[0]
+    return ".".join(str(x) for x in first["loc"]), str(first["msg"])
+
+
 def file_error(path: str | os.PathLike, message: str, line: int | None = None) -> NbfuncInputError:
     """Build an :class:`NbfuncInputError` whose message starts with the file (and line), on
     one line, with over-long names and values clipped (`clip_words`).

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from nbfunc.io.errors import file_error, read_limited
+from nbfunc.io.atomic import atomic_write_bytes
+from nbfunc.io.errors import file_error, read_text
 from nbfunc.io.sources import COLUMNS_MAX_BYTES, COLUMNS_MAX_LINES
 from nbfunc.params import SourceList
 
@@ -66,8 +67,7 @@ def read_spectrum(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             wavelength that is not > 0, a weight that is negative or not finite, no channel, or
             every weight zero.
     """
-    raw = read_limited(path, "spectrum file", "check the file path", COLUMNS_MAX_BYTES)
-    lines = raw.decode("utf-8", errors="replace").splitlines()
+    lines = read_text(path, "spectrum file", "check the file path", COLUMNS_MAX_BYTES).splitlines()
     if len(lines) > COLUMNS_MAX_LINES:
         raise file_error(path, f"has {len(lines)} lines, more than the {COLUMNS_MAX_LINES} a "
                          "spectrum file may have; give fewer channels")
@@ -86,7 +86,7 @@ def read_spectrum(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def save_spectrum(path: str | os.PathLike, wavelengths, weights) -> None:
     """Write a `.lam` spectrum file: `HEADER`, then ``wavelength,weight`` per line (Angstrom,
     dimensionless), each number to 17 significant digits so that `read_spectrum` gives the
-    same float64 values back.
+    same float64 values back; all or nothing (`nbfunc.io.atomic.atomic_write_bytes`).
 
     Args:
         wavelengths, weights: (channel,) array-likes of equal length.
@@ -97,8 +97,7 @@ def save_spectrum(path: str | os.PathLike, wavelengths, weights) -> None:
         raise ValueError(f"save_spectrum: {lam.size} wavelengths but {w.size} weights; give one "
                          "weight per wavelength")
     body = "".join(f"{a:.17g},{b:.17g}\n" for a, b in zip(lam, w))
-    with open(path, "w", encoding="ascii") as out:
-        out.write(HEADER + "\n" + body)
+    atomic_write_bytes(path, (HEADER + "\n" + body).encode("ascii"))
 
 
 def spectrum_sources(wavelengths, weights, beam_vector: Sequence[float] = (1.0, 0.0, 0.0),
