@@ -1,4 +1,5 @@
-"""Lattice transforms F_latt of the four crystal shapes.
+"""Lattice transforms F_latt of the crystal shapes: the C program's four (square, round,
+gauss, tophat) and diffBragg's Gaussian in Miller units (gauss_hkl).
 
 All functions are elementwise over any batch shape and safe to differentiate at their
 removable singularities (both branches of every ``torch.where`` are finite).
@@ -295,10 +296,36 @@ def reciprocal_distance_sq(dhkl: torch.Tensor | Components, recip: torch.Tensor,
     return total * n_cells.prod(-1) ** 2
 
 
+def miller_distance_sq(dhkl: torch.Tensor | Components, n_cells: torch.Tensor,
+                       n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
+    """``|N dH|^2``: the Miller offsets ``dH = (dh, dk, dl)`` times the domain-size matrix
+    ``N = [[Na, Nd, Nf], [Nd, Nb, Ne], [Nf, Ne, Nc]]``, squared (dimensionless: cells times
+    Miller units). diffBragg's ``hrad_sqr`` (simtbx/diffBragg/src/diffBragg_cpu_kernel.cpp,
+    ``V = NABC*delta_H``); with zero or no off-diagonal terms it is cctbx nanoBragg's
+    ``(h-h0)^2 Na^2 + (k-k0)^2 Nb^2 + (l-l0)^2 Nc^2``.
+
+    Args:
+        dhkl: (*, 3) offsets from the nearest integer indices, or their components;
+        n_cells: (3,) Na, Nb, Nc; n_offdiag: (3,) Nd, Ne, Nf (cells), or None for zeros.
+    Returns:
+        (*) the squared length.
+    """
+    dh, dk, dl = components(dhkl)
+    na, nb, nc = n_cells.unbind(-1)
+    if n_offdiag is None:
+        return (na * dh) ** 2 + (nb * dk) ** 2 + (nc * dl) ** 2
+    nd, ne, nf = n_offdiag.unbind(-1)
+    v1 = na * dh + nd * dk + nf * dl
+    v2 = nd * dh + nb * dk + ne * dl
+    v3 = nf * dh + ne * dk + nc * dl
+    return v1 * v1 + v2 * v2 + v3 * v3
+
+
 def gauss_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor,
                   n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
-    """Gaussian spots: ``det N exp(-rad*^2/0.63 * fudge)`` (``det N = Na Nb Nc`` without
-    off-diagonal terms, `size_determinant`)."""
+    """Gaussian spots: ``det N exp(-rad^2/0.63 * fudge)`` (``det N = Na Nb Nc`` without
+    off-diagonal terms, `size_determinant`). ``rad^2`` is `reciprocal_distance_sq` for the C
+    program's shape 'gauss' and `miller_distance_sq` for diffBragg's 'gauss_hkl'."""
     return size_determinant(n_cells, n_offdiag) * torch.exp(-(rad_star_sq / 0.63 * fudge))
 
 
@@ -311,11 +338,13 @@ def tophat_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torc
 def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tensor,
                    n_cells: torch.Tensor, fudge: torch.Tensor,
                    n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
-    """F_latt for a crystal ``shape`` in {"square", "round", "gauss", "tophat"}.
+    """F_latt for a crystal ``shape`` in {"square", "round", "gauss", "gauss_hkl", "tophat"}.
 
-    Nearest indices are ``ceil(h - 1/2)`` as in nanoBragg. The off-diagonal size terms enter
-    the Gaussian shape only (docs/physics.md, "Domain-size tensor"); the other shapes ignore
-    them.
+    Nearest indices are ``ceil(h - 1/2)`` as in nanoBragg. "gauss" is the C program's
+    Gaussian (offset measured in reciprocal space), "gauss_hkl" diffBragg's
+    (``det N exp(-|N dH|^2 fudge/0.63)``, offset in Miller units). The off-diagonal size
+    terms enter the two Gaussian shapes only (docs/physics.md, "Domain-size tensor"); the
+    other shapes ignore them.
 
     Args:
         hkl: (*, 3) fractional indices or their three components; recip: (3, 3) reciprocal
@@ -332,4 +361,6 @@ def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tens
     if shape == "gauss":
         rad = reciprocal_distance_sq(dhkl, recip, n_cells, n_offdiag)
         return gauss_lattice(rad, n_cells, fudge, n_offdiag)
+    if shape == "gauss_hkl":
+        return gauss_lattice(miller_distance_sq(dhkl, n_cells, n_offdiag), n_cells, fudge, n_offdiag)
     return tophat_lattice(reciprocal_distance_sq(dhkl, recip, n_cells), n_cells, fudge)

@@ -432,8 +432,10 @@ class Crystal(Node):
     differentiation). ``water_size`` (micrometres) sets the constant water background.
 
     ``Ncells_def`` holds the off-diagonal terms Nd, Ne, Nf of diffBragg's domain-size matrix
-    ``N = [[Na, Nd, Nf], [Nd, Nb, Ne], [Nf, Ne, Nc]]`` (cells); only the Gaussian shape uses
-    them, and ``N`` must be positive definite. ``G`` is a per-shot scale (dimensionless) of
+    ``N = [[Na, Nd, Nf], [Nd, Nb, Ne], [Nf, Ne, Nc]]`` (cells); only the Gaussian shapes use
+    them, and ``N`` must be positive definite. ``shape`` 'gauss' is the C program's Gaussian
+    (offset in reciprocal space), 'gauss_hkl' diffBragg's (offset in Miller units,
+    ``det N exp(-|N dH|^2 fudge/0.63)``). ``G`` is a per-shot scale (dimensionless) of
     the crystal's photons (not the water background's). See docs/physics.md.
     """
 
@@ -452,7 +454,7 @@ class Crystal(Node):
     Nb: TensorLike = Field(default_factory=_t(1.0), description="cells along b")
     Nc: TensorLike = Field(default_factory=_t(1.0), description="cells along c")
     fudge: TensorLike = Field(default_factory=_t(1.0),
-                              description="spot-shape scale for round/gauss/tophat shapes")
+                              description="spot-shape scale of the non-square shapes")
     mosaic_spread: TensorLike = Field(default_factory=_t(0.0),
                                       description="mosaic spread (deg)")
     phi_start: TensorLike = Field(default_factory=_t(0.0),
@@ -467,11 +469,11 @@ class Crystal(Node):
                                    description="water layer size for the background (um)")
     Ncells_def: TensorLike = Field(default_factory=_t([0.0, 0.0, 0.0]),
                                    description="off-diagonal domain-size terms Nd (a-b), Ne "
-                                   "(b-c), Nf (a-c) (cells); Gaussian shape only")
+                                   "(b-c), Nf (a-c) (cells); Gaussian shapes only")
     G: TensorLike = Field(default_factory=_t(1.0),
                           description="per-shot scale of the crystal's photons, not the water's (dimensionless)")
     hkl_origin: tuple[int, int, int] = (0, 0, 0)
-    shape: Literal["square", "round", "gauss", "tophat"] = "square"
+    shape: Literal["square", "round", "gauss", "gauss_hkl", "tophat"] = "square"
     interpolate: bool = False
     base_orientation: tuple[Vec3, Vec3, Vec3] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
     spindle_axis: Vec3 = (0.0, 0.0, 1.0)
@@ -621,9 +623,10 @@ class Crystal(Node):
         if (nd, ne, nf) == (0.0, 0.0, 0.0):
             return
         shown = _shown((nd, ne, nf))
-        if self.shape != "gauss":
-            raise ValueError(f"crystal.Ncells_def = {shown} is used only by the Gaussian shape, not "
-                             f"'{self.shape}'; give zeros, or shape='gauss' (-gauss_xtal)")
+        if self.shape not in ("gauss", "gauss_hkl"):
+            raise ValueError(f"crystal.Ncells_def = {shown} is used only by the Gaussian shapes, not "
+                             f"'{self.shape}'; give zeros, or shape='gauss_hkl' (-gauss_hkl_xtal) "
+                             "or 'gauss' (-gauss_xtal)")
         na, nb, nc = float(self.Na), float(self.Nb), float(self.Nc)
         minor = na * nb - nd * nd
         det = na * nb * nc + 2 * nd * ne * nf - na * ne * ne - nb * nf * nf - nc * nd * nd

@@ -19,7 +19,7 @@ RTD = 180.0 / math.pi
 
 CONVENTIONS = ("MOSFLM", "XDS", "ADXV", "DENZO", "DIALS", "CUSTOM")
 PIVOTS = ("BEAM", "SAMPLE")
-SHAPES = ("SQUARE", "ROUND", "GAUSS", "TOPHAT")
+SHAPES = ("SQUARE", "ROUND", "GAUSS", "GAUSS_HKL", "TOPHAT")
 
 
 @dataclass
@@ -66,6 +66,8 @@ class CFlags:
     molecular_weight: float = 18.0
     xtal_shape: str = "SQUARE"
     fudge: float = 1.0
+    Ncells_def: tuple[float, float, float] = (0.0, 0.0, 0.0)  # cells (-Ndef, nbfunc)
+    G: float = 1.0  # per-shot scale of the crystal's photons (-G, nbfunc)
     default_F: float = 0.0
     interpolate: int = 2  # 2 auto, 1 on, 0 off
     mosaic_spread: float = -1.0  # rad
@@ -78,6 +80,9 @@ class CFlags:
     dispersion: float = 0.0  # fraction (C divides percent by 100)
     dispstep: float = -1.0
     dispsteps: int = -1
+    spectrum_file: str | None = None  # -spectrum: a .lam file of channels (nbfunc)
+    bandwidth: float = -1.0  # -bandwidth: Gaussian FWHM as a fraction (nbfunc); -1 not given
+    bandwidth_steps: int = -1  # -bandwidth_steps: channels of -bandwidth (nbfunc); -1 default
     hdivrange: float = -1.0  # rad
     vdivrange: float = -1.0
     hdivstep: float = -1.0

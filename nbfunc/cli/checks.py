@@ -53,6 +53,37 @@ def check_physical(f: CFlags, start: CFlags, origins: dict[str, str]) -> None:
                         "infinite; give -beamsize in mm (greater than 0) or -fluence")
 
 
+_SOURCE_FLAGS = ("-sourcefile", "-dispersion", "-dispsteps", "-divergence", "-hdivrange",
+                 "-vdivrange", "-hdivstep", "-vdivstep", "-hdivsteps", "-vdivsteps", "-divsteps")
+"""Flags that set the sources another way than a spectrum (C's source file and grid)."""
+
+
+def check_spectrum_flags(given: dict[str, str]) -> None:
+    """A spectrum (``-spectrum`` or ``-bandwidth``) is the run's whole source list: its channels
+    all lie along the beam. Refuse it next to another spectrum or to the flags that make the C
+    program's sources (``-sourcefile``, the dispersion and divergence grid), and
+    ``-bandwidth_steps`` without ``-bandwidth``.
+
+    Args:
+        given: `nbfunc.cli.flags.given_flags` of the command line (handler name -> token).
+    Raises:
+        FlagError: one line naming both flags and the fix.
+    """
+    if "-bandwidth_steps" in given and "-bandwidth" not in given:
+        raise FlagError("-bandwidth_steps without -bandwidth: give -bandwidth FWHM (percent) for "
+                        "a Gaussian spectrum, or drop -bandwidth_steps")
+    for flag in ("-spectrum", "-bandwidth"):
+        if flag not in given:
+            continue
+        others = [name for name in ("-spectrum", "-bandwidth", *_SOURCE_FLAGS)
+                  if name in given and name != flag]
+        if others:
+            other = given[others[0]]
+            raise FlagError(f"{flag} with {other}: a spectrum is the whole source list (its "
+                            "channels lie along the beam); give either the spectrum or "
+                            f"{other}, not both")
+
+
 def check_vectors(f: CFlags, vectors: dict) -> None:
     """Zero-length axes of the CUSTOM convention (named conventions replace every vector)."""
     if f.beam_convention != "CUSTOM":
@@ -100,7 +131,8 @@ _TREE_FLAGS = {
     "crystal.phi_start": "-phi", "crystal.phi_step": "-phistep/-osc",
     "crystal.default_F": "-default_F", "crystal.fhkl": "-hkl", "crystal.water_size": "-water",
     "crystal.spindle_axis": "-spindle_axis", "crystal.phisteps": "-phisteps",
-    "crystal.mosaic_domains": "-mosaic_dom", "sampling.oversample": "-oversample",
+    "crystal.mosaic_domains": "-mosaic_dom", "crystal.Ncells_def": "-Ndef", "crystal.G": "-G",
+    "beam.sources.weights": "-spectrum", "sampling.oversample": "-oversample",
     "sampling.dmin": "-dmin", "sampling.chunk": "-chunk", "sampling.mask": "-mask",
     "sampling.roi": "-roi",
 }

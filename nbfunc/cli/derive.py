@@ -25,8 +25,8 @@ import torch
 from nbfunc.cli.cflags import RTD, CFlags
 from nbfunc.cli.checks import (EXTENT_MAX_MM, building_tree, check_device, check_float_image,
                                check_frame, check_oversample, check_physical,
-                               check_sampling_memory, check_smv_header, check_vectors,
-                               facing_away, fdump_unusable)
+                               check_sampling_memory, check_smv_header, check_spectrum_flags,
+                               check_vectors, facing_away, fdump_unusable)
 from nbfunc.cli.flags import FlagError, find_header_files, given_flags, parse_flags
 from nbfunc.cli.rules import (Steps, cell_from_flags, cell_from_matrix, cells_across,
                               divergence_fractions, resolve_convention, resolve_roi,
@@ -200,6 +200,7 @@ def read_flags(argv: list[str], path) -> tuple[CFlags, np.ndarray | None, str | 
         start = header
     f = parse_flags(list(argv), start)
     check_physical(f, start, origins)
+    check_spectrum_flags(given_flags(argv))
     check_device(f.device)
     return f, mask, mask_file
 
@@ -414,9 +415,12 @@ def check_stol_file(f: CFlags, path) -> None:
 
 
 def build_beam(f: CFlags, vectors: dict, steps: Steps, path) -> Beam:
-    """The beam group (Angstrom, mrad) with its sources: a -sourcefile's list, or the grid of
-    divergence and dispersion steps. Raises pydantic's ValidationError (see `building_tree`)."""
-    if f.source_file is not None:
+    """The beam group (Angstrom, mrad) with its sources: a -sourcefile's list, a spectrum
+    (`spectrum_list`), or the grid of divergence and dispersion steps. Raises pydantic's
+    ValidationError (see `building_tree`)."""
+    if f.spectrum_file is not None or f.bandwidth >= 0:
+        sources = spectrum_list(f, vectors["beam"], path)
+    elif f.source_file is not None:
         from nbfunc.io.sources import apply_source_defaults, read_source_file
 
         with reading("-sourcefile"):
@@ -431,6 +435,36 @@ def build_beam(f: CFlags, vectors: dict, steps: Steps, path) -> Beam:
     return Beam(wavelength=f.lambda0 * 1e10, kahn_factor=f.polarization, fluence=f.fluence,
                 sources=sources, beam_vector=vectors["beam"], polar_vector=vectors["polar"],
                 polarization=not f.nopolar)
+
+
+BANDWIDTH_STEPS = 7
+"""Channels of a -bandwidth spectrum without -bandwidth_steps (1 sigma apart over +-3 sigma)."""
+
+
+def spectrum_list(f: CFlags, beam_vector, path) -> SourceList:
+    """The sources of a spectrum, one per channel along the beam (`nbfunc.io.spectrum`):
+    -spectrum's .lam file with its weights divided by their mean (so -fluence stays the
+    shot's total), or -bandwidth's Gaussian of relative FWHM ``f.bandwidth`` about -lambda in
+    ``f.bandwidth_steps`` channels (`BANDWIDTH_STEPS` by default; one channel at FWHM 0).
+
+    Raises:
+        NbfuncInputError: an unreadable or bad -spectrum file.
+        FlagError: a -bandwidth whose 3-sigma span reaches the wavelength.
+    """
+    from nbfunc.io.spectrum import FWHM_PER_SIGMA, gaussian_spectrum, read_spectrum, spectrum_sources
+
+    if f.spectrum_file is not None:
+        with reading("-spectrum"):
+            wavelengths, weights = read_spectrum(path(f.spectrum_file))
+        return spectrum_sources(wavelengths, weights, beam_vector)
+    widest = 100.0 * FWHM_PER_SIGMA / 3.0
+    if not f.bandwidth * 100.0 < widest:
+        raise FlagError(f"-bandwidth {f.bandwidth * 100.0:g} (percent FWHM): the Gaussian's "
+                        f"3-sigma span would reach the wavelength; give a FWHM below {widest:.4g} %")
+    n = f.bandwidth_steps if f.bandwidth_steps > 0 else BANDWIDTH_STEPS
+    wavelengths, weights = gaussian_spectrum(f.lambda0 * 1e10, 1 if f.bandwidth == 0 else n,
+                                             fwhm=f.bandwidth)
+    return spectrum_sources(wavelengths, weights, beam_vector, normalize=False)
 
 
 def build_crystal(f: CFlags, cell: CellSetting, steps: Steps, grid, spindle) -> Crystal:
@@ -457,7 +491,8 @@ def build_crystal(f: CFlags, cell: CellSetting, steps: Steps, grid, spindle) -> 
         **cell.kwargs, Na=n[0], Nb=n[1], Nc=n[2], fudge=f.fudge,
         mosaic_spread=math.degrees(steps.spread), phi_start=math.degrees(f.phi0),
         phi_step=math.degrees(steps.phistep), default_F=f.default_F, fhkl=fhkl,
-        water_size=f.water_size * 1e6, hkl_origin=origin, shape=f.xtal_shape.lower(),
+        water_size=f.water_size * 1e6, Ncells_def=list(f.Ncells_def), G=f.G,
+        hkl_origin=origin, shape=f.xtal_shape.lower(),
         interpolate=bool(interpolate), spindle_axis=spindle, phisteps=steps.phisteps,
         mosaic_domains=steps.domains, mosaic_seed=f.mosaic_seed, **draws)
 

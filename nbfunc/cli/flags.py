@@ -18,7 +18,9 @@ Differences from the C program, so that nbfunc is a safe drop-in:
   added to `CFlags.warnings`;
 * ``-h``/``-help``/``--help`` raise `HelpRequested` and ``--version``/``-version``
   `VersionRequested`; ``-dtype``, ``-chunk``, ``-device``, ``-cbffile``, ``-nxsfile`` and
-  ``-nxs_compression``, ``-params_out`` and ``-params`` are nbfunc extensions.
+  ``-nxs_compression``, ``-params_out`` and ``-params`` are nbfunc extensions, and so are the
+  model flags ``-Ndef``, ``-G``, ``-gauss_hkl_xtal``, ``-spectrum``, ``-bandwidth`` and
+  ``-bandwidth_steps`` (listed next to the C flags they extend; all match their exact name).
 
 Arguments are the tokens after the program name (``sys.argv[1:]``).
 """
@@ -417,6 +419,11 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-Nc", _sub("-Nc"), _CELLS, lambda v: {"Nc": float(v[0])}, "unit cells along c", stop=True),
     _h("-N", _exact("-N"), _CELLS, lambda v: {"Na": float(v[0]), "Nb": float(v[0]), "Nc": float(v[0])},
        "unit cells along a, b and c", stop=True),
+    _h("-Ndef", _exact("-Ndef"), Numbers(3, "3 numbers in cells (Nd Ne Nf)", meta="Nd Ne Nf"),
+       lambda v: {"Ncells_def": (v[0], v[1], v[2])},
+       "off-diagonal domain-size terms, Gaussian shapes only (nbfunc)", nbfunc=True),
+    _h("-G", _exact("-G"), Numbers(1, "a scale factor", positive=True, meta="number"),
+       lambda v: {"G": v[0]}, "per-shot scale of the crystal's photons (nbfunc)", nbfunc=True),
     # unit cell and orientation
     _h("-cell", _sub("-cell"), Cell(), _cell, "direct cell (Angstrom, degrees)",
        stop=lambda v: len(v) < 6),  # C `continue`s when it stops before the sixth value
@@ -538,6 +545,12 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-dispersion", _sub("-dispersion"), _at_least_zero("a spectral width in percent", "%"),
        lambda v: {"dispersion": v[0] / 100.0}, "spectral width"),
     _h("-dispsteps", _sub("-dispsteps"), _COUNT, lambda v: {"dispsteps": v[0]}, "wavelength steps"),
+    _h("-bandwidth", _exact("-bandwidth"), _at_least_zero("a FWHM in percent", "%"),
+       lambda v: {"bandwidth": v[0] / 100.0}, "Gaussian spectrum's full width at half maximum (nbfunc)",
+       nbfunc=True),
+    _h("-bandwidth_steps", _exact("-bandwidth_steps"), Numbers(1, "a channel count", integer=True,
+                                                               positive=True, meta="int"),
+       lambda v: {"bandwidth_steps": v[0]}, "channels of -bandwidth, default 7 (nbfunc)", nbfunc=True),
     _h("-divergence", _sub("-divergence"), _RANGE,
        lambda v: {"hdivrange": v[0] / 1000.0, "vdivrange": v[0] / 1000.0}, "divergence range, h and v"),
     _h("-hdivrange", _sub("-hdivrange"), _RANGE, lambda v: {"hdivrange": v[0] / 1000.0}, "horizontal range"),
@@ -573,6 +586,8 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-Q", _sub_len("-Q", 2), _FILE, lambda v: {"stol_file": v[0], "stol_file_mult": 1e10 / math.pi / 4},
        "F(Q) table (unused)"),
     _h("-sourcefile", _sub("-sourcefile"), _FILE, lambda v: {"source_file": v[0]}, "list of sources"),
+    _h("-spectrum", _exact("-spectrum"), _FILE, lambda v: {"spectrum_file": v[0]},
+       "spectrum file (.lam: wavelength,weight per line) (nbfunc)", nbfunc=True),
     # output files
     _h(("-floatfile", "-floatimage"), _sub("-floatfile", "-floatimage"), _FILE,
        lambda v: {"float_file": v[0], "float_file_given": True}, "raw float32 image"),
@@ -595,6 +610,8 @@ HANDLERS: tuple[Handler, ...] = (
     _h("-round_xtal", _sub("-round_xtal"), _OFF, lambda v: {"xtal_shape": "ROUND"}, "ellipsoidal crystal"),
     _h("-square_xtal", _sub("-square_xtal"), _OFF, lambda v: {"xtal_shape": "SQUARE"}, "parallelepiped crystal"),
     _h("-gauss_xtal", _sub("-gauss_xtal"), _OFF, lambda v: {"xtal_shape": "GAUSS"}, "Gaussian spots"),
+    _h("-gauss_hkl_xtal", _exact("-gauss_hkl_xtal"), _OFF, lambda v: {"xtal_shape": "GAUSS_HKL"},
+       "diffBragg's Gaussian spots, offsets in Miller units (nbfunc)", nbfunc=True),
     _h(("-tophat_spots", "-binary_spots"), _sub("-binary_spots", "-tophat_spots"), _OFF,
        lambda v: {"xtal_shape": "TOPHAT"}, "top-hat spots"),
     _h("-fudge", _sub("-fudge"), Numbers(1, "a number", positive=True, meta="number"), lambda v: {"fudge": v[0]}, "spot-shape scale"),
