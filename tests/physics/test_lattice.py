@@ -136,7 +136,7 @@ class TestSinc3:
         assert torch.autograd.gradcheck(sinc3, (x,))
 
 
-@pytest.mark.parametrize("shape", ["square", "round", "gauss", "tophat"])
+@pytest.mark.parametrize("shape", ["square", "round", "gauss", "gauss_hkl", "tophat"])
 class TestLatticeFactor:
     recip = torch.eye(3, dtype=D) / 50.0
     n = torch.tensor([5.0, 6.0, 7.0], dtype=D)
@@ -171,7 +171,7 @@ class TestDomainSizeTensor:
     def hkl(self):
         return (torch.rand(300, 3, generator=torch.Generator().manual_seed(3), dtype=D) - 0.5) * 8
 
-    @pytest.mark.parametrize("shape", ["square", "round", "gauss", "tophat"])
+    @pytest.mark.parametrize("shape", ["square", "round", "gauss", "gauss_hkl", "tophat"])
     def test_zero_offdiagonals_are_bit_for_bit_the_plain_factor(self, shape):
         hkl = self.hkl()
         plain = lattice_factor(shape, hkl, self.recip, self.n, self.fudge)
@@ -206,3 +206,85 @@ class TestDomainSizeTensor:
         assert torch.allclose(peak, torch.linalg.det(size), rtol=1e-14)
         # the overflow bound of nbfunc.params takes F_latt <= Na Nb Nc
         assert peak < na * nb * nc
+
+
+class TestGaussHkl:
+    """diffBragg's Gaussian lattice factor, ``det N exp(-|N dH|^2 fudge/0.63)`` with the offset
+    ``dH`` in Miller units (simtbx/diffBragg/src/diffBragg_cpu_kernel.cpp, docs/physics.md)."""
+
+    recip = TestDomainSizeTensor.recip
+    n = TestDomainSizeTensor.n
+    fudge = TestDomainSizeTensor.fudge
+    offdiag = TestDomainSizeTensor.offdiag
+
+    def hkl(self):
+        return (torch.rand(400, 3, generator=torch.Generator().manual_seed(8), dtype=D) - 0.5) * 8
+
+    def matrix(self):
+        (na, nb, nc), (nd, ne, nf) = self.n.tolist(), self.offdiag.tolist()
+        return torch.tensor([[na, nd, nf], [nd, nb, ne], [nf, ne, nc]], dtype=D)
+
+    def test_is_the_matrix_formula(self):
+        hkl = self.hkl()
+        dhkl = hkl - torch.ceil(hkl - 0.5)
+        size = self.matrix()
+        v = dhkl @ size.T                                     # rows N dH
+        expected = torch.linalg.det(size) * torch.exp(-(v * v).sum(-1) / 0.63 * self.fudge)
+        got = lattice_factor("gauss_hkl", hkl, self.recip, self.n, self.fudge, self.offdiag)
+        assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+        assert got.max() > 1.0 and got.min() < 1e-3          # peaks and tails both sampled
+
+    def test_zero_offdiagonals_are_cctbx_nanobraggs_gauss(self):
+        """cctbx's nanoBragg (simtbx/nanoBragg/nanoBragg.cpp, shape GAUSS) measures the offset
+        in Miller units: ``Na Nb Nc exp(-(dh^2 Na^2 + dk^2 Nb^2 + dl^2 Nc^2)/0.63 fudge)``."""
+        hkl = self.hkl()
+        dh, dk, dl = (hkl - torch.ceil(hkl - 0.5)).unbind(-1)
+        na, nb, nc = self.n.tolist()
+        hrad = dh * dh * na * na + dk * dk * nb * nb + dl * dl * nc * nc
+        expected = na * nb * nc * torch.exp(-(hrad / 0.63 * self.fudge))
+        got = lattice_factor("gauss_hkl", hkl, self.recip, self.n, self.fudge)
+        # the same sum in another order: exp(-x) carries its argument's rounding, x eps with x
+        # up to ~60 in the tails here, so about 1e-14 relative
+        assert torch.allclose(got, expected, rtol=1e-13, atol=0)
+
+    def test_ignores_the_reciprocal_cell_unlike_the_c_programs_gauss(self):
+        hkl = self.hkl()
+        a = lattice_factor("gauss_hkl", hkl, self.recip, self.n, self.fudge, self.offdiag)
+        b = lattice_factor("gauss_hkl", hkl, 2.0 * self.recip, self.n, self.fudge, self.offdiag)
+        assert torch.equal(a, b)
+        c_gauss = lattice_factor("gauss", hkl, self.recip, self.n, self.fudge, self.offdiag)
+        assert not torch.allclose(a, c_gauss, rtol=1e-3)
+
+    def test_peak_is_det_n_and_the_exponent_is_never_positive(self):
+        peak = lattice_factor("gauss_hkl", torch.tensor([2.0, -1.0, 3.0], dtype=D), self.recip,
+                              self.n, self.fudge, self.offdiag)
+        assert torch.allclose(peak, torch.linalg.det(self.matrix()), rtol=1e-14)
+        values = lattice_factor("gauss_hkl", self.hkl(), self.recip, self.n, self.fudge, self.offdiag)
+        assert bool((values <= peak * (1 + 1e-15)).all())
+
+    def test_float32_agrees_with_float64(self):
+        hkl = self.hkl()
+        args = (self.recip, self.n, self.fudge, self.offdiag)
+        f64 = lattice_factor("gauss_hkl", hkl, *args)
+        f32 = lattice_factor("gauss_hkl", hkl.float(), *(a.float() for a in args))
+        assert f32.dtype == torch.float32
+        assert torch.allclose(f32.double(), f64, rtol=2e-4, atol=1e-4 * float(f64.max()))
+
+    def test_derivatives_in_the_size_terms_are_diffbraggs(self):
+        """d F/d N_ij = F (tr(N^-1 dN) - 2 fudge/0.63 (dN dH).(N dH)), the kernel's
+        ``determ_deriv - C dV_dN.dot(V)`` with ``C = 2 fudge/0.63``."""
+        hkl = self.hkl()[:50]
+        dhkl = hkl - torch.ceil(hkl - 0.5)
+        size = self.matrix()
+        inverse = torch.linalg.inv(size)
+        fn = lambda n, off: lattice_factor("gauss_hkl", hkl, self.recip, n, self.fudge, off)
+        d_n, d_off = torch.func.jacrev(fn, argnums=(0, 1))(self.n, self.offdiag)
+        value = fn(self.n, self.offdiag)
+        v = dhkl @ size.T
+        pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)]   # Na Nb Nc Nd Ne Nf
+        columns = torch.cat([d_n, d_off], -1)
+        for col, (i, j) in enumerate(pairs):
+            dn = torch.zeros(3, 3, dtype=D)
+            dn[i, j] = dn[j, i] = 1.0
+            coef = torch.trace(inverse @ dn) - 2 * float(self.fudge) / 0.63 * ((dhkl @ dn.T) * v).sum(-1)
+            assert torch.allclose(columns[:, col], value * coef, rtol=1e-10, atol=1e-12), (i, j)
