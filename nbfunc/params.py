@@ -624,9 +624,9 @@ class Crystal(Node):
             return
         shown = _shown((nd, ne, nf))
         if self.shape not in ("gauss", "gauss_hkl"):
-            raise ValueError(f"crystal.Ncells_def = {shown} is used only by the Gaussian shapes, not "
-                             f"'{self.shape}'; give zeros, or shape='gauss_hkl' (-gauss_hkl_xtal) "
-                             "or 'gauss' (-gauss_xtal)")
+            raise ValueError(f"crystal.Ncells_def = {shown} is used only by the Gaussian shape, not "
+                             f"'{self.shape}'; give zeros, or shape='gauss_hkl' (-gauss_hkl_xtal, "
+                             "diffBragg's) or 'gauss' (-gauss_xtal)")
         na, nb, nc = float(self.Na), float(self.Nb), float(self.Nc)
         minor = na * nb - nd * nd
         det = na * nb * nc + 2 * nd * ne * nf - na * ne * ne - nb * nf * nf - nc * nd * nd
