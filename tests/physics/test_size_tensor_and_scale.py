@@ -146,3 +146,96 @@ class TestTree:
         cr = tree().crystal
         assert torch.equal(cr.Ncells_def, torch.zeros(3, dtype=D)) and float(cr.G) == 1.0
         assert cr.Ncells_def.dtype == cr.Na.dtype == cr.G.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# diffBragg's Gaussian, shape gauss_hkl (-gauss_hkl_xtal): det N exp(-|N dH|^2 fudge/0.63)
+# --------------------------------------------------------------------------------------------
+SIZE_PATHS = ("crystal.Na", "crystal.Nb", "crystal.Nc", "crystal.Ncells_def")
+
+
+def cubic(shape_flag: str, edge: float, **leaves) -> Params:
+    """A cubic cell of ``edge`` Angstrom, misset, N = 5, on the 6 x 6 detector of `BASE`."""
+    flags = BASE.replace("-cell 50 60 70 85 95 100", f"-cell {edge} {edge} {edge} 90 90 90")
+    p = params_from_args(f"{flags} {shape_flag}".split())
+    return replace_leaves(p, {f"crystal.{k}": torch.as_tensor(v, dtype=D) for k, v in leaves.items()})
+
+
+class TestGaussHkl:
+    def test_explicit_zero_offdiagonals_change_nothing(self):
+        p = tree("-gauss_hkl_xtal -fudge 2")
+        assert torch.equal(nbfunc.simulate(p), nbfunc.simulate(tree("-gauss_hkl_xtal -fudge 2",
+                                                                    Ncells_def=[0.0, 0.0, 0.0])))
+
+    @pytest.mark.parametrize("offdiag", [None, OFFDIAG])
+    def test_equals_the_c_programs_gauss_where_their_measures_agree(self, offdiag):
+        """For a cubic cell of edge ``a`` and ``Na = Nb = Nc = n`` the C program's exponent
+        ``n^6 |R^T D^-1 N dH|^2 = n^4/a^2 |N dH|^2`` is diffBragg's ``|N dH|^2`` when
+        ``a = n^2``: the two shapes then render the same image (round-off apart) through
+        different code, and different images for any other edge."""
+        extra = {} if offdiag is None else {"Ncells_def": offdiag}
+        hkl_image = nbfunc.simulate(cubic("-gauss_hkl_xtal", 25.0, **extra))
+        assert hkl_image.max() > 10 * hkl_image.min() > 0
+        close(nbfunc.simulate(cubic("-gauss_xtal", 25.0, **extra)), hkl_image, 1e-12, "a = n^2")
+        other = nbfunc.simulate(cubic("-gauss_xtal", 30.0, **extra))
+        assert not torch.allclose(other, nbfunc.simulate(cubic("-gauss_hkl_xtal", 30.0, **extra)),
+                                  rtol=1e-2)
+
+    def test_refused_when_not_positive_definite(self):
+        """N = 5 with Ne = 5: det N = 125 - Na Ne^2 = 0."""
+        from pydantic import ValidationError
+
+        crystal = tree("-gauss_hkl_xtal").crystal
+        assert type(crystal).model_validate(crystal.model_dump() | {"Ncells_def": [0.0, 4.9, 0.0]})
+        with pytest.raises(ValidationError, match="not positive definite"):
+            type(crystal).model_validate(crystal.model_dump() | {"Ncells_def": [0.0, 5.0, 0.0]})
+
+
+def poisson_nll(counts: torch.Tensor):
+    """``p -> sum(mu - k log mu)`` of the image of ``p`` (mu > 0: the tree has water)."""
+    def nll(p: Params) -> torch.Tensor:
+        mu = nbfunc.simulate(p)
+        return (mu - counts * torch.log(mu)).sum()
+    return nll
+
+
+@pytest.fixture(scope="module")
+def gauss_hkl():
+    """diffBragg's shape with off-diagonal terms, anisotropic N, water, and Poisson counts."""
+    p = tree("-gauss_hkl_xtal -fudge 1.5 -water 0.01", Nb=6.0, Nc=4.5, Ncells_def=OFFDIAG)
+    with torch.compiler.set_stance("force_eager"), torch.no_grad():
+        mu = nbfunc.simulate(p)
+    counts = torch.poisson(mu, generator=torch.Generator().manual_seed(4))
+    return p, counts
+
+
+class TestGaussHklDerivatives:
+    @pytest.mark.parametrize("path", SIZE_PATHS)
+    def test_jacfwd_jacrev_match_central_differences(self, path, gauss_hkl):
+        p, _ = gauss_hkl
+        fwd = get_leaf(torch.func.jacfwd(nbfunc.simulate)(p), path)
+        rev = get_leaf(torch.func.jacrev(nbfunc.simulate)(p), path)
+        assert fwd.abs().max() > 0
+        close(rev, fwd, 1e-10, f"jacrev vs jacfwd {path}")
+        close(fwd, central(nbfunc.simulate, p, path), 1e-6, f"jacfwd vs central {path}")
+
+    def test_poisson_nll_hessian_matches_central_differences_of_the_gradient(self, gauss_hkl):
+        p, counts = gauss_hkl
+        nll = poisson_nll(counts)
+        chosen = {path: get_leaf(p, path) for path in SIZE_PATHS}
+        loss = lambda leaves: nll(replace_leaves(p, leaves))
+        hess = torch.func.hessian(loss)(chosen)
+        grad = lambda q: torch.cat([g.reshape(-1) for g in torch.func.grad(loss)(
+            {path: get_leaf(q, path) for path in SIZE_PATHS}).values()])
+        numeric_grad = torch.cat([central(nll, p, path).reshape(-1) for path in SIZE_PATHS])
+        close(grad(p), numeric_grad, 1e-6, "gradient")
+        for col in SIZE_PATHS:
+            numeric = central(grad, p, col, rel=1e-5)          # (rows, *leaf shape)
+            analytic = torch.cat([hess[row][col].reshape(-1, *get_leaf(p, col).shape)
+                                  for row in SIZE_PATHS])
+            assert analytic.abs().max() > 0
+            close(analytic, numeric, 1e-6, f"hessian column {col}")
+        # the Hessian is symmetric, as a Hessian must be
+        flat = torch.cat([torch.cat([hess[r][c].reshape(get_leaf(p, r).numel(), -1)
+                                     for c in SIZE_PATHS], 1) for r in SIZE_PATHS], 0)
+        close(flat, flat.T, 1e-12, "symmetry")
