@@ -84,6 +84,24 @@ def check_spectrum_flags(given: dict[str, str]) -> None:
                             f"{other}, not both")
 
 
+def check_bandwidth_memory(channels: int) -> None:
+    """Refuse up front a -bandwidth spectrum of more channels than this machine's memory holds
+    as sources (`nbfunc.beam.source_memory_bytes`, 8-byte floats), before any is made.
+
+    Raises:
+        NbfuncInputError: one line naming -bandwidth_steps, the memory needed and the most
+            channels that fit.
+    """
+    from nbfunc.beam import source_memory_bytes
+    from nbfunc.crystal import gigabytes
+
+    need, limit = source_memory_bytes(channels, 8), physical_memory()
+    if need > limit:
+        raise NbfuncInputError(f"-bandwidth_steps {channels}: the channels need {gigabytes(need)}, "
+                               f"more than the {gigabytes(limit)} of memory here; give at most "
+                               f"about {limit * channels // need} channels")
+
+
 def check_vectors(f: CFlags, vectors: dict) -> None:
     """Zero-length axes of the CUSTOM convention (named conventions replace every vector)."""
     if f.beam_convention != "CUSTOM":

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from nbfunc.cli.cflags import RTD, CFlags
-from nbfunc.cli.checks import (EXTENT_MAX_MM, building_tree, check_device, check_float_image,
-                               check_frame, check_oversample, check_physical,
+from nbfunc.cli.checks import (EXTENT_MAX_MM, building_tree, check_bandwidth_memory, check_device,
+                               check_float_image, check_frame, check_oversample, check_physical,
                                check_sampling_memory, check_smv_header, check_spectrum_flags,
                                check_vectors, facing_away, fdump_unusable)
 from nbfunc.cli.flags import FlagError, find_header_files, given_flags, parse_flags
@@ -448,7 +448,8 @@ def spectrum_list(f: CFlags, beam_vector, path) -> SourceList:
     ``f.bandwidth_steps`` channels (`BANDWIDTH_STEPS` by default; one channel at FWHM 0).
 
     Raises:
-        NbfuncInputError: an unreadable or bad -spectrum file.
+        NbfuncInputError: an unreadable or bad -spectrum file, more -bandwidth_steps than
+            memory holds.
         FlagError: a -bandwidth whose 3-sigma span reaches the wavelength.
     """
     from nbfunc.io.spectrum import FWHM_PER_SIGMA, gaussian_spectrum, read_spectrum, spectrum_sources
@@ -461,9 +462,9 @@ def spectrum_list(f: CFlags, beam_vector, path) -> SourceList:
     if not f.bandwidth * 100.0 < widest:
         raise FlagError(f"-bandwidth {f.bandwidth * 100.0:g} (percent FWHM): the Gaussian's "
                         f"3-sigma span would reach the wavelength; give a FWHM below {widest:.4g} %")
-    n = f.bandwidth_steps if f.bandwidth_steps > 0 else BANDWIDTH_STEPS
-    wavelengths, weights = gaussian_spectrum(f.lambda0 * 1e10, 1 if f.bandwidth == 0 else n,
-                                             fwhm=f.bandwidth)
+    n = 1 if f.bandwidth == 0 else f.bandwidth_steps if f.bandwidth_steps > 0 else BANDWIDTH_STEPS
+    check_bandwidth_memory(n)
+    wavelengths, weights = gaussian_spectrum(f.lambda0 * 1e10, n, fwhm=f.bandwidth)
     return spectrum_sources(wavelengths, weights, beam_vector, normalize=False)
 
 

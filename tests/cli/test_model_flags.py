@@ -176,6 +176,7 @@ def refuse(argv, workdir, capsys, *needles):
     ("-bandwidth 1 -bandwidth_steps 0", ["-bandwidth_steps", "greater than 0"]),
     ("-bandwidth 1 -bandwidth_steps 2.5", ["-bandwidth_steps", "whole number"]),
     ("-spectrum", ["-spectrum", "a file name"]),
+    ("-bandwidth 1 -bandwidth_steps 2000000000", ["-bandwidth_steps 2000000000", "of memory here"]),
 ])
 def test_bad_values(extra, needles, workdir, capsys):
     refuse(BASE + extra.split(), workdir, capsys, *needles)
