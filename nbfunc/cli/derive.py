@@ -142,6 +142,10 @@ def derive(argv: list[str], dtype: torch.dtype | None = None, cwd: str | None = 
         return derive_from_tree(argv, dtype, path)
     f, mask, mask_file = read_flags(argv, path)
     info = RunInfo(flags=f, warnings=list(f.warnings))
+    if f.xtal_shape == "GAUSS" and any(f.Ncells_def):
+        info.warnings.append("-Ndef with -gauss_xtal: the C program's Gaussian with diffBragg's "
+                             "off-diagonal terms is neither program's model (docs/physics.md, "
+                             "'Domain-size tensor'); -gauss_hkl_xtal is diffBragg's")
     fpixels, spixels = detector_pixels(f, mask, mask_file)
     apply_flux(f, info.warnings)
     conv = resolve_convention(f)

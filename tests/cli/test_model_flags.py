@@ -76,6 +76,12 @@ class TestTree:
         assert torch.equal(cr.Ncells_def, torch.tensor([0.5, -0.3, 0.2], dtype=D))
         assert tree("-gauss_xtal -Ndef 0.5 -0.3 0.2").crystal.shape == "gauss"
 
+    def test_size_terms_with_the_c_programs_gaussian_warn(self, workdir):
+        hybrid = derive(BASE + "-gauss_xtal -Ndef 0.5 0 0".split())[1].warnings
+        assert any("-Ndef with -gauss_xtal" in w and "-gauss_hkl_xtal" in w for w in hybrid)
+        for extra in ("-gauss_hkl_xtal -Ndef 0.5 0 0", "-gauss_xtal -Ndef 0 0 0"):
+            assert not any("-Ndef" in w for w in derive(BASE + extra.split())[1].warnings), extra
+
     def test_unit_scale_and_zero_terms_give_the_tree_without_the_flags(self, workdir):
         assert tree("-gauss_xtal -G 1 -Ndef 0 0 0") == tree("-gauss_xtal")
 
