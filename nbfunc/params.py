@@ -568,8 +568,8 @@ class Crystal(Node):
             lowest = float(np.linalg.eigvalsh(tensor)[0])
             if lowest < -1e-12 * max(abs(x) for x in values):
                 raise ValueError(f"crystal.eta = {_shown(values)} is not positive semidefinite "
-                                 f"(smallest eigenvalue {lowest:.4g} deg); give off-diagonal terms "
-                                 "small against the axis spreads (|xy| <= sqrt(xx yy), ...)")
+                                 f"(smallest eigenvalue {lowest:.4g} deg); give smaller off-diagonal "
+                                 "terms")
         return v
 
     @field_validator("misset")
@@ -658,9 +658,9 @@ class Crystal(Node):
 
         if self.mosaic_model == "c_random":
             if bool((self.eta != 0).any()):
-                raise ValueError(f"crystal.eta = {_shown(tuple(float(x) for x in self.eta))} is used "
-                                 "only by mosaic_model='quadrature', not nanoBragg's random domains; "
-                                 "give zeros, or mosaic_model='quadrature' (-mosaic_quadrature)")
+                raise ValueError(f"crystal.eta = {_shown(tuple(float(x) for x in self.eta))} needs "
+                                 "mosaic_model='quadrature'; give zeros for "
+                                 "nanoBragg's random domains")
             return True
         if len(self.mosaic_axes) or len(self.mosaic_scales):
             raise ValueError("crystal.mosaic_axes/mosaic_scales list random draws but mosaic_model is "

@@ -286,13 +286,13 @@ def test_hessian_of_poisson_nll_matches_central_differences_of_its_gradient():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, message", [
     (dict(eta=[0.1, 0.0, 0.0]),
-     r"crystal.eta = \(0.1, 0, 0\) is used only by mosaic_model='quadrature'.*give zeros, or "
-     r"mosaic_model='quadrature' \(-mosaic_quadrature\)"),
+     r"crystal.eta = \(0.1, 0, 0\) needs mosaic_model='quadrature'; give "
+     r"zeros for nanoBragg's random domains"),
     (dict(mosaic_model="quadrature", eta=[0.1, -0.2, 0.0]),
      r"crystal.eta = \(0.1, -0.2, 0\) has a negative axis spread; give spreads xx, yy, zz >= 0 deg"),
     (dict(mosaic_model="quadrature", eta=[0.1, 0.1, 0.1, 0.5, 0.0, 0.0]),
      r"crystal.eta = \(0.1, 0.1, 0.1, 0.5, 0, 0\) is not positive semidefinite \(smallest "
-     r"eigenvalue -0.4 deg\); give off-diagonal terms small"),
+     r"eigenvalue -0.4 deg\); give smaller off-diagonal terms"),
     (dict(mosaic_model="quadrature", eta=[0.1, 0.1]),
      r"eta must be 3 axis spreads xx, yy, zz or 6 tensor terms xx, yy, zz, xy, yz, xz \(deg\), got"),
     (dict(mosaic_model="quadrature", mosaic_domains=4, mosaic_spread=0.1),
@@ -309,6 +309,18 @@ def test_invalid_mosaic_settings_are_refused_in_one_line(kw, message):
         crystal(**kw)
     _, text = first_validation_error(err.value)
     assert re.search(message, text) and "\n" not in text, text
+
+
+def test_quadrature_tree_round_trips_through_json_and_float32(tmp_path):
+    p = roi_tree(3, mosaic_model="quadrature", mosaic_domains=7, mosaic_spread=0.1, eta=ETA6)
+    p.save(tmp_path / "tree.json")
+    back = nbfunc.Params.load(tmp_path / "tree.json")
+    assert back == p and back.crystal.mosaic_model == "quadrature"
+    assert torch.equal(nbfunc.simulate(back), nbfunc.simulate(p))
+    single = p.to(dtype=torch.float32)
+    assert single.crystal.eta.dtype == torch.float32
+    torch.testing.assert_close(nbfunc.simulate(single).double(), nbfunc.simulate(p), rtol=1e-4,
+                               atol=1e-4 * float(nbfunc.simulate(p).max()))
 
 
 def test_quadrature_accepts_a_semidefinite_tensor_and_one_axis():
