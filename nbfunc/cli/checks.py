@@ -100,7 +100,8 @@ _TREE_FLAGS = {
     "crystal.phi_start": "-phi", "crystal.phi_step": "-phistep/-osc",
     "crystal.default_F": "-default_F", "crystal.fhkl": "-hkl", "crystal.water_size": "-water",
     "crystal.spindle_axis": "-spindle_axis", "crystal.phisteps": "-phisteps",
-    "crystal.mosaic_domains": "-mosaic_dom", "sampling.oversample": "-oversample",
+    "crystal.mosaic_domains": "-mosaic_dom", "crystal.eta": "-eta/-eta_tensor",
+    "crystal.mosaic_model": "-mosaic_quadrature", "sampling.oversample": "-oversample",
     "sampling.dmin": "-dmin", "sampling.chunk": "-chunk", "sampling.mask": "-mask",
     "sampling.roi": "-roi",
 }
