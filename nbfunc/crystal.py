@@ -179,8 +179,24 @@ def maxwell_quantiles(levels: np.ndarray) -> np.ndarray:
     return x
 
 
-@functools.lru_cache(maxsize=8)
+QUADRATURE_CACHE_DOMAINS = 1 << 16
+"""Designs of at most this many domains are kept (`quadrature_points`); larger ones, as large
+as the random draws' (32 bytes a domain), are made again for each render."""
+
+
 def quadrature_points(domains: int) -> np.ndarray:
+    """`quadrature_design`, kept for up to `QUADRATURE_CACHE_DOMAINS` domains (read-only)."""
+    if int(domains) <= QUADRATURE_CACHE_DOMAINS:
+        return _cached_design(int(domains))
+    return quadrature_design(int(domains))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_design(domains: int) -> np.ndarray:
+    return quadrature_design(domains)
+
+
+def quadrature_design(domains: int) -> np.ndarray:
     """A deterministic equal-weight design of ``domains`` points standing for a standard 3-d
     normal vector, float64 (domains, 3), read-only.
 

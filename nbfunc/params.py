@@ -634,7 +634,7 @@ class Crystal(Node):
                              f"{[round(math.degrees(a), 6) for a in angles]} deg give no cell "
                              "volume: each angle must be smaller than the sum of the other two "
                              "and the three must sum to less than 360 deg")
-        drawn = self._mosaic_model()
+        drawn = self._random_domains()
         if drawn and self.mosaic_domains > 1 and not len(self.mosaic_axes):
             from nbfunc.crystal import mosaic_draws
 
@@ -650,7 +650,7 @@ class Crystal(Node):
         self._size_matrix()
         return self
 
-    def _mosaic_model(self) -> bool:
+    def _random_domains(self) -> bool:
         """Whether the domains are nanoBragg's random draws. Refuses ``eta`` with those;
         and, under ``mosaic_model='quadrature'``, listed draws, a domain count the quadrature
         cannot use, or one that does not fit in memory."""
