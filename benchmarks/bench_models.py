@@ -10,7 +10,10 @@ counterpart, forward and `torch.func.grad` of the image sum over the whole tree:
   against Gaussian spots without them (the tree's zeros still go through the same code);
 * ``scale``: the per-shot scale `crystal.G` = 1.7 against G = 1 (square spots);
 * ``spectrum_N``: a Gaussian bandwidth of N channels (`nbfunc.io.spectrum`, 1 % FWHM) against
-  one source: the cost grows with the channels, as N sources do.
+  one source: the cost grows with the channels, as N sources do;
+* ``mosaic_quadrature``: 10 deterministic anisotropic mosaic domains (``mosaic_model=
+  "quadrature"``, ``eta`` = (0.3, 0.2, 0.25) deg) against the C program's 10 random domains
+  (``-mosaic 0.3 -mosaic_dom 10``): the same number of orientations, so the same kernel work.
 """
 from __future__ import annotations
 
@@ -39,6 +42,12 @@ def cases() -> dict:
         lam, w = gaussian_spectrum(1.0, n, fwhm=0.01)
         beam = square.beam.model_copy(update={"sources": spectrum_sources(lam, w, square.beam.beam_vector)})
         out[f"spectrum_{n}"] = (square.model_copy(update={"beam": beam}), square)
+    random_mosaic = nbfunc.params_from_args((BASE + " -mosaic 0.3 -mosaic_dom 10").split())
+    fields = {k: getattr(random_mosaic.crystal, k) for k in type(random_mosaic.crystal).model_fields
+              if k not in ("mosaic_axes", "mosaic_scales")}
+    fields.update(mosaic_model="quadrature", mosaic_spread=0.0, eta=[0.3, 0.2, 0.25])
+    quadrature = random_mosaic.model_copy(update={"crystal": nbfunc.Crystal(**fields)})
+    out["mosaic_quadrature"] = (quadrature, random_mosaic)
     return out
 
 

@@ -5,6 +5,7 @@ so that fractional Miller indices are ``hkl = M @ q`` for a scattering vector ``
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -96,14 +97,21 @@ def phi_rotations(crystal) -> torch.Tensor:
 def mosaic_rotations(crystal) -> torch.Tensor:
     """Rotation matrices of the mosaic domains, shape (mosaic, 3, 3).
 
-    Domain ``m`` turns by ``mosaic_spread * mosaic_scales[m]`` (rad) about ``mosaic_axes[m]``,
-    the random draws that nanoBragg's ``mosaic_rotation_umat`` makes from ``mosaic_seed``
-    (listed in the tree by its validation, `mosaic_draws`); domain 0 is the identity.
+    ``crystal.mosaic_model`` picks the domains:
+
+    * ``"c_random"`` (default, nanoBragg): domain ``m`` turns by ``mosaic_spread *
+      mosaic_scales[m]`` (rad) about ``mosaic_axes[m]``, the random draws that nanoBragg's
+      ``mosaic_rotation_umat`` makes from ``mosaic_seed`` (listed in the tree by its
+      validation, `mosaic_draws`); domain 0 is the identity.
+    * ``"quadrature"``: `quadrature_rotations`, the deterministic Gaussian domains of the
+      spread tensor ``mosaic_spread * I + eta``.
 
     Raises:
         ValueError: the tree lists another number of draws than ``mosaic_domains`` (a tree
             changed with ``model_copy`` or ``model_construct``, which skip validation).
     """
+    if getattr(crystal, "mosaic_model", "c_random") == "quadrature":
+        return quadrature_rotations(crystal)
     spread = crystal.mosaic_spread * DEG
     if crystal.mosaic_domains == 1:
         return torch.eye(3, dtype=spread.dtype, device=spread.device)[None]
@@ -115,6 +123,173 @@ def mosaic_rotations(crystal) -> torch.Tensor:
     axes = torch.as_tensor(crystal.mosaic_axes, dtype=spread.dtype).to(spread.device)
     scales = torch.as_tensor(crystal.mosaic_scales, dtype=spread.dtype).to(spread.device)
     return axis_rotation_matrix(axes, spread[..., None] * scales)
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic (quadrature) mosaic domains: Gaussian rotation vectors r ~ N(0, E E), E in deg
+# --------------------------------------------------------------------------------------------
+
+QUADRATURE_MIN_DOMAINS = 6
+"""Fewest domains above one of the quadrature: three antipodal pairs are the fewest points
+whose second moments can equal those of a 3-d Gaussian (one domain is the identity)."""
+
+
+def spread_matrix(eta: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """The symmetric spread tensor ``E = spread * I + sym(eta)`` (deg), shape (*, 3, 3).
+
+    Args:
+        eta: (*, 3) axis spreads (xx, yy, zz) or (*, 6) symmetric tensor (xx, yy, zz, xy, yz,
+            xz), deg, lab frame.
+        spread: (*) isotropic spread (deg), added to the diagonal.
+    Returns:
+        (*, 3, 3) E; the domains' rotation vectors have covariance ``E @ E`` (deg^2).
+    """
+    xx, yy, zz = eta[..., 0], eta[..., 1], eta[..., 2]
+    if eta.shape[-1] == 6:
+        xy, yz, xz = eta[..., 3], eta[..., 4], eta[..., 5]
+    else:
+        xy = yz = xz = torch.zeros_like(xx)
+    rows = [torch.stack([xx + spread, xy, xz], -1), torch.stack([xy, yy + spread, yz], -1),
+            torch.stack([xz, yz, zz + spread], -1)]
+    return torch.stack(rows, -2)
+
+
+def maxwell_cdf(x: np.ndarray) -> np.ndarray:
+    """CDF of the chi distribution with 3 degrees of freedom (the length of a standard 3-d
+    normal vector): ``F(x) = erf(x/sqrt(2)) - sqrt(2/pi) x exp(-x^2/2)``, float64 numpy."""
+    x = np.asarray(x, dtype=np.float64)
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return erf(x / math.sqrt(2.0)) - math.sqrt(2.0 / math.pi) * x * np.exp(-x * x / 2)
+
+
+def maxwell_quantiles(levels: np.ndarray) -> np.ndarray:
+    """Quantiles of the chi-3 distribution (`maxwell_cdf`) at probabilities ``levels`` in
+    (0, 1), float64: interpolation in a table of the CDF, then Newton steps to round-off.
+    Plain numpy (no torch), so that it may run inside torch.func transforms.
+
+    >>> float(maxwell_quantiles(np.array([0.5]))[0])  # doctest: +ELLIPSIS
+    1.53817...
+    """
+    p = np.asarray(levels, dtype=np.float64)
+    grid = np.linspace(0.0, 12.0, 24001)
+    x = np.interp(p, maxwell_cdf(grid), grid)
+    for _ in range(5):
+        density = math.sqrt(2.0 / math.pi) * x * x * np.exp(-x * x / 2)
+        x = np.clip(x - (maxwell_cdf(x) - p) / np.maximum(density, 1e-300), 0.0, 40.0)
+    return x
+
+
+QUADRATURE_CACHE_DOMAINS = 1 << 16
+"""Designs of at most this many domains are kept (`quadrature_points`); larger ones, as large
+as the random draws' (32 bytes a domain), are made again for each render."""
+
+
+def quadrature_points(domains: int) -> np.ndarray:
+    """`quadrature_design`, kept for up to `QUADRATURE_CACHE_DOMAINS` domains (read-only)."""
+    if int(domains) <= QUADRATURE_CACHE_DOMAINS:
+        return _cached_design(int(domains))
+    return quadrature_design(int(domains))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_design(domains: int) -> np.ndarray:
+    return quadrature_design(domains)
+
+
+def quadrature_design(domains: int) -> np.ndarray:
+    """A deterministic equal-weight design of ``domains`` points standing for a standard 3-d
+    normal vector, float64 (domains, 3), read-only.
+
+    One domain: the origin. Otherwise ``domains // 2`` antipodal pairs ``+-rho_k u_k`` (and
+    the origin when ``domains`` is odd): directions ``u_k`` a spherical Fibonacci set on the
+    upper hemisphere (heights ``1 - (k + 1/2)/n``, azimuths ``k`` golden angles), radii
+    ``rho_k`` the chi-3 quantiles at stratified levels ``(j + 1/2)/n`` assigned to the
+    directions in the order of ``frac((k + 1/2) sqrt 2)`` (so radius and height are not
+    correlated). The set is then whitened so that its mean is exactly 0 and its second
+    moments exactly the identity: ``points.T @ points / domains == I`` to round-off.
+
+    Raises:
+        ValueError: ``domains`` is 2 to 5 (fewer than three pairs cannot have identity second
+            moments).
+    """
+    domains = int(domains)
+    if domains == 1:
+        out = np.zeros((1, 3))
+        out.flags.writeable = False
+        return out
+    if domains < QUADRATURE_MIN_DOMAINS:
+        raise ValueError(f"mosaic_domains = {domains} is too few for the quadrature mosaic: give 1 "
+                         f"(no mosaicity) or at least {QUADRATURE_MIN_DOMAINS} domains")
+    n = domains // 2
+    k = np.arange(n, dtype=np.float64)
+    height = 1.0 - (k + 0.5) / n
+    ring = np.sqrt(np.clip(1.0 - height * height, 0.0, None))
+    azimuth = k * math.pi * (3.0 - math.sqrt(5.0))
+    u = np.stack([ring * np.cos(azimuth), ring * np.sin(azimuth), height], 1)
+    order = np.argsort(np.argsort(np.mod((k + 0.5) * math.sqrt(2.0), 1.0), kind="stable"), kind="stable")
+    rho = maxwell_quantiles((order + 0.5) / n)
+    half = u * rho[:, None]
+    second = 2.0 * half.T @ half / domains
+    values, vectors = np.linalg.eigh(second)
+    half = half @ (vectors / np.sqrt(values)) @ vectors.T
+    parts = [half, -half] + ([np.zeros((1, 3))] if domains % 2 else [])
+    out = np.concatenate(parts, 0)
+    out.flags.writeable = False
+    return out
+
+
+@torch.compiler.disable
+def _points_tensor(domains: int, like: torch.Tensor) -> torch.Tensor:
+    """`quadrature_points` as a tensor of ``like``'s dtype and device (a constant)."""
+    return torch.from_numpy(np.array(quadrature_points(domains))).to(dtype=like.dtype, device=like.device)
+
+
+ROTVEC_SERIES_BELOW = 1e-2
+"""Squared rotation angle (rad^2) below which `rotation_vector_matrix` uses its Taylor series
+(five terms: truncation below 1e-17 there, and no 0/0 at the identity)."""
+
+
+def rotation_vector_matrix(r: torch.Tensor) -> torch.Tensor:
+    """Rotation matrix ``exp([r]x)`` of rotation vectors ``r`` (rad), shape (*, 3) -> (*, 3, 3).
+
+    ``R = I + A(t) K + B(t) K^2`` with ``K = [r]x``, ``t = |r|^2``, ``A = sin(theta)/theta`` and
+    ``B = (1 - cos(theta))/theta^2 = 2 sin^2(theta/2)/t``: a right-handed turn by ``|r|`` about
+    ``r/|r|`` (as `nbfunc.rotation.axis_rotation_matrix`). ``A`` and ``B`` are smooth
+    functions of ``t`` (series below `ROTVEC_SERIES_BELOW`), so every derivative is finite at
+    ``r = 0`` (where the turn's axis is undefined).
+    """
+    t = (r * r).sum(-1)
+    small = t < ROTVEC_SERIES_BELOW
+    safe = torch.where(small, torch.ones_like(t), t)
+    theta = torch.sqrt(safe)
+    a_direct = torch.sin(theta) / theta
+    b_direct = 2.0 * torch.sin(theta / 2) ** 2 / safe
+    s = torch.where(small, t, torch.zeros_like(t))
+    a_series = 1 - s / 6 * (1 - s / 20 * (1 - s / 42 * (1 - s / 72)))
+    b_series = 0.5 * (1 - s / 12 * (1 - s / 30 * (1 - s / 56 * (1 - s / 90))))
+    a = torch.where(small, a_series, a_direct)[..., None, None]
+    b = torch.where(small, b_series, b_direct)[..., None, None]
+    x, y, z = r.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1),
+                     torch.stack([-y, x, zero], -1)], -2)
+    eye = torch.eye(3, dtype=r.dtype, device=r.device)
+    return eye + a * k + b * (k @ k)
+
+
+def quadrature_rotations(crystal) -> torch.Tensor:
+    """Deterministic Gaussian mosaic domains (``mosaic_model="quadrature"``), (mosaic, 3, 3).
+
+    Domain ``k`` turns by the rotation vector ``r_k = E z_k`` (rad), with ``E`` the spread
+    tensor `spread_matrix` (``crystal.eta`` and ``crystal.mosaic_spread``, deg, lab frame)
+    and ``z_k`` the fixed design `quadrature_points`: the domains stand for rotation vectors
+    ``r ~ N(0, E E)`` with equal weights, and the image is a smooth function of ``eta`` and
+    ``mosaic_spread`` (``r`` is linear in them; `rotation_vector_matrix` is smooth at 0).
+    One domain is the identity.
+    """
+    e = spread_matrix(crystal.eta, crystal.mosaic_spread) * DEG
+    z = _points_tensor(crystal.mosaic_domains, e)
+    return rotation_vector_matrix(z @ e.transpose(-1, -2))
 
 
 def orientation_matrices(spindle_cells: torch.Tensor, mosaic_rot: torch.Tensor) -> torch.Tensor:

@@ -436,12 +436,21 @@ class Crystal(Node):
     them, and ``N`` must be positive definite. ``shape`` 'gauss' is the C program's Gaussian
     (offset in reciprocal space), 'gauss_hkl' diffBragg's (offset in Miller units,
     ``det N exp(-|N dH|^2 fudge/0.63)``). ``G`` is a per-shot scale (dimensionless) of
-    the crystal's photons (not the water background's). See docs/physics.md.
+    the crystal's photons (not the water background's).
+
+    ``mosaic_model`` picks the mosaic domains: ``"c_random"`` (default) is nanoBragg's random
+    draws (``mosaic_axes``, ``mosaic_scales`` from ``mosaic_seed``, angles up to
+    ``mosaic_spread``); ``"quadrature"`` is diffBragg-style anisotropic mosaicity made
+    deterministic: ``mosaic_domains`` fixed equal-weight points (1, or at least 6) standing for
+    Gaussian rotation vectors with covariance ``E E``, where ``E = mosaic_spread * I + eta``
+    (deg, lab frame; ``eta`` holds axis spreads xx, yy, zz or a positive semidefinite symmetric
+    tensor xx, yy, zz, xy, yz, xz), so the image is a smooth function of both. ``eta`` must be
+    zero under ``"c_random"``. See docs/physics.md.
     """
 
     LEAVES: ClassVar = ("cell_a", "cell_b", "cell_c", "cell_alpha", "cell_beta", "cell_gamma",
                         "misset", "Na", "Nb", "Nc", "fudge", "mosaic_spread", "phi_start",
-                        "phi_step", "default_F", "fhkl", "water_size", "Ncells_def", "G")
+                        "phi_step", "default_F", "fhkl", "water_size", "Ncells_def", "G", "eta")
     cell_a: TensorLike = Field(description="cell edge a (Angstrom)")
     cell_b: TensorLike = Field(description="cell edge b (Angstrom)")
     cell_c: TensorLike = Field(description="cell edge c (Angstrom)")
@@ -484,6 +493,13 @@ class Crystal(Node):
                                      "domains; drawn from mosaic_seed when not given")
     mosaic_scales: StaticArray = Field((), description="(mosaic,) angle of each domain as a "
                                        "fraction of mosaic_spread; drawn with mosaic_axes")
+    mosaic_model: Literal["c_random", "quadrature"] = Field(
+        "c_random", description="mosaic domains: nanoBragg's random draws, or deterministic "
+        "Gaussian domains of the spread tensor mosaic_spread*I + eta")
+    eta: TensorLike = Field(default_factory=_t([0.0, 0.0, 0.0]),
+                            description="anisotropic mosaic spread (deg) in the lab frame: "
+                            "axis spreads xx, yy, zz or the symmetric tensor xx, yy, zz, xy, yz, "
+                            "xz; quadrature model only")
 
     @field_validator("cell_a", "cell_b", "cell_c")
     @classmethod
@@ -537,6 +553,25 @@ class Crystal(Node):
     def _offdiag(cls, v, info):
         _check("Ncells_def", v, v.shape == (3,) and bool(torch.isfinite(v).all()),
                "three finite numbers Nd, Ne, Nf (cells)")
+        return v
+
+    @field_validator("eta")
+    @classmethod
+    def _eta(cls, v, info):
+        _check("eta", v, v.shape in ((3,), (6,)),
+               "3 axis spreads xx, yy, zz or 6 tensor terms xx, yy, zz, xy, yz, xz (deg)")
+        values = tuple(float(x) for x in v)
+        if min(values[:3]) < 0:
+            raise ValueError(f"crystal.eta = {_shown(values)} has a negative axis spread; give "
+                             "spreads xx, yy, zz >= 0 deg")
+        if len(values) == 6:
+            xx, yy, zz, xy, yz, xz = values
+            tensor = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+            lowest = float(np.linalg.eigvalsh(tensor)[0])
+            if lowest < -1e-12 * max(abs(x) for x in values):
+                raise ValueError(f"crystal.eta = {_shown(values)} is not positive semidefinite "
+                                 f"(smallest eigenvalue {lowest:.4g} deg); give smaller off-diagonal "
+                                 "terms")
         return v
 
     @field_validator("misset")
@@ -601,20 +636,45 @@ class Crystal(Node):
                              f"{[round(math.degrees(a), 6) for a in angles]} deg give no cell "
                              "volume: each angle must be smaller than the sum of the other two "
                              "and the three must sum to less than 360 deg")
-        if self.mosaic_domains > 1 and not len(self.mosaic_axes):
+        drawn = self._random_domains()
+        if drawn and self.mosaic_domains > 1 and not len(self.mosaic_axes):
             from nbfunc.crystal import mosaic_draws
 
             itemsize = self.cell_a.element_size() if self.cell_a.is_floating_point() else 8
             axes, scales = mosaic_draws(self.mosaic_domains, self.mosaic_seed, self.phisteps, itemsize)
             object.__setattr__(self, "mosaic_axes", axes)
             object.__setattr__(self, "mosaic_scales", scales)
-        if self.mosaic_domains > 1 and not (len(self.mosaic_axes) == len(self.mosaic_scales)
-                                            == self.mosaic_domains):
+        if drawn and self.mosaic_domains > 1 and not (len(self.mosaic_axes) == len(self.mosaic_scales)
+                                                      == self.mosaic_domains):
             raise ValueError(f"mosaic_axes and mosaic_scales need {self.mosaic_domains} entries "
                              f"(one per domain), got {len(self.mosaic_axes)} and "
                              f"{len(self.mosaic_scales)}")
         self._size_matrix()
         return self
+
+    def _random_domains(self) -> bool:
+        """Whether the domains are nanoBragg's random draws. Refuses ``eta`` with those;
+        and, under ``mosaic_model='quadrature'``, listed draws, a domain count the quadrature
+        cannot use, or one that does not fit in memory."""
+        from nbfunc.crystal import QUADRATURE_MIN_DOMAINS, check_mosaic_memory, physical_memory
+
+        if self.mosaic_model == "c_random":
+            if bool((self.eta != 0).any()):
+                raise ValueError(f"crystal.eta = {_shown(tuple(float(x) for x in self.eta))} needs "
+                                 "mosaic_model='quadrature'; give zeros for "
+                                 "nanoBragg's random domains")
+            return True
+        if len(self.mosaic_axes) or len(self.mosaic_scales):
+            raise ValueError("crystal.mosaic_axes/mosaic_scales list random draws but mosaic_model is "
+                             "'quadrature', which makes its own domains; leave them empty, or use "
+                             "mosaic_model='c_random'")
+        if 1 < self.mosaic_domains < QUADRATURE_MIN_DOMAINS:
+            raise ValueError(f"crystal.mosaic_domains = {self.mosaic_domains} is too few for the "
+                             f"quadrature mosaic; give 1 (no mosaicity) or at least "
+                             f"{QUADRATURE_MIN_DOMAINS} domains (-mosaic_dom)")
+        itemsize = self.cell_a.element_size() if self.cell_a.is_floating_point() else 8
+        check_mosaic_memory(self.mosaic_domains, self.phisteps, itemsize, physical_memory())
+        return False
 
     def _size_matrix(self) -> None:
         """Refuse off-diagonal size terms on a shape that ignores them, or a domain-size

@@ -73,6 +73,8 @@ class CFlags:
     mosaic_spread: float = -1.0  # rad
     mosaic_domains: int = -1
     mosaic_seed: int = -12345678
+    mosaic_quadrature: bool = False  # nbfunc: deterministic Gaussian domains
+    eta: tuple = ()  # nbfunc: deg, 3 axis spreads or 6 tensor terms; () not given
     misset_seed: int | None = None  # None: same as seed (C: misset_seed = seed)
 
     # beam

@@ -150,7 +150,8 @@ _TREE_FLAGS = {
     "crystal.default_F": "-default_F", "crystal.fhkl": "-hkl", "crystal.water_size": "-water",
     "crystal.spindle_axis": "-spindle_axis", "crystal.phisteps": "-phisteps",
     "crystal.mosaic_domains": "-mosaic_dom", "crystal.Ncells_def": "-Ndef", "crystal.G": "-G",
-    "beam.sources.weights": "-spectrum", "sampling.oversample": "-oversample",
+    "beam.sources.weights": "-spectrum", "crystal.eta": "-eta/-eta_tensor",
+    "crystal.mosaic_model": "-mosaic_quadrature", "sampling.oversample": "-oversample",
     "sampling.dmin": "-dmin", "sampling.chunk": "-chunk", "sampling.mask": "-mask",
     "sampling.roi": "-roi",
 }

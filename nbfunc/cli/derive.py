@@ -488,7 +488,12 @@ def build_crystal(f: CFlags, cell: CellSetting, steps: Steps, grid, spindle) -> 
         fhkl = torch.as_tensor(np.asarray(grid.F, dtype=np.float64))
         origin = (int(grid.h_min), int(grid.k_min), int(grid.l_min))
     draws = {}
-    if steps.domains > 1:
+    if f.mosaic_quadrature:
+        draws = dict(mosaic_model="quadrature", eta=list(f.eta or (0.0, 0.0, 0.0)))
+    elif f.eta:
+        raise FlagError("-eta/-eta_tensor need -mosaic_quadrature (nanoBragg's random mosaic "
+                        "domains have no anisotropic spread); add it, or drop -eta")
+    elif steps.domains > 1:
         axes, scales = mosaic_draw_arrays(steps.domains, f.mosaic_seed)
         draws = dict(mosaic_axes=axes, mosaic_scales=scales)
     n = cell.n_cells

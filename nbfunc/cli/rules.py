@@ -87,8 +87,12 @@ def phi_steps(f: CFlags) -> tuple[int, float, float]:
 
 
 def mosaic_setting(f: CFlags, warn: list[str]) -> tuple[int, float]:
-    """(domains, spread in rad) by the C program's rules."""
+    """(domains, spread in rad) by the C program's rules; under ``-mosaic_quadrature`` a
+    nonzero ``-eta``/``-eta_tensor`` counts as a spread given (the spread itself then 0
+    when ``-mosaic`` is not given)."""
     domains, spread = f.mosaic_domains, f.mosaic_spread
+    if f.mosaic_quadrature and any(x != 0.0 for x in f.eta) and spread <= 0.0:
+        return (10 if domains <= 0 else domains), 0.0
     if domains <= 0:
         if spread < 0.0:
             return 1, 0.0

@@ -43,6 +43,8 @@ CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
         "detector.thickness", "detector.mu", "detector.distance")),
     "mosaic_phi": ("-mosaic 0.5 -mosaic_dom 4 -phi 10 -osc 6 -phisteps 3", (
         "crystal.mosaic_spread", "crystal.phi_start", "crystal.phi_step")),
+    "mosaic_quadrature": ("-mosaic_quadrature -mosaic 0.2 -eta_tensor 0.5 0.3 0.4 0.1 -0.05 0.08 "
+                          "-mosaic_dom 8", ("crystal.eta", "crystal.mosaic_spread")),
     "hkl": ("-hkl {hkl}", ("crystal.fhkl", "crystal.default_F")),
     "water": ("-water 10", ("crystal.water_size", "beam.fluence")),
     "round": ("-round_xtal -fudge 2", ("crystal.fudge", "crystal.Na")),
