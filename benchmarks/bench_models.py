@@ -10,7 +10,13 @@ counterpart, forward and `torch.func.grad` of the image sum over the whole tree:
   against Gaussian spots without them (the tree's zeros still go through the same code);
 * ``scale``: the per-shot scale `crystal.G` = 1.7 against G = 1 (square spots);
 * ``spectrum_N``: a Gaussian bandwidth of N channels (`nbfunc.io.spectrum`, 1 % FWHM) against
-  one source: the cost grows with the channels, as N sources do.
+  one source: the cost grows with the channels, as N sources do;
+* ``diffuse_P-1``, ``diffuse_P4/mmm``: diffBragg's diffuse scattering (`crystal.diffuse`,
+  anisotropic gamma and sigma) without symmetrisation (1 operator) and over the 8 operators of
+  P4/mmm, against the same tree with diffuse off (square spots); the gradient of the plain
+  tree takes the pixel partial sums, the model's is derived from the kernel;
+* ``bfactor``: the per-shot B factor (`crystal.bfactor`, B = 20 A^2) against B off (same
+  remark on the gradient).
 """
 from __future__ import annotations
 
@@ -39,6 +45,14 @@ def cases() -> dict:
         lam, w = gaussian_spectrum(1.0, n, fwhm=0.01)
         beam = square.beam.model_copy(update={"sources": spectrum_sources(lam, w, square.beam.beam_vector)})
         out[f"spectrum_{n}"] = (square.model_copy(update={"beam": beam}), square)
+
+    def crystal(**fields):
+        values = {**dict(square.crystal), **fields}
+        return square.model_copy(update={"crystal": nbfunc.params.Crystal(**values)})
+    for group in ("P-1", "P4/mmm"):
+        out[f"diffuse_{group}"] = (crystal(diffuse=True, diffuse_laue_group=group, diffuse_gamma=f64([3.0, 4.0, 5.0]),
+                                           diffuse_sigma=f64([0.3, 0.4, 0.5])), square)
+    out["bfactor"] = (crystal(bfactor=True, B=f64(20.0)), square)
     return out
 
 
