@@ -13,7 +13,13 @@ counterpart, forward and `torch.func.grad` of the image sum over the whole tree:
   one source: the cost grows with the channels, as N sources do;
 * ``mosaic_quadrature``: 10 deterministic anisotropic mosaic domains (``mosaic_model=
   "quadrature"``, ``eta`` = (0.3, 0.2, 0.25) deg) against the C program's 10 random domains
-  (``-mosaic 0.3 -mosaic_dom 10``): the same number of orientations, so the same kernel work.
+  (``-mosaic 0.3 -mosaic_dom 10``): the same number of orientations, so the same kernel work;
+* ``diffuse_P-1``, ``diffuse_P4/mmm``: diffBragg's diffuse scattering (`crystal.diffuse`,
+  anisotropic gamma and sigma) without symmetrisation (1 operator) and over the 8 operators of
+  P4/mmm, against the same tree with diffuse off (square spots); the gradient of the plain
+  tree takes the pixel partial sums, the model's is derived from the kernel;
+* ``bfactor``: the per-shot B factor (`crystal.bfactor`, B = 20 A^2) against B off (same
+  remark on the gradient).
 """
 from __future__ import annotations
 
@@ -48,6 +54,14 @@ def cases() -> dict:
     fields.update(mosaic_model="quadrature", mosaic_spread=0.0, eta=[0.3, 0.2, 0.25])
     quadrature = random_mosaic.model_copy(update={"crystal": nbfunc.Crystal(**fields)})
     out["mosaic_quadrature"] = (quadrature, random_mosaic)
+
+    def crystal(**fields):
+        values = {**dict(square.crystal), **fields}
+        return square.model_copy(update={"crystal": nbfunc.params.Crystal(**values)})
+    for group in ("P-1", "P4/mmm"):
+        out[f"diffuse_{group}"] = (crystal(diffuse=True, diffuse_laue_group=group, diffuse_gamma=f64([3.0, 4.0, 5.0]),
+                                           diffuse_sigma=f64([0.3, 0.4, 0.5])), square)
+    out["bfactor"] = (crystal(bfactor=True, B=f64(20.0)), square)
     return out
 
 

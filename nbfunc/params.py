@@ -445,12 +445,18 @@ class Crystal(Node):
     Gaussian rotation vectors with covariance ``E E``, where ``E = mosaic_spread * I + eta``
     (deg, lab frame; ``eta`` holds axis spreads xx, yy, zz or a positive semidefinite symmetric
     tensor xx, yy, zz, xy, yz, xz), so the image is a smooth function of both. ``eta`` must be
-    zero under ``"c_random"``. See docs/physics.md.
+    zero under ``"c_random"``.
+
+    With ``diffuse`` on, diffBragg's diffuse scattering (``diffuse_gamma``, ``diffuse_sigma``,
+    symmetrised over the static ``diffuse_laue_group``) adds to the lattice term; with
+    ``bfactor`` on, intensities are multiplied by ``exp(-2 B stol^2)`` (``B`` in Angstrom^2).
+    See docs/physics.md.
     """
 
     LEAVES: ClassVar = ("cell_a", "cell_b", "cell_c", "cell_alpha", "cell_beta", "cell_gamma",
                         "misset", "Na", "Nb", "Nc", "fudge", "mosaic_spread", "phi_start",
-                        "phi_step", "default_F", "fhkl", "water_size", "Ncells_def", "G", "eta")
+                        "phi_step", "default_F", "fhkl", "water_size", "Ncells_def", "G", "eta",
+                        "diffuse_gamma", "diffuse_sigma", "B")
     cell_a: TensorLike = Field(description="cell edge a (Angstrom)")
     cell_b: TensorLike = Field(description="cell edge b (Angstrom)")
     cell_c: TensorLike = Field(description="cell edge c (Angstrom)")
@@ -481,6 +487,18 @@ class Crystal(Node):
                                    "(b-c), Nf (a-c) (cells); Gaussian shapes only")
     G: TensorLike = Field(default_factory=_t(1.0),
                           description="per-shot scale of the crystal's photons, not the water's (dimensionless)")
+    diffuse_gamma: TensorLike = Field(default_factory=_t([1.0, 1.0, 1.0]),
+                                      description="diffuse correlation lengths along lab x, y, z "
+                                      "(Angstrom), diffBragg's diffuse_gamma; used when diffuse")
+    diffuse_sigma: TensorLike = Field(default_factory=_t([0.01, 0.01, 0.01]),
+                                      description="diffuse displacement amplitudes along lab x, y, z "
+                                      "(Angstrom), diffBragg's diffuse_sigma; used when diffuse")
+    B: TensorLike = Field(default_factory=_t(0.0),
+                          description="per-shot isotropic B factor, intensities times exp(-2 B "
+                          "stol^2) at the nearest reflection (Angstrom^2); used when bfactor")
+    diffuse: bool = False
+    diffuse_laue_group: str = "P-1"
+    bfactor: bool = False
     hkl_origin: tuple[int, int, int] = (0, 0, 0)
     shape: Literal["square", "round", "gauss", "gauss_hkl", "tophat"] = "square"
     interpolate: bool = False
@@ -547,6 +565,34 @@ class Crystal(Node):
         _scalar("G", v)
         _check("G", v, bool((v > 0) & torch.isfinite(v)), "a finite scale > 0 (dimensionless; 1: none)")
         return v
+
+    @field_validator("diffuse_gamma", "diffuse_sigma")
+    @classmethod
+    def _diffuse(cls, v, info):
+        name = info.field_name
+        low = "> 0" if name == "diffuse_gamma" else ">= 0"
+        _check(name, v, v.shape == (3,) and bool(torch.isfinite(v).all()
+                                                  & ((v > 0) if name == "diffuse_gamma" else (v >= 0)).all()),
+               f"three finite numbers {low} (Angstrom), along lab x, y, z")
+        return v
+
+    @field_validator("B")
+    @classmethod
+    def _bfactor(cls, v, info):
+        _scalar("B", v)
+        _check("B", v, bool((v >= 0) & torch.isfinite(v)), "a finite B factor >= 0 (Angstrom^2; 0: none)")
+        return v
+
+    @field_validator("diffuse_laue_group")
+    @classmethod
+    def _laue_group(cls, v, info):
+        from nbfunc.diffuse import LAUE_GROUPS
+
+        symbol = v.replace(" ", "")
+        if symbol not in LAUE_GROUPS:
+            raise ValueError(f"diffuse_laue_group = {v!r} is not a Laue group diffBragg knows; give "
+                             f"one of {', '.join(LAUE_GROUPS)}")
+        return symbol
 
     @field_validator("Ncells_def")
     @classmethod
@@ -650,6 +696,9 @@ class Crystal(Node):
                              f"(one per domain), got {len(self.mosaic_axes)} and "
                              f"{len(self.mosaic_scales)}")
         self._size_matrix()
+        if not self.bfactor and float(self.B) != 0:
+            raise ValueError(f"crystal.B = {float(self.B):.6g} Angstrom^2 is used only with "
+                             "crystal.bfactor=True; set bfactor=True, or B = 0")
         return self
 
     def _random_domains(self) -> bool:

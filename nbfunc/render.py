@@ -34,6 +34,8 @@ from nbfunc.compile import (check_settings, compiled, forward_mode_active, in_fu
                             only_batching, per_call_under_transforms, report_failure)
 from nbfunc.derived import StructuredRules, derived_call
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
+from nbfunc.diffuse import (bfactor_form, debye_waller, diffuse_forms, diffuse_intensity,
+                            laue_operators, operator_tensor)
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor
@@ -82,6 +84,12 @@ class Setup(NamedTuple):
     mu: torch.Tensor            # 1/m
     n_offdiag: torch.Tensor     # (3,) Nd, Ne, Nf (cells), Gaussian shape only
     weights: torch.Tensor | None = None  # (source,) dimensionless; None: all one
+    # diffuse scattering (`nbfunc.diffuse.diffuse_forms`), None when off: (L, 3, 3), (L, 3, 3)
+    # dimensionless forms in Miller indices, 0-d Angstrom^3
+    diffuse_disorder: torch.Tensor | None = None
+    diffuse_correlation: torch.Tensor | None = None
+    diffuse_peak: torch.Tensor | None = None
+    bfactor_form: torch.Tensor | None = None   # (3, 3) `nbfunc.diffuse.bfactor_form`; None: off
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,8 @@ class Plan:
     dmin: float
     tile: int
     block: int
+    diffuse_ops: int = 0      # Laue operators of the diffuse term; 0: no diffuse scattering
+    bfactor: bool = False     # the per-shot B factor is applied
 
     @property
     def n_paths(self) -> int:
@@ -193,7 +203,8 @@ def make_plan(p: Params, large_chunks: bool = True) -> tuple[Plan, torch.Tensor]
     plan = Plan(fpx, spx, smp.oversample, det.thicksteps, p.beam.sources.n_sources, n_orient,
                 cr.shape, cr.interpolate and cr.fhkl.numel() > 0, cr.hkl_origin, ordered,
                 smp.oversample_thick, smp.oversample_polar, smp.oversample_omega, det.absorption,
-                p.beam.polarization, det.curved, det.point_pixel, smp.dmin * ANGSTROM, 0, 0)
+                p.beam.polarization, det.curved, det.point_pixel, smp.dmin * ANGSTROM, 0, 0,
+                len(laue_operators(cr.diffuse_laue_group)) if cr.diffuse else 0, cr.bfactor)
     return plan.chunked(smp.chunk or (DEFAULT_CHUNK if large_chunks else SMALL_CHUNK), len(pixels)), pixels
 
 
@@ -214,6 +225,13 @@ def prepare(p: Params) -> tuple[Setup, torch.Tensor, torch.Tensor, torch.Tensor]
                   torch.stack([cr.Na, cr.Nb, cr.Nc], -1), cr.fudge, cr.default_F, cr.fhkl,
                   cr.water_size * UM, det.thickness * det.thick_step_fraction * MM, det.mu / MM,
                   cr.Ncells_def, source_weights(beam))
+    if cr.diffuse:
+        setup = setup._replace(**dict(zip(
+            ("diffuse_disorder", "diffuse_correlation", "diffuse_peak"),
+            diffuse_forms(recip, cr.diffuse_gamma, cr.diffuse_sigma,
+                          operator_tensor(cr.diffuse_laue_group, recip)))))
+    if cr.bfactor:
+        setup = setup._replace(bfactor_form=bfactor_form(recip, cr.B))
     return setup, real, phi_rotations(cr), mosaic_rotations(cr)
 
 
@@ -344,10 +362,10 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
     """The configuration `PartialsRules` cover: square shape, ``default_F`` only, flat
     detector, no absorption, no resolution cut, no oversample flags; one source and one
-    orientation."""
+    orientation; no diffuse scattering and no B factor."""
     return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
             and not plan.absorption and not plan.curved and plan.n_sources == 1
-            and plan.n_orient == 1)
+            and plan.n_orient == 1 and not plan.diffuse_ops and not plan.bfactor)
 
 
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
@@ -554,11 +572,24 @@ def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, di
     # matters for the interpolation switch-off and the oversample_* factors; otherwise the
     # term is 0 anyway and the (slow) boolean mask is left out
     if plan.interpolate or plan.ordered or plan.dmin > 0:
-        counted = per_orient(alive) & ((f_latt != 0) | (setup.water != 0))
+        if plan.diffuse_ops:  # diffuse scattering adds to every evaluation, F_latt = 0 or not
+            counted = torch.broadcast_to(per_orient(alive), f_latt.shape)
+        else:
+            counted = per_orient(alive) & ((f_latt != 0) | (setup.water != 0))
     else:
         counted = None
     f_cell, disabled = structure_factor(setup, plan, hkl, counted, disabled_in)
-    term = (f_cell * f_latt) ** 2
+    if plan.diffuse_ops or plan.bfactor:
+        h0 = tuple(torch.ceil(x - 0.5) for x in hkl)
+    if plan.diffuse_ops:
+        # diffBragg: I = F_cell^2 (F_latt^2 + I_D) (`nbfunc.diffuse.diffuse_intensity`)
+        dh = tuple(x - x0 for x, x0 in zip(hkl, h0))
+        term = f_cell * f_cell * (f_latt * f_latt + diffuse_intensity(
+            h0, dh, setup.diffuse_disorder, setup.diffuse_correlation, setup.diffuse_peak))
+    else:
+        term = (f_cell * f_latt) ** 2
+    if plan.bfactor:
+        term = term * debye_waller(h0, setup.bfactor_form)
     if paths.weight is not None:
         term = term * per_orient(paths.weight)
     if counted is not None:

@@ -43,7 +43,7 @@ class TestFlatten:
         assert listed[3:6] == ["beam.sources.directions", "beam.sources.wavelengths",
                                "beam.sources.weights"]
         assert grid[6:] == listed[6:]
-        assert len(grid) == 36
+        assert len(grid) == 39
 
     def test_sampling_and_settings_are_not_leaves(self, tiny):
         paths = tiny.leaf_paths()
