@@ -39,8 +39,11 @@ POSITIVE_LEAVES = frozenset({
     "beam.wavelength", "beam.fluence", "beam.sources.wavelengths", "detector.distance",
     "detector.pixel_size", "crystal.cell_a", "crystal.cell_b", "crystal.cell_c", "crystal.Na",
     "crystal.Nb", "crystal.Nc", "crystal.mosaic_spread", "crystal.fudge", "crystal.water_size",
-    "crystal.G"})
-"""Leaves of a `Params` tree that must stay > 0 during a fit (fitted in log space)."""
+    "crystal.G", "crystal.diffuse_gamma"})
+"""Leaves of a `Params` tree that must stay > 0 during a fit (fitted in log space). Not
+``crystal.B`` or ``crystal.diffuse_sigma``: 0 (no B factor, no displacement) is a value the
+tree accepts and a fit may need to start at or reach; nor ``crystal.eta``, whose tensor form
+has signed terms."""
 
 _UNITS = ("Angstrom", "mm", "deg", "mrad", "um", "e", "photons/m^2", "1/mm", "fraction")
 _ELEMENT = re.compile(r"^(?P<path>[^\[\]]+)\[(?P<index>\d+)\]$")

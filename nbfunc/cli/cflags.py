@@ -68,6 +68,11 @@ class CFlags:
     fudge: float = 1.0
     Ncells_def: tuple[float, float, float] = (0.0, 0.0, 0.0)  # cells (-Ndef, nbfunc)
     G: float = 1.0  # per-shot scale of the crystal's photons (-G, nbfunc)
+    diffuse: bool = False  # -diffuse: diffBragg's diffuse scattering (nbfunc)
+    diffuse_gamma: tuple = ()  # -diffuse_gamma: Angstrom, 1 or 3 values (nbfunc); () not given
+    diffuse_sigma: tuple = ()  # -diffuse_sigma: Angstrom, 1 or 3 values (nbfunc); () not given
+    laue_group: str | None = None  # -laue_group: the diffuse term's Laue group symbol (nbfunc)
+    bfactor: float = -1.0  # -bfactor: B in Angstrom^2 (nbfunc); -1 not given
     default_F: float = 0.0
     interpolate: int = 2  # 2 auto, 1 on, 0 off
     mosaic_spread: float = -1.0  # rad

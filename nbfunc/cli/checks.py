@@ -151,7 +151,10 @@ _TREE_FLAGS = {
     "crystal.spindle_axis": "-spindle_axis", "crystal.phisteps": "-phisteps",
     "crystal.mosaic_domains": "-mosaic_dom", "crystal.Ncells_def": "-Ndef", "crystal.G": "-G",
     "beam.sources.weights": "-spectrum", "crystal.eta": "-eta/-eta_tensor",
-    "crystal.mosaic_model": "-mosaic_quadrature", "sampling.oversample": "-oversample",
+    "crystal.mosaic_model": "-mosaic_quadrature", "crystal.diffuse_gamma": "-diffuse_gamma",
+    "crystal.diffuse_sigma": "-diffuse_sigma", "crystal.diffuse_laue_group": "-laue_group",
+    "crystal.diffuse": "-diffuse", "crystal.B": "-bfactor", "crystal.bfactor": "-bfactor",
+    "sampling.oversample": "-oversample",
     "sampling.dmin": "-dmin", "sampling.chunk": "-chunk", "sampling.mask": "-mask",
     "sampling.roi": "-roi",
 }

@@ -504,7 +504,36 @@ def build_crystal(f: CFlags, cell: CellSetting, steps: Steps, grid, spindle) -> 
         water_size=f.water_size * 1e6, Ncells_def=list(f.Ncells_def), G=f.G,
         hkl_origin=origin, shape=f.xtal_shape.lower(),
         interpolate=bool(interpolate), spindle_axis=spindle, phisteps=steps.phisteps,
-        mosaic_domains=steps.domains, mosaic_seed=f.mosaic_seed, **draws)
+        mosaic_domains=steps.domains, mosaic_seed=f.mosaic_seed, **draws, **diffuse_settings(f))
+
+
+def diffuse_settings(f: CFlags) -> dict:
+    """The crystal's diffuse-scattering and B-factor fields from the flags (none when neither
+    is asked for, so the tree keeps its defaults). -diffuse_gamma or -diffuse_sigma turns the
+    diffuse term on, as -diffuse does (nanoBragg's way: -mosaic, -dispersion and -water turn
+    their models on); -laue_group alone does not, since it sets nothing but that term's
+    symmetry. -bfactor B sets B and turns the B factor on.
+
+    Raises:
+        FlagError: -laue_group without any diffuse flag.
+    """
+    out = {}
+    diffuse = f.diffuse or bool(f.diffuse_gamma) or bool(f.diffuse_sigma)
+    if f.laue_group is not None and not diffuse:
+        raise FlagError(f"-laue_group {f.laue_group} sets only the symmetry of the diffuse "
+                        "scattering (structure factors are not symmetrised); add -diffuse (or "
+                        "-diffuse_gamma/-diffuse_sigma), or drop -laue_group")
+    if diffuse:
+        out["diffuse"] = True
+        if f.diffuse_gamma:
+            out["diffuse_gamma"] = list(f.diffuse_gamma)
+        if f.diffuse_sigma:
+            out["diffuse_sigma"] = list(f.diffuse_sigma)
+        if f.laue_group is not None:
+            out["diffuse_laue_group"] = f.laue_group
+    if f.bfactor >= 0:
+        out.update(bfactor=True, B=f.bfactor)
+    return out
 
 
 def build_sampling(f: CFlags, oversample: int, roi: tuple, mask: np.ndarray | None) -> Sampling:

@@ -19,7 +19,8 @@ Differences from the C program, so that nbfunc is a safe drop-in:
 * ``-h``/``-help``/``--help`` raise `HelpRequested` and ``--version``/``-version``
   `VersionRequested`; ``-dtype``, ``-chunk``, ``-device``, ``-cbffile``, ``-nxsfile`` and
   ``-nxs_compression``, ``-params_out`` and ``-params`` are nbfunc extensions, and so are the
-  model flags ``-Ndef``, ``-G``, ``-gauss_hkl_xtal``, ``-spectrum``, ``-bandwidth`` and
+  model flags ``-Ndef``, ``-G``, ``-gauss_hkl_xtal``, ``-diffuse``, ``-diffuse_gamma``,
+  ``-diffuse_sigma``, ``-laue_group``, ``-bfactor``, ``-spectrum``, ``-bandwidth`` and
   ``-bandwidth_steps`` (listed next to the C flags they extend; all match their exact name).
 
 Arguments are the tokens after the program name (``sys.argv[1:]``).
@@ -180,6 +181,52 @@ class Numbers:
 
 
 @dataclass(frozen=True)
+class OneOrThree:
+    """One number (the same along x, y and z) or three: the values stop at the first argument
+    that is not a number (nbfunc's flags only). `xyz` makes three of what was read."""
+
+    expect: str
+    positive: bool = False
+    nonnegative: bool = False
+    meta: str = ""
+
+    @staticmethod
+    def _take(args: Sequence[str]) -> list[str]:
+        taken = []
+        for a in args[:3]:
+            if not _looks_numeric(a):
+                break
+            taken.append(a)
+        return taken
+
+    def strict(self, label: str, args: Sequence[str]) -> tuple | None:
+        taken = self._take(args)
+        if not taken:
+            if not args:
+                raise _missing(label, self.expect, args)
+            raise FlagError(f"{label} expects {self.expect}, got {args[0]!r}")
+        if len(taken) == 2:
+            raise FlagError(f"{label} expects {self.expect}, got 2: {_quoted(taken)}")
+        values = tuple(_strict_float(label, self.expect, a) for a in taken)
+        if self.nonnegative and any(v < 0 for v in values):
+            raise FlagError(f"{label} expects {self.expect} of at least 0, got {_quoted(taken)}")
+        if self.positive and any(v <= 0 for v in values):
+            raise FlagError(f"{label} expects {self.expect} greater than 0, got {_quoted(taken)}")
+        return values
+
+    def c_read(self, args: Sequence[str]) -> tuple | None:
+        taken = self._take(args)
+        return tuple(c_atof(a) for a in (taken if len(taken) == 3 else taken[:1])) or None
+
+    @staticmethod
+    def xyz(values: tuple) -> tuple:
+        return values * 3 if len(values) == 1 else values
+
+    def usage(self) -> str:
+        return self.meta or self.expect
+
+
+@dataclass(frozen=True)
 class Text:
     """One string: a file name or a word; ``check`` says whether the word is acceptable."""
 
@@ -327,7 +374,7 @@ class Handler:
 
     names: tuple[str, ...]
     match: Callable[[str], bool]
-    values: Numbers | Text | Switch | Cell | Misset | Attenuation
+    values: Numbers | OneOrThree | Text | Switch | Cell | Misset | Attenuation
     apply: Callable[[tuple], dict]
     help: str
     stop: bool | Callable[[tuple], bool] = False
@@ -411,6 +458,24 @@ def _convention(name: str, pivot: str) -> Callable[[tuple], dict]:
 
 _DEVICE = re.compile(r"[a-z]+(:\d+)?")
 
+
+def _laue_symbol(text: str) -> str | None:
+    """The Laue group symbol of a -laue_group value: a symbol of `nbfunc.diffuse.LAUE_GROUPS`
+    (spaces ignored) or diffBragg's number of one, 1 to 14 (its ``laue_group_num``); None if
+    it is neither."""
+    from nbfunc.diffuse import LAUE_GROUPS
+
+    symbol = text.replace(" ", "")
+    if symbol in LAUE_GROUPS:
+        return symbol
+    if re.fullmatch(r"[0-9]+", symbol) and 1 <= int(symbol) <= len(LAUE_GROUPS):
+        return LAUE_GROUPS[int(symbol) - 1]
+    return None
+
+
+_LAUE_EXPECT = ("a Laue group (P-1, P112/m, P12/m1, P2/m11, Pmmm, P4/m, P4/mmm, P-3, P-3m1, "
+                "P-31m, P6/m, P6/mmm, Pm-3, Pm-3m, or diffBragg's number of one, 1 to 14)")
+
 # In nanoBragg's order; -mask (read only by the first loop) and nbfunc's flags come last.
 HANDLERS: tuple[Handler, ...] = (
     # crystal size in unit cells
@@ -424,6 +489,22 @@ HANDLERS: tuple[Handler, ...] = (
        "off-diagonal domain-size terms, Gaussian shapes only (nbfunc)", nbfunc=True),
     _h("-G", _exact("-G"), Numbers(1, "a scale factor", positive=True, meta="number"),
        lambda v: {"G": v[0]}, "per-shot scale of the crystal's photons (nbfunc)", nbfunc=True),
+    _h("-diffuse", _exact("-diffuse"), _OFF, lambda v: {"diffuse": True},
+       "diffBragg's diffuse scattering around the Bragg peaks (nbfunc)", nbfunc=True),
+    _h("-diffuse_gamma", _exact("-diffuse_gamma"),
+       OneOrThree("1 or 3 lengths in Angstrom (gx [gy gz])", positive=True, meta="gx [gy gz]"),
+       lambda v: {"diffuse_gamma": OneOrThree.xyz(v)},
+       "diffuse correlation lengths along lab x, y, z; implies -diffuse (nbfunc)", nbfunc=True),
+    _h("-diffuse_sigma", _exact("-diffuse_sigma"),
+       OneOrThree("1 or 3 lengths in Angstrom (sx [sy sz])", nonnegative=True, meta="sx [sy sz]"),
+       lambda v: {"diffuse_sigma": OneOrThree.xyz(v)},
+       "diffuse displacement amplitudes along lab x, y, z; implies -diffuse (nbfunc)", nbfunc=True),
+    _h("-laue_group", _exact("-laue_group"), Text(_LAUE_EXPECT, _laue_symbol, meta="symbol|1-14"),
+       lambda v: {"laue_group": _laue_symbol(v[0])}, "Laue group of the diffuse scattering, "
+       "default P-1 (nbfunc)", nbfunc=True),
+    _h("-bfactor", _exact("-bfactor"), _at_least_zero("a B factor in Angstrom^2", "A^2"),
+       lambda v: {"bfactor": v[0]}, "isotropic B factor, intensities times exp(-2 B stol^2) (nbfunc)",
+       nbfunc=True),
     # unit cell and orientation
     _h("-cell", _sub("-cell"), Cell(), _cell, "direct cell (Angstrom, degrees)",
        stop=lambda v: len(v) < 6),  # C `continue`s when it stops before the sixth value

@@ -45,6 +45,9 @@ CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
         "crystal.mosaic_spread", "crystal.phi_start", "crystal.phi_step")),
     "mosaic_quadrature": ("-mosaic_quadrature -mosaic 0.2 -eta_tensor 0.5 0.3 0.4 0.1 -0.05 0.08 "
                           "-mosaic_dom 8", ("crystal.eta", "crystal.mosaic_spread")),
+    "diffuse": ("-diffuse -diffuse_gamma 3 4 2.5 -diffuse_sigma 0.3 0.4 0.5 -laue_group P4/mmm "
+                "-bfactor 20", ("crystal.diffuse_gamma", "crystal.diffuse_sigma", "crystal.B",
+                                "crystal.cell_a", "crystal.misset")),
     "hkl": ("-hkl {hkl}", ("crystal.fhkl", "crystal.default_F")),
     "water": ("-water 10", ("crystal.water_size", "beam.fluence")),
     "round": ("-round_xtal -fudge 2", ("crystal.fudge", "crystal.Na")),
