@@ -149,13 +149,21 @@ def quadratic_form(form: torch.Tensor, v) -> torch.Tensor:
             + 2 * (form[0, 1] * x * y + form[0, 2] * x * z + form[1, 2] * y * z))
 
 
+EXPONENT_CAP = 1e4
+"""Cap of the disorder exponent ``E_L`` in `diffuse_intensity`: ``exp(-E)`` is exactly 0 in
+float32 and float64 from ``E`` of about 104 and 746 on, so ``E exp(-E)`` and its derivative
+``(1 - E) exp(-E)`` are 0 for every finite ``E`` above the cap, as they are at the cap; an
+overflowing ``E = inf`` (a tree outside validation, e.g. a fit's trial step) gives the limit 0."""
+
+
 def diffuse_intensity(h0, dh, disorder: torch.Tensor, correlation: torch.Tensor,
                       peak: torch.Tensor) -> torch.Tensor:
     """diffBragg's diffuse term ``I_D`` (Angstrom^3) added to ``F_latt^2``.
 
     ``I_D = peak * sum_L E_L exp(-E_L) / (1 + W_L)^2`` with ``E_L = H0^T disorder_L H0`` and
     ``W_L = dH^T correlation_L dH`` (`diffuse_forms`). A Python loop over the n operators:
-    memory stays that of a few per-evaluation arrays.
+    memory stays that of a few per-evaluation arrays. ``I_D <= 8 pi det(Gam) / e``
+    (``E exp(-E) <= 1/e``, ``W_L >= 0``): the bound `nbfunc.params` checks against the dtype.
 
     Args:
         h0: nearest reflection (h0, k0, l0), float tensors of one shape;
@@ -166,7 +174,9 @@ def diffuse_intensity(h0, dh, disorder: torch.Tensor, correlation: torch.Tensor,
     """
     total = None
     for i in range(disorder.shape[0]):
-        e = quadratic_form(disorder[i], h0)
+        # E capped at EXPONENT_CAP: the same value and derivative (E exp(-E) and its
+        # derivative are 0 there), and 0 rather than inf * 0 = nan for E = inf
+        e = quadratic_form(disorder[i], h0).clamp(max=EXPONENT_CAP)
         w = 1 + quadratic_form(correlation[i], dh)
         part = e * torch.exp(-e) / (w * w)
         total = part if total is None else total + part

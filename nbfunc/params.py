@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nbfunc.tensors import StaticArray, TensorLike, describe
-from nbfunc.units import AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
+from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
 
 Vec3 = tuple[float, float, float]
 
@@ -835,6 +835,54 @@ OVERFLOW_MARGIN = 16.0
 accepts: room for the overshoot of tricubic interpolation (up to 1.25^3 in F) and rounding."""
 
 
+def _diffuse_bounds(p: "Params") -> tuple[list[tuple[str, float, str]], float]:
+    """Upper bounds of what `nbfunc.diffuse.diffuse_forms` and `diffuse_intensity` compute,
+    in float64, as `_pixel_bounds` entries, and the bound of ``I_D`` (Angstrom^3).
+
+    With ``p_L = M^T L`` (1/Angstrom) both forms are ``4 pi^2 sum_k s_k^2 (p_L x)_k^2``:
+    ``s = sigma``, ``x = H0`` for the exponent ``E_L``, ``|H0_i| <= |a_i| 2/lambda + 1/2``
+    (``|q| <= 2/lambda``); ``s = gamma``, ``x = dH``, ``|dH_i| <= 1/2``, for ``W_L``. Every
+    intermediate (``s^2``, ``s^2 p``, the form's entries, each term and partial sum of
+    `quadratic_form`) is at most ``12 pi^2 max(s)^2 R^2`` with
+    ``R = max(1, max_{L,k} sum_i |p_L,ki| max(x_i, 1))``, ``x_i`` the bound of ``|x_i|``; below
+    it they cannot reach inf (nor inf - inf). The peak ``8 pi gamma_x gamma_y gamma_z / n`` and its partial products
+    are at most ``8 pi max(det Gam, max(gamma)^2)``, and
+    ``I_D <= 8 pi det(Gam) / e`` (``E exp(-E) <= 1/e``, ``(1 + W)^-2 <= 1``).
+    """
+    from nbfunc.beam import sources
+    from nbfunc.crystal import oriented_cell
+    from nbfunc.diffuse import laue_operators
+
+    cr = p.crystal
+    as64 = lambda t: t.detach().to("cpu", torch.float64).numpy()
+    gamma, sigma = as64(cr.diffuse_gamma), as64(cr.diffuse_sigma)
+    recip = as64(oriented_cell(cr)[1])
+    lam = float(sources(p.beam)[1].min()) / ANGSTROM
+    ops = np.array(laue_operators(cr.diffuse_laue_group), dtype=np.float64)
+    p_abs = np.abs(recip.T @ ops)                                    # (n, 3, 3)
+    edges = np.array([float(cr.cell_a), float(cr.cell_b), float(cr.cell_c)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        reach = np.maximum(edges * 2 / lam + 0.5, 1.0)
+
+        def form(s, x):
+            r = np.maximum(1.0, (p_abs @ x).max())
+            return float(12 * math.pi**2 * s.max() ** 2 * r * r)
+
+        det = float(np.prod(gamma))
+        exponent, correlation = form(sigma, reach), form(gamma, np.ones(3))
+        peak = 8 * math.pi * max(det, float(gamma.max() ** 2))
+
+    def say(name, v, term):
+        shown = f"{v[0]:.4g}" if (v == v[0]).all() else "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+        return f"crystal.{name} = {shown}: {term}"
+
+    fix = "lower diffuse_{}".format  # short: the command line cuts a tree message at 160 characters
+    return [(say("diffuse_sigma", sigma, "4 pi^2 |Sigma Q0|^2"), exponent, fix("sigma")),
+            (say("diffuse_gamma", gamma, "4 pi^2 |Gamma dQ|^2"), correlation, fix("gamma")),
+            (say("diffuse_gamma", gamma, "8 pi det(Gamma)"), peak, fix("gamma"))], \
+        8 * math.pi * det / math.e
+
+
 def _pixel_bounds(p: "Params", close: float, distance: float,
                   lattice_peak: bool = True) -> list[tuple[str, float, str]]:
     """Upper bounds of the quantities a render multiplies into a pixel, in the order it forms
@@ -847,6 +895,11 @@ def _pixel_bounds(p: "Params", close: float, distance: float,
     polarization ``(1 + cos^2 - K cos(2psi) sin^2)/2 <= 1`` for ``|K| <= 1``, and ``omega <= pixel^2 / min(|close|, |distance|)^2`` (``1/min(...)^2`` for a point
     pixel), lengths in m. ``lattice_peak=False`` takes ``F_latt^2 = 1`` instead: the bound of
     a pixel off the Bragg peaks, which a render with a sharp lattice factor usually keeps to.
+
+    With ``crystal.diffuse`` on (and ``lattice_peak``), ``F_latt^2 + I_D`` takes the place of
+    ``F_latt^2``, with ``I_D <= 8 pi det(Gam) / e``, and the diffuse term's own
+    intermediates are bounded too (`_diffuse_bounds`). The diffuse term, like ``F_latt^2``,
+    peaks at the reflections, so ``lattice_peak=False`` leaves it out.
     """
     cr, det, beam = p.crystal, p.detector, p.beam
     f_max = max(abs(float(cr.default_F)), float(cr.fhkl.abs().max()) if cr.fhkl.numel() else 0.0)
@@ -857,21 +910,28 @@ def _pixel_bounds(p: "Params", close: float, distance: float,
     fluence, water = float(beam.fluence), float(cr.water_size) * UM
     background = WATER_F**2 * R_E_SQR * fluence * (water * water * water) * 1e6 * AVOGADRO / WATER_MW
     weight = float(beam.sources.weights.max()) if isinstance(beam.sources, SourceList) else 1.0
-    intensity = terms * (f_max * f_max * cells * cells * max(weight, 1.0) + background)
+    diffuse, spread, also = [], 0.0, ""
+    if cr.diffuse and lattice_peak:
+        diffuse, spread = _diffuse_bounds(p)
+        peak = terms * f_max * f_max * spread * max(weight, 1.0)
+        diffuse.append((diffuse[-1][0].replace(": ", ": paths F^2 ") + "/e", peak, diffuse[-1][2]))
+        also = ", diffuse_gamma"
+    intensity = terms * (f_max * f_max * (cells * cells + spread) * max(weight, 1.0) + background)
     near = min(abs(close), abs(distance))
     pixel = 1.0 if det.point_pixel else float(det.pixel_size) * MM
     omega = pixel * pixel / (near * near) if near * near > 0 else math.inf
     value = R_E_SQR * fluence * float(cr.G) / steps * intensity * omega
     return [("crystal.default_F/fhkl: F^2", f_max * f_max, "lower the structure factors"),
             ("crystal.Na/Nb/Nc: (Na Nb Nc)^2", cells * cells, "lower Na, Nb, Nc"),
+            *diffuse,
             ("crystal.water_size: the water background", background,
              "lower water_size (um) or beam.fluence"),
             ("crystal.Na/Nb/Nc/default_F: F^2 F_latt^2 summed over the paths", intensity,
-             "lower the structure factors, Na, Nb, Nc or the number of paths"),
+             f"lower the structure factors, Na, Nb, Nc{also} or the number of paths"),
             ("detector.pixel_size: the solid angle of a pixel", omega,
              "give a larger distance or smaller pixels (mm)"),
             ("beam.fluence/crystal.G: a pixel's photons", value,
-             "lower fluence, G, the structure factors or Na, Nb, Nc")]
+             f"lower fluence, G, the structure factors, Na, Nb, Nc{also}")]
 
 
 def photons_bound(p: "Params", close: float, distance: float, lattice_peak: bool = True) -> float:

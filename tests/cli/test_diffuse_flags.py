@@ -177,3 +177,37 @@ def test_bad_values(extra, needles, tmp_path, monkeypatch, capsys):
         assert needle in lines[0], (needle, lines[0])
     assert "Traceback" not in captured.err and "validation error" not in lines[0]
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# lengths whose image would overflow (an all-NaN image with status 0 before the bound):
+# status 2, one line naming the flag, the value and the fix, no image written
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, flag, shown, fix", [
+    ("-diffuse_gamma 1e200", "-diffuse_gamma", "1e+200", "lower diffuse_gamma"),
+    ("-diffuse_gamma 1e103", "-diffuse_gamma", "1e+103", "lower diffuse_gamma"),
+    ("-diffuse_sigma 1e160", "-diffuse_sigma", "1e+160", "lower diffuse_sigma"),
+    ("-diffuse_gamma 1e13 -dtype float32", "-diffuse_gamma", "1e+13", "lower diffuse_gamma"),
+    ("-diffuse_sigma 1e20 -dtype float32", "-diffuse_sigma", "1e+20", "lower diffuse_sigma"),
+])
+def test_overflowing_lengths_are_refused(extra, flag, shown, fix, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status = main.run(BASE + extra.split() + ["-floatfile", "x.bin"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert status == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"nbfunc: error: {flag}: crystal.{flag[1:]} = {shown}: "), lines[0]
+    dtype = "float32" if "float32" in extra else "float64"
+    assert fix in lines[0] and f"beyond what {dtype} holds" in lines[0], lines[0]
+    assert "Traceback" not in captured.err
+    assert os.listdir(tmp_path) == []
+
+
+def test_large_accepted_lengths_render_finite(tmp_path):
+    """Just inside the bounds (float64: gamma 1e98, sigma 1e150 Angstrom) the run writes a
+    finite image."""
+    status, out, err = run_cli(BASE + "-diffuse_gamma 1e98 -diffuse_sigma 1e150 -floatfile x.bin "
+                               "-nonoise -nopgm".split(), tmp_path)
+    assert status == 0, err
+    image = np.fromfile(tmp_path / "x.bin", dtype=np.float32)
+    assert image.size == 64 and np.isfinite(image).all() and image.max() > 0

@@ -357,3 +357,115 @@ def test_pull_test_of_diffuse_and_b():
     for name, s in pull_summary(fits.values, at_truth.values, fits.std, fits.names).items():
         assert abs(s["mean"]) < 4 / math.sqrt(n), (name, s)
         assert abs(s["width"] - 1) < 4 / math.sqrt(2 * (n - 1)), (name, s)
+
+
+# --------------------------------------------------------------------------------------------
+class TestRange:
+    """Extreme diffuse_gamma and diffuse_sigma: a tree is refused in one line naming the leaf,
+    its value and the fix, or renders a finite image (params._diffuse_bounds); the exponent cap
+    in diffuse_intensity changes no value or derivative."""
+
+    @staticmethod
+    def capped_and_plain(dtype, x):
+        """`diffuse_intensity` at one operator with ``E = x^2``, ``W = 0``, peak 1, and the
+        uncapped ``E exp(-E) / (1 + W)^2`` written out, as functions of ``x``."""
+        form = torch.zeros(1, 3, 3, dtype=dtype)
+        form[0, 0, 0] = 1.0
+        zero = torch.zeros_like(x)
+        peak = torch.ones((), dtype=dtype)
+
+        def capped(x):
+            return diffuse_intensity((x, zero, zero), (zero, zero, zero), form, form, peak)
+
+        def plain(x):
+            e = x * x
+            w = 1 + zero
+            return e * torch.exp(-e) / (w * w)
+
+        return capped, plain
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_cap_keeps_values_and_derivatives_bit_for_bit(self, dtype):
+        """E from 0 to 1e6, through the underflow of exp(-E) (about 87-104 in float32, 708-746
+        in float64) and past the cap 1e4."""
+        e = torch.cat([torch.linspace(0, 20, 81), torch.linspace(80, 110, 61),
+                       torch.linspace(700, 760, 121), torch.tensor([999.0, 1e4, 1.5e4, 1e6])])
+        x = e.to(dtype).sqrt()
+        capped, plain = self.capped_and_plain(dtype, x)
+        assert torch.equal(capped(x), plain(x))
+        assert float(capped(x).max()) > 0.3
+        d_capped = torch.func.vmap(torch.func.grad(lambda t: capped(t[None])[0]))(x)
+        d_plain = torch.func.vmap(torch.func.grad(lambda t: plain(t[None])[0]))(x)
+        assert torch.equal(d_capped, d_plain) and float(d_plain.abs().max()) > 0.1
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_infinite_exponent_gives_the_limit_zero(self, dtype):
+        """E = x^2 overflows to inf: the plain product is inf * 0 = nan, the capped one 0."""
+        big = torch.finfo(dtype).max
+        x = torch.tensor([1.0, big, big ** 0.5 * 2], dtype=dtype)
+        capped, plain = self.capped_and_plain(dtype, x)
+        assert bool((x * x)[1:].isinf().all()) and bool(plain(x)[1:].isnan().all())
+        value = capped(x)
+        assert torch.equal(value[1:], torch.zeros(2, dtype=dtype)) and float(value[0]) > 0
+        grad = torch.func.vmap(torch.func.grad(lambda t: capped(t[None])[0]))(x)
+        assert bool(torch.isfinite(grad).all())
+
+    # the thresholds at which these trees rendered all-NaN images before the bounds: float64
+    # gamma 1e103, sigma 1e160; float32 gamma 1e13, sigma 1e20
+    SWEEPS = {
+        (torch.float64, "diffuse_gamma"): [1e10, 1e50, 1e98, 1e100, 1e101, 1e102, 1e103, 1e150,
+                                           1e200, (1e150, 1e-150, 1.0), (1e200, 1e-200, 1.0)],
+        (torch.float64, "diffuse_sigma"): [1e10, 1e100, 1e150, 1e152, 1e154, 1e155, 1e160, 1e200,
+                                           (1e160, 0.0, 0.0)],
+        (torch.float32, "diffuse_gamma"): [1e3, 1e8, 1e10, 1e11, 1e12, 1e13, 1e15,
+                                           (1e15, 1e-15, 1.0), (1e30, 1e-30, 1.0)],
+        (torch.float32, "diffuse_sigma"): [1e3, 1e10, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e30,
+                                           (1e20, 0.0, 0.0)],
+    }
+
+    @staticmethod
+    def refused_or_finite(dtype, field, value, base=BASE) -> str:
+        """"refused" (one line naming the leaf, its value, the fix and the dtype) or "finite"
+        (the image renders finite); anything else fails."""
+        values = list(value) if isinstance(value, tuple) else [value] * 3
+        try:
+            lengths = {"diffuse_gamma": GAMMA, "diffuse_sigma": SIGMA, field: values}
+            p = tree(base=base, diffuse=True, **lengths).to(dtype=dtype)
+        except ValueError as err:
+            lines = [x for x in str(err).splitlines() if f"crystal.{field} = " in x]
+            assert len(lines) == 1, (value, str(err))
+            assert f"{values[0]:.4g}" in lines[0], lines[0]
+            assert f"lower {field}" in lines[0] and str(dtype)[6:] in lines[0], lines[0]
+            return "refused"
+        image = nbfunc.simulate(p)
+        assert image.dtype == dtype and bool(torch.isfinite(image).all()), (value, image)
+        return "finite"
+
+    @pytest.mark.parametrize("dtype, field", list(SWEEPS))
+    def test_extreme_values_are_refused_or_render_finite(self, dtype, field):
+        values = self.SWEEPS[dtype, field]
+        outcomes = [self.refused_or_finite(dtype, field, v) for v in values]
+        # both outcomes occur: the bound neither refuses all large values nor lets all pass,
+        # and the values that rendered NaN before are among the refused
+        assert "finite" in outcomes and "refused" in outcomes, outcomes
+        first_nan = {"float64": {"diffuse_gamma": 1e103, "diffuse_sigma": 1e160},
+                     "float32": {"diffuse_gamma": 1e13, "diffuse_sigma": 1e20}}
+        assert outcomes[values.index(first_nan[str(dtype)[6:]][field])] == "refused"
+
+    def test_correlation_form_on_a_tiny_cell(self):
+        """A 0.01 Angstrom cell (reciprocal vectors of 100/Angstrom) and one long gamma: the
+        peak 8 pi det(Gamma) is small, but 4 pi^2 |Gamma dQ|^2 overflows from gamma_x of
+        about 6e151 (nan without its bound); 1e151 still renders."""
+        base = BASE.replace("-cell 50 60 70", "-cell 0.01 0.012 0.014").replace("-lambda 1",
+                                                                               "-lambda 0.1")
+        outcomes = [self.refused_or_finite(D, "diffuse_gamma", (g, 1e-151, 1.0), base)
+                    for g in (1e148, 6e151, 1e152)]
+        assert outcomes == ["finite", "refused", "refused"], outcomes
+
+    def test_accepted_extremes_have_finite_derivatives(self):
+        """sigma large enough that every E_L is far past exp's underflow, and gamma so large
+        that (1 + W)^2 overflows off the peaks: the Jacobians are finite."""
+        p = tree(diffuse=True, diffuse_sigma=[1e150] * 3, diffuse_gamma=[1e50] * 3)
+        jac = torch.func.jacrev(nbfunc.simulate)(p)
+        for path in ("crystal.diffuse_gamma", "crystal.diffuse_sigma"):
+            assert bool(torch.isfinite(get_leaf(jac, path)).all()), path
