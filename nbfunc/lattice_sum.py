@@ -1,18 +1,21 @@
 """Photons per pixel of the common configuration with per-pixel partial sums for its gradient.
 
 For a square crystal with ``default_F`` only, a flat detector, no absorption, no resolution
-cut, no oversample flags, one source and one orientation, `pixel_partials` computes the
-photons per pixel (the lattice sum over the paths, the first path's solid angle and
-polarization, the scale) and, per pixel, the few sums from which the derivative with respect
-to every input follows; `pixel_partials_vjp` turns them into the gradients with one
+cut, no oversample flags, any number of sources and orientations (phi steps x mosaic
+domains), `pixel_partials` computes the photons per pixel (the lattice sum over the paths and
+orientations, the first path's solid angle and polarization, the scale) and, per pixel, the
+sums from which the derivative with respect to every input follows (26 to 36 for one source
+and one orientation; 9 more per orientation, and with several sources 5 per path); `pixel_partials_vjp` turns them into the gradients with one
 matrix-vector product. `nbfunc.render.PartialsRules` uses the two as the first derivatives
 of the render's chunk kernel (`nbfunc.derived`): a gradient then costs one pass over the
 evaluations (the forward, with the sums) instead of two (forward and backward), and a
 Jacobian with respect to many leaves the same pass and one product per leaf. Derivatives of
 higher order are derived from the renderer's own code.
 
-Compiled, the paths of a pixel are unrolled into one loop over the pixels
-(`pixel_partials_sum`), which keeps every per-evaluation value in registers.
+Compiled with one orientation, the paths of a pixel are unrolled into one loop over the pixels
+(`pixel_partials_sum`), which keeps every per-evaluation value in registers; with several,
+the (path, pixel, orientation) values are arrays, reduced over the paths for the orientation
+rows and over the orientations for the paths' rows.
 """
 from __future__ import annotations
 
@@ -111,22 +114,33 @@ def lattice_row_layout(layered: bool) -> dict[str, slice]:
                     ("pos", 3)] + [("pos_layer", 3)] * layered)
 
 
-def pixel_row_layout(layered: bool, polarized: bool) -> dict[str, slice]:
+def pixel_row_layout(layered: bool, polarized: bool, n_orient: int = 1, path_rows: int = 0,
+                     weighted: bool = False) -> dict[str, slice]:
     """The rows of `pixel_partials`: per pixel the derivative of ``value/scale`` with respect
-    to ``orient`` the orientation matrix (row-major, m), ``n_cells`` N, ``incident`` the
-    incident direction, ``fdet``, ``sdet``, ``pix0`` (1/m), ``background`` (``P omega``),
-    then ``lattice`` ``P omega B`` (the derivative with respect to ``log F^2``); with
-    ``polarized`` ``e_in`` E, ``b_in`` B, ``kahn`` K; with ``layered`` ``layer``
-    ``dvalue/dpos`` times the layer index."""
-    return _layout([("orient", 9), ("n_cells", 3), ("incident", 3), ("fdet", 3), ("sdet", 3),
-                    ("pix0", 3), ("background", 1), ("lattice", 1)]
-                   + [("e_in", 3), ("b_in", 3), ("kahn", 1)] * polarized + [("layer", 3)] * layered)
+    to ``orient`` the orientation matrices ((orientation, row, column)-major, m), ``n_cells``
+    N, ``incident`` the incident direction (one source), ``fdet``, ``sdet``, ``pix0`` (1/m),
+    ``background`` (``P omega``), then ``lattice`` ``P omega B`` (the derivative with respect
+    to ``log F^2``); with ``polarized`` ``e_in`` E, ``b_in`` B, ``kahn`` K; with ``layered``
+    ``layer`` ``dvalue/dpos`` times the layer index. With ``path_rows`` E > 0 (several
+    sources: each path has its own source) the ``incident`` block is left out and each path
+    has its own: ``path_incident`` (path, component)-major, ``path_wavelength`` (1/m^2... per
+    metre of wavelength), and with ``weighted`` ``path_weight``."""
+    parts = [("orient", 9 * n_orient), ("n_cells", 3)] + [("incident", 3)] * (not path_rows)
+    parts += [("fdet", 3), ("sdet", 3), ("pix0", 3), ("background", 1), ("lattice", 1)]
+    parts += [("e_in", 3), ("b_in", 3), ("kahn", 1)] * polarized + [("layer", 3)] * layered
+    if path_rows:
+        parts += [("path_incident", 3 * path_rows), ("path_wavelength", path_rows)]
+        parts += [("path_weight", path_rows)] * weighted
+    return _layout(parts)
 
 
-def pixel_rows(layered: bool, polarized: bool) -> int:
-    """Rows of `pixel_partials`' per-pixel sums (`pixel_row_layout`): 26, 7 more with
-    polarization, 3 more with several sensor layers."""
-    return max(block.stop for block in pixel_row_layout(layered, polarized).values())
+def pixel_rows(layered: bool, polarized: bool, n_orient: int = 1, path_rows: int = 0,
+               weighted: bool = False) -> int:
+    """Rows of `pixel_partials`' per-pixel sums (`pixel_row_layout`): 26 for one source and
+    one orientation, 7 more with polarization, 3 more with several sensor layers, 9 more per
+    further orientation, and with several sources 4 (5 with weights) per path less 3."""
+    return max(block.stop for block in pixel_row_layout(layered, polarized, n_orient, path_rows,
+                                                        weighted).values())
 
 
 PATHS_PER_CALL = 9
@@ -135,111 +149,168 @@ calls (the others through `lattice_partials`), whose sums are added."""
 
 
 def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                   n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample, layered):
-    """One path's terms of `lattice_partials`: ``[(F F_latt)^2, rows...]``, each (1, P)."""
+                   n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
+                   per_path):
+    """The paths' terms of `lattice_partials`: ``([(F F_latt)^2, rows...], path rows)``; the
+    first list is summed over the paths, each (E, P) (the ``hq`` rows (E, P, O) with several
+    orientations), the path rows (with ``per_path``: ``-dL/dd`` per component, ``dL/dlambda``
+    and with a ``weight`` ``dL/dw``) are kept per path, each (E, P)."""
     fd, sd, _, airpath, d, q, hkl = plain_geometry(
         fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
         spix, sub_f, sub_s, layer, oversample)
+    many = orient.shape[0] > 1
     parts, others, f_latt = grating_parts(hkl, n_cells)
     f_sq = default_f * default_f
     g_latt = 2.0 * f_sq * f_latt
+    lattice = f_sq * f_latt * f_latt
+    if weight is not None:
+        w = weight[..., None] if many else weight
+        unweighted, g_latt, lattice = lattice, g_latt * w, lattice * w
     g_h = [g_latt * o * p[1] for o, p in zip(others, parts)]
-    g_d = tuple(sum(g_h[i] * orient[0, i, j] for i in range(3)) / wavelength for j in range(3))
+    g_n = [g_latt * o * p[2] for o, p in zip(others, parts)]
+    if many:  # sum over the orientations (last axis) what does not depend on them
+        g_d = tuple(sum((g_h[i] * orient[:, i, j]).sum(-1) for i in range(3)) / wavelength
+                    for j in range(3))
+        rows = [lattice.sum(-1)] + [g_h[i] * q[j][..., None] for i in range(3) for j in range(3)]
+        rows += [x.sum(-1) for x in g_n]
+    else:
+        g_d = tuple(sum(g_h[i] * orient[0, i, j] for i in range(3)) / wavelength for j in range(3))
+        rows = [lattice] + [g_h[i] * q[j] for i in range(3) for j in range(3)] + g_n
     g_pos = position_gradient(g_d, d, airpath)
-    rows = [f_sq * f_latt * f_latt]
-    rows += [g_h[i] * q[j] for i in range(3) for j in range(3)]
-    rows += [g_latt * o * p[2] for o, p in zip(others, parts)]
     rows += list(g_d)
     rows += [x * fd for x in g_pos] + [x * sd for x in g_pos] + list(g_pos)
     if layered:
         rows += [x * layer for x in g_pos]
-    return rows
+    path = []
+    if per_path:
+        h_dot = g_h[0] * hkl[0] + g_h[1] * hkl[1] + g_h[2] * hkl[2]
+        path = [-x for x in g_d] + [-(h_dot.sum(-1) if many else h_dot) / wavelength]
+        if weight is not None:
+            path.append(unweighted.sum(-1) if many else unweighted)
+    return rows, path
 
 
 def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                  n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample, layered):
-    """`lattice_partials` as a list ``[B, rows...]`` of (1, P) arrays. Compiled, the paths are
-    unrolled (one fused loop over the pixels keeps every per-evaluation value in registers);
-    eagerly, they are evaluated together as (E, P) arrays and summed (a few hundred
-    operations instead of a few hundred per path)."""
+                  n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
+                  per_path):
+    """`lattice_partials` as ``([B, rows...], path rows)``: (1, P) arrays (the ``hq`` rows (1,
+    P, O) with several orientations) and (E, P) arrays. Compiled, the paths are unrolled (one
+    fused loop over the pixels keeps every per-evaluation value in registers); eagerly, they
+    are evaluated together as (E, P) arrays and summed (a few hundred operations instead of a
+    few hundred per path). With ``per_path`` (several sources: ``incident`` (E, 1, 3), one
+    per path) the path rows are those of each path, in path order; without, there are none."""
     n_paths = sub_f.shape[0]
-    groups = ([slice(e, e + 1) for e in range(n_paths)] if torch.compiler.is_compiling()
-              else [slice(0, n_paths)])
-    total = None
+    # several orientations: the paths as (E, P, O) arrays even compiled; unrolled, inductor
+    # recomputed the gratings for each of the differently reduced sums (about 6x slower)
+    unroll = torch.compiler.is_compiling() and orient.shape[0] == 1
+    groups = [slice(e, e + 1) for e in range(n_paths)] if unroll else [slice(0, n_paths)]
+    total, path = None, []
     for g in groups:
-        rows = _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                              orient, n_cells, default_f, fpix, spix, sub_f[g], sub_s[g], layer[g],
-                              oversample, layered)
+        pick = (lambda x: x[g]) if per_path else (lambda x: x)
+        rows, path_g = _path_partials(
+            fdet, sdet, odet, pix0, pixel_size, layer_depth, pick(incident), pick(wavelength),
+            orient, n_cells, default_f, None if weight is None else weight[g], fpix, spix,
+            sub_f[g], sub_s[g], layer[g], oversample, layered, per_path)
         rows = [x.sum(0, keepdim=True) for x in rows]
         total = rows if total is None else [a + b for a, b in zip(total, rows)]
-    return total
+        path.append(path_g)
+    path = [torch.cat(column) for column in zip(*path)] if per_path else []
+    return total, path
 
 
 def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                     n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample: int,
-                     layered: bool):
-    """``B = sum over the paths of (F F_latt)^2`` per pixel for one source and one orientation,
-    with per-pixel sums over the paths of the derivatives of ``L = (F F_latt)^2`` (the part of
-    `pixel_partials` that loops over paths).
-
-    The paths are unrolled (one pass over the pixels accumulates every path), so the
-    per-evaluation values never leave the registers.
+                     n_cells, default_f, fpix, spix, sub_f, sub_s, layer, weight=None, *,
+                     oversample: int, layered: bool, per_path: bool = False):
+    """``B = sum over the paths and orientations of (F F_latt)^2`` per pixel, with per-pixel
+    sums of the derivatives of ``L = (F F_latt)^2`` (the part of `pixel_partials` that loops
+    over paths; `_lattice_rows`).
 
     Args:
         fdet, sdet, odet: (3,) detector unit axes; pix0: (3,) corner of pixel (0, 0) (m);
-        pixel_size, layer_depth: 0-d (m); incident: (1, 1, 3) unit vector; wavelength: (1, 1)
-        (m); orient: (1, 3, 3) rows a, b, c (m); n_cells: (3,); default_f: 0-d; fpix, spix:
-        (1, P) pixel indices; sub_f, sub_s, layer: (E, 1) sub-pixel and layer indices;
+        pixel_size, layer_depth: 0-d (m); incident: (1, 1, 3) unit vector, or (E, 1, 3) one
+        per path; wavelength: (1, 1) or (E, 1) (m); orient: (O, 3, 3) rows a, b, c (m);
+        n_cells: (3,); default_f: 0-d; fpix, spix: (1, P) pixel indices; sub_f, sub_s, layer:
+        (E, 1) sub-pixel and layer indices; weight: (E, 1) per-path source weights or None;
         oversample: sub-pixels per pixel edge; layered: False when every layer index is 0
-        (the layer rows are left out).
+        (the layer rows are left out); per_path: each path has its own source (``incident``,
+        ``wavelength`` and ``weight`` per path) and rows of its own.
     Returns:
-        ((P,) the sum B, (R, P) rows: `lattice_row_layout`; R is 24, or 27 with ``layered``.)
+        ((P,) the sum B, (R, P) rows: `lattice_row_layout` with the ``hq`` block 9 O rows
+        (orientation, i, j)-major; R is 24, or 27 with ``layered``, for one orientation; (K, E,
+        P) the path rows (`_lattice_rows`), K = 0 with one source.)
     """
-    total = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
-                          orient, n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample,
-                          layered)
-    return total[0][0], torch.cat(total[1:])
+    total, path = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
+                                wavelength, orient, n_cells, default_f, weight, fpix, spix, sub_f,
+                                sub_s, layer, oversample, layered, per_path)
+    return total[0][0], _stack_rows(total[1:]), _stack_path_rows(path, fpix)
+
+
+def _stack_rows(rows):
+    """(R, P) rows from `_lattice_rows`' summed rows: the first nine (``hq``) may be (1, P, O),
+    which become 9 O rows in (orientation, i, j) order."""
+    if rows[0].dim() == 2:
+        return torch.cat(rows)
+    hq = torch.stack([x[0] for x in rows[:9]]).permute(2, 0, 1).flatten(0, 1)
+    return torch.cat([hq] + rows[9:])
+
+
+def _stack_path_rows(path, like):
+    """(K, E, P) from `_lattice_rows`' K path rows (each (E, P)); (0, 0, P) without any."""
+    if not path:
+        return like.new_zeros((0, 0, like.shape[-1]))
+    return torch.stack(path)
 
 
 def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                    n_cells, default_f, close_distance, e_in, b_in, kahn, scale, background, fpix,
-                   spix, sub_f, sub_s, layer, carried_b=None, carried_rows=None, *, oversample: int,
-                   layered: bool, point_pixel: bool, polarized: bool):
-    """Photons per pixel of the common configuration with one source and one orientation,
-    with the per-pixel sums from which `pixel_partials_vjp` forms every input gradient.
+                   spix, sub_f, sub_s, layer, carried_b=None, carried_rows=None, carried_path=None,
+                   weight=None, *, oversample: int, layered: bool, point_pixel: bool,
+                   polarized: bool, per_path: bool = False):
+    """Photons per pixel of the common configuration, with the per-pixel sums from which
+    `pixel_partials_vjp` forms every input gradient.
 
-    ``value = scale (background + B) P omega``: B the lattice sum of `lattice_partials`, P the
-    Kahn polarization factor and omega the solid angle of the first path (as `render`'s
-    `pixel_values` applies them without oversample flags). Every row is the derivative of
-    ``value / scale`` with respect to one quantity, so that the backward is one
-    matrix-vector product with the incoming per-pixel gradient.
+    ``value = scale (background + B) P omega``: B the lattice sum of `lattice_partials` over
+    the paths and orientations, P the Kahn polarization factor and omega the solid angle of
+    the first path (as `render`'s `pixel_values` applies them without oversample flags).
+    Every row is the derivative of ``value / scale`` with respect to one quantity, so that
+    the backward is one matrix-vector product with the incoming per-pixel gradient.
 
     Args:
-        fdet .. default_f, fpix .. layer, oversample, layered: as `lattice_partials`;
+        fdet .. default_f, fpix .. layer, weight, oversample, layered: as `lattice_partials`
+        (one source: ``incident`` (1, 1, 3) and ``wavelength`` (1, 1) shared by the paths;
+        with ``per_path``, several: (E, 1, 3) and (E, 1), one per path, and ``weight`` (E, 1)
+        or None);
         close_distance: 0-d sample-to-detector-plane distance (m); e_in, b_in: (3,) the beam's
         E and B unit vectors (`nbfunc.beam.polarization_axes`; unused when not
         ``polarized``); kahn: 0-d Kahn factor; scale: 0-d ``r_e^2 fluence / steps`` (m^2
         photons/m^2); background: 0-d water background (photons/sr); carried_b,
-        carried_rows: (P,) and (R, P) `lattice_partials` of further paths of the same pixels,
-        added before the pixel factors (or None); point_pixel: omega = 1/R^2;
-        polarized: False for P = 1.
+        carried_rows, carried_path: `lattice_partials` of further paths of the same pixels
+        (their sums are added before the pixel factors, their path rows follow these
+        paths'), or None; point_pixel: omega = 1/R^2; polarized: False for P = 1.
     Returns:
         ((P,) photons per pixel, (R, P) rows as `pixel_row_layout` names them, R =
         `pixel_rows`.)
     """
     lattice = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-               n_cells, default_f)
-    b, *raw = _lattice_rows(*lattice, fpix, spix, sub_f, sub_s, layer, oversample, layered)
+               n_cells, default_f, weight)
+    (b, *raw), path = _lattice_rows(*lattice, fpix, spix, sub_f, sub_s, layer, oversample, layered,
+                                    per_path)
+    hq = _stack_rows(raw[:9])
+    raw = raw[9:]
+    path = _stack_path_rows(path, fpix)
     if carried_b is not None:
         b = b + carried_b
-        raw = [x + y for x, y in zip(raw, carried_rows.unbind(0))]
+        hq = hq + carried_rows[:hq.shape[0]]
+        raw = [x + y for x, y in zip(raw, carried_rows[hq.shape[0]:].unbind(0))]
+        if path.shape[0]:
+            path = torch.cat([path, carried_path], 1)
     fd, sd, _, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
                                        sub_f[:1], sub_s[:1], layer[:1], oversample)
     omega = solid_angle(airpath, close_distance, pixel_size, point_pixel)
     d_omega = -(2.0 if point_pixel else 3.0) * omega / airpath  # d omega / d airpath
     intensity = background + b
     if polarized:
-        i = incident.reshape(3).unbind(0)
+        i = incident[0].reshape(3).unbind(0)
         polar, dp_dd, dp_dcos, dp_de, dp_db, dp_dk = polarization_and_derivatives(
             i, d, e_in.unbind(0), b_in.unbind(0), kahn)
     else:
@@ -250,44 +321,64 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     # the first path's position enters omega (through its distance) and P (through d)
     g_first = position_gradient(dp_dd, d, airpath)
     g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
-    lat = {name: raw[block] for name, block in lattice_row_layout(layered).items()}
-    rows = {"orient": [u * x for x in lat["hq"]], "n_cells": [u * x for x in lat["n_cells"]],
+    names = [name for name in lattice_row_layout(layered) if name != "hq"]
+    lat = {name: raw[block.start - 9:block.stop - 9]
+           for name, block in lattice_row_layout(layered).items() if name in names}
+    rows = {"orient": [u * hq], "n_cells": [u * x for x in lat["n_cells"]],
             "fdet": [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
             "sdet": [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
             "pix0": [u * y + x for x, y in zip(g_first, lat["pos"])],
             "background": [u], "lattice": [u * b]}
+    # the first path's incident direction enters P
+    first = [w * dp_dcos * x for x in d] if polarized else None
     if polarized:
-        rows["incident"] = [w * dp_dcos * x - u * y for x, y in zip(d, lat["direction"])]
         rows.update(e_in=[w * dp_de * x for x in d], b_in=[w * dp_db * x for x in d], kahn=[w * dp_dk])
+    n_path = path.shape[1]
+    if path.shape[0]:
+        own = u * path[:3]  # (3, E, P): -dL/dd per component and path
+        if first is not None:
+            own = torch.cat([own[:, :1] + torch.stack(first), own[:, 1:]], 1)
+        rows["path_incident"] = [own.transpose(0, 1).flatten(0, 1)]
+        rows["path_wavelength"] = [u * path[3]]
+        if weight is not None:
+            rows["path_weight"] = [u * path[4]]
+    elif polarized:
+        rows["incident"] = [x - u * y for x, y in zip(first, lat["direction"])]
     else:
         rows["incident"] = [-u * y for y in lat["direction"]]
     if layered:
         rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
-    return value[0], torch.cat([x for name in pixel_row_layout(layered, polarized) for x in rows[name]])
+    layout = pixel_row_layout(layered, polarized, orient.shape[0], n_path, weight is not None)
+    return value[0], torch.cat([x for name in layout for x in rows[name]])
 
 
 def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
                        n_cells, default_f, close_distance, scale, background, layered: bool,
-                       point_pixel: bool, polarized: bool):
+                       point_pixel: bool, polarized: bool, n_path: int = 0, weighted: bool = False):
     """Gradients of ``sum(grad_v * value)`` with respect to `pixel_partials`' inputs ``fdet``
-    to ``background`` (each of its input's shape) from its rows (R, P): one weighted sum per
-    row, then the chain rule on (3,)-sized values. Without the pixel factors' dependence
-    (``scale``, ``background``, ``default_F``, the distance and pixel size in omega) a
-    gradient follows from the ``background`` and ``lattice`` rows; the ``default_F`` gradient is
-    ``2 scale sum(grad_v P omega B) / F`` (exactly 0 at F = 0)."""
-    layout = pixel_row_layout(layered, polarized)
+    to ``background`` (each of its input's shape), then with ``weighted`` the weights', from
+    its rows (R, P): one weighted sum per row, then the chain rule on (3,)-sized values.
+    Without the pixel factors' dependence (``scale``, ``background``, ``default_F``, the
+    distance and pixel size in omega) a gradient follows from the ``background`` and
+    ``lattice`` rows; the ``default_F`` gradient is ``2 scale sum(grad_v P omega B) / F``
+    (exactly 0 at F = 0). ``n_path``: the paths with rows of their own (several sources)."""
+    layout = pixel_row_layout(layered, polarized, orient.shape[0], n_path, weighted)
     s = rows @ grad_v
     g = {name: scale * s[block] for name, block in layout.items()}
     s_background, s_lattice = s[layout["background"]][0], s[layout["lattice"]][0]
-    d_orient = g["orient"].reshape(1, 3, 3)
+    d_orient = g["orient"].reshape(orient.shape)
     d_n = torch.where(n_cells > 1, g["n_cells"], torch.zeros_like(g["n_cells"]))
-    d_incident = g["incident"].reshape(1, 1, 3)
+    if n_path:
+        d_incident = g["path_incident"].reshape(n_path, 1, 3)
+        d_wavelength = g["path_wavelength"].reshape(n_path, 1)
+    else:
+        d_incident = g["incident"].reshape(1, 1, 3)
+        d_wavelength = -(orient * d_orient).sum().reshape(1, 1) / wavelength
     d_fdet, d_sdet, d_pix0 = g["fdet"], g["sdet"], g["pix0"]
     along_layer = g["layer"] if layered else torch.zeros_like(d_pix0)
     d_scale = s_lattice + background * s_background  # sum(grad_v value) / scale
     zero_f = default_f == 0
     d_f = torch.where(zero_f, 0.0, 2.0 * scale * s_lattice / torch.where(zero_f, 1.0, default_f))
-    d_wavelength = -(orient * d_orient).sum().reshape(1, 1) / wavelength
     d_pixel_size = (fdet * d_fdet + sdet * d_sdet).sum() / pixel_size
     if point_pixel:
         d_close = torch.zeros_like(close_distance)
@@ -299,42 +390,51 @@ def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, 
     else:
         d_e = d_b = torch.zeros_like(d_pix0)
         d_k = torch.zeros_like(default_f)
-    return (d_fdet, d_sdet, along_layer * layer_depth, d_pix0, d_pixel_size,
-            (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f, d_close,
-            d_e, d_b, d_k, d_scale, scale * s_background)
+    out = (d_fdet, d_sdet, along_layer * layer_depth, d_pix0, d_pixel_size,
+           (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f, d_close,
+           d_e, d_b, d_k, d_scale, scale * s_background)
+    return out + ((g["path_weight"].reshape(n_path, 1),) if weighted else ())
 
 
 # the unrolled paths make one large fused loop: inductor's default node limit would split it
 # into several loops that store the per-path values
 PARTIALS_OPTIONS = {"realize_reads_threshold": 8, "max_fusion_size": 4096}
-_compiled_partials = compiled(lattice_partials, static_argnames=("oversample", "layered"),
+_compiled_partials = compiled(lattice_partials, static_argnames=("oversample", "layered", "per_path"),
                               options=PARTIALS_OPTIONS)
 _compiled_pixel = compiled(pixel_partials, static_argnames=("oversample", "layered", "point_pixel",
-                                                            "polarized"), options=PARTIALS_OPTIONS)
+                                                            "polarized", "per_path"),
+                           options=PARTIALS_OPTIONS)
 
 
 def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
                        orient, n_cells, default_f, close_distance, e_in, b_in, kahn, scale,
-                       background, fpix, spix, sub_f, sub_s, layer, *, oversample: int,
-                       layered: bool, point_pixel: bool, polarized: bool, compile: bool):
+                       background, fpix, spix, sub_f, sub_s, layer, weight=None, *, oversample: int,
+                       layered: bool, point_pixel: bool, polarized: bool, per_path: bool = False,
+                       compile: bool):
     """`pixel_partials` without autograd, compiled (``compile``) at most `PATHS_PER_CALL` paths
-    per call (the first group's call adds the others' `lattice_partials`) or eager in one
-    call. Arguments and result as `pixel_partials`."""
-    lattice = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-               n_cells, default_f)
+    per call with one orientation (the first group's call adds the others'
+    `lattice_partials`), or in one call. Arguments and result as `pixel_partials`."""
+    pick = lambda x, g: x[g] if per_path and x is not None else x  # noqa: E731
+    lattice = lambda g: (fdet, sdet, odet, pix0, pixel_size, layer_depth, pick(incident, g),  # noqa: E731
+                         pick(wavelength, g), orient, n_cells, default_f)
     pixel = (close_distance, e_in, b_in, kahn, scale, background)
     flags = {"oversample": oversample, "layered": layered, "point_pixel": point_pixel,
-             "polarized": polarized}
+             "polarized": polarized, "per_path": per_path}
     with torch.no_grad():
         if not compile:
-            return pixel_partials(*lattice, *pixel, fpix, spix, sub_f, sub_s, layer, **flags)
+            return pixel_partials(*lattice(slice(None)), *pixel, fpix, spix, sub_f, sub_s, layer,
+                                  weight=weight, **flags)
         n_paths = sub_f.shape[0]
-        size = math.ceil(n_paths / math.ceil(n_paths / PATHS_PER_CALL))
-        carried = [None, None]
+        # paths are unrolled with one orientation only (`_lattice_rows`): else one call
+        size = n_paths if orient.shape[0] > 1 else math.ceil(n_paths / math.ceil(n_paths / PATHS_PER_CALL))
+        carried = [None, None, None]
         for start in range(size, n_paths, size):
             group = slice(start, start + size)
-            sums = _compiled_partials(*lattice, fpix, spix, sub_f[group], sub_s[group], layer[group],
-                                      oversample=oversample, layered=layered)
-            carried = list(sums) if carried[0] is None else [a + b for a, b in zip(carried, sums)]
-        return _compiled_pixel(*lattice, *pixel, fpix, spix, sub_f[:size], sub_s[:size],
-                               layer[:size], *carried, **flags)
+            sums = _compiled_partials(*lattice(group), fpix, spix, sub_f[group], sub_s[group],
+                                      layer[group], pick(weight, group), oversample=oversample,
+                                      layered=layered, per_path=per_path)
+            carried = (list(sums) if carried[0] is None
+                       else [a + b for a, b in zip(carried[:2], sums[:2])] + [torch.cat([carried[2], sums[2]], 1)])
+        first = slice(0, size)
+        return _compiled_pixel(*lattice(first), *pixel, fpix, spix, sub_f[first], sub_s[first],
+                               layer[first], *carried, weight=pick(weight, first), **flags)

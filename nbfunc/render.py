@@ -361,18 +361,26 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
     """The configuration `PartialsRules` cover: square shape, ``default_F`` only, flat
-    detector, no absorption, no resolution cut, no oversample flags; one source and one
-    orientation; no diffuse scattering and no B factor."""
+    detector, no absorption, no resolution cut, no oversample flags, no diffuse scattering
+    and no B factor (any number of sources, phi steps and mosaic domains)."""
     return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
-            and not plan.absorption and not plan.curved and plan.n_sources == 1
-            and plan.n_orient == 1 and not plan.diffuse_ops and not plan.bfactor)
+            and not plan.absorption and not plan.curved and not plan.diffuse_ops
+            and not plan.bfactor)
+
+
+def _partials_rows(plan: Plan) -> int:
+    """Rows of the partial sums per pixel for ``plan`` (`nbfunc.lattice_sum.pixel_rows`;
+    with several sources counted with weights)."""
+    many = plan.n_sources > 1
+    return pixel_rows(plan.thicksteps > 1, plan.polarization, plan.n_orient,
+                      plan.n_paths if many else 0, many)
 
 
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
     """Whether a render whose derivative may be taken uses `PartialsRules`: the plain
     configuration, every path of a pixel in one chunk, and partial sums that fit
     `PARTIALS_BUDGET`."""
-    fits = n_pixels * pixel_rows(plan.thicksteps > 1, plan.polarization) * itemsize <= PARTIALS_BUDGET
+    fits = n_pixels * _partials_rows(plan) * itemsize <= PARTIALS_BUDGET
     return _plain_configuration(plan, has_hkl) and plan.single_block and fits
 
 
@@ -384,17 +392,24 @@ def _pixel_coordinates(pixel_index, plan: Plan, dtype):
     return (flat - rows * plan.fpixels).to(dtype), rows.to(dtype)
 
 
-def _partials_inputs(setup: Setup, orient, plan: Plan, finish):
+def _partials_inputs(setup: Setup, orient, plan: Plan, finish, paths: Paths):
     """The 17 differentiable inputs of `nbfunc.lattice_sum.pixel_partials` (``fdet`` to
-    ``background``) for a chunk of the plain configuration."""
+    ``background``) for a chunk of the plain configuration, then the paths' source weights
+    when they have any. With several sources the incident directions and wavelengths are
+    the paths' (E, 1, 3) and (E, 1), else the one source's (1, 1, 3) and (1, 1)."""
     f = setup.frame
     if plan.polarization:
         e_in, b_in = (torch.stack(x) for x in polarization_axes(setup.incident[0], setup.polar_axis))
     else:
         e_in = b_in = torch.zeros_like(f.fdet)
-    return (f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth,
-            setup.incident[:1, None], setup.wavelengths[:1, None], orient, setup.n_cells,
-            setup.default_f, f.close_distance, e_in, b_in, setup.kahn, *finish)
+    if plan.n_sources > 1:
+        incident, wavelength = paths.incident, paths.wavelength
+    else:
+        incident, wavelength = setup.incident[:1, None], setup.wavelengths[:1, None]
+    weight = () if paths.weight is None else (paths.weight,)
+    return (f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
+            orient, setup.n_cells, setup.default_f, f.close_distance, e_in, b_in, setup.kahn,
+            *finish, *weight)
 
 
 class PartialsRules(StructuredRules):
@@ -428,7 +443,7 @@ class PartialsRules(StructuredRules):
         return {"value": value, "disabled": disabled, "seen": seen}, (rows,)
 
     def inputs(self, args, kwargs):
-        return _partials_inputs(args[0], args[1], kwargs["plan"], kwargs["finish"])
+        return _partials_inputs(args[0], args[1], kwargs["plan"], kwargs["finish"], args[4])
 
     def vjp(self, kwargs, inputs, residuals, cotangent):
         return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
@@ -440,22 +455,31 @@ def _partials_flags(plan: Plan) -> dict:
             "polarized": plan.polarization}
 
 
+def _path_flag(plan: Plan) -> dict:
+    """`nbfunc.lattice_sum.pixel_partials`' ``per_path``: each path has its own source."""
+    return {"per_path": plan.n_sources > 1}
+
+
 def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish, plan: Plan):
     """The positional arguments and the keyword flags of `nbfunc.lattice_sum.pixel_partials`
     for a chunk of the plain configuration."""
     fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
-    inputs = (*_partials_inputs(setup, orient, plan, finish), fpix, spix, paths.sub_f,
-              paths.sub_s, paths.layer)
-    return inputs, {"oversample": plan.oversample, **_partials_flags(plan)}
+    differentiable = _partials_inputs(setup, orient, plan, finish, paths)
+    inputs = (*differentiable[:17], fpix, spix, paths.sub_f, paths.sub_s, paths.layer)
+    return inputs, {"oversample": plan.oversample, "weight": paths.weight, **_partials_flags(plan),
+                    **_path_flag(plan)}
 
 
 def _partials_vjp(grad_value, rows, inputs, plan: Plan):
-    """`nbfunc.lattice_sum.pixel_partials_vjp`: the gradients of the 17 `_partials_inputs`."""
+    """`nbfunc.lattice_sum.pixel_partials_vjp`: the gradients of the 17 or 18
+    `_partials_inputs`."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
-     close_distance, _, _, _, scale, background) = inputs
+     close_distance, _, _, _, scale, background) = inputs[:17]
     return pixel_partials_vjp(grad_value, rows, fdet, sdet, odet, pixel_size, layer_depth,
                               wavelength, orient, n_cells, default_f, close_distance, scale,
-                              background, **_partials_flags(plan))
+                              background, **_partials_flags(plan),
+                              n_path=plan.n_paths if plan.n_sources > 1 else 0,
+                              weighted=len(inputs) > 17)
 
 
 class ImagePartialsRules(StructuredRules):
@@ -474,7 +498,7 @@ class ImagePartialsRules(StructuredRules):
     def forward(self, args, kwargs):
         p, _, pixel_index = args
         plan = kwargs["plan"]
-        if self.compile and plan.n_paths <= PATHS_PER_CALL:
+        if self.compile and (plan.n_paths <= PATHS_PER_CALL or plan.n_orient > 1):
             with torch.no_grad():
                 value, seen, rows = _compiled_image_partials(p, pixel_index, plan=plan)
             return (value, seen, None), (rows,)
@@ -489,7 +513,7 @@ class ImagePartialsRules(StructuredRules):
     def inputs(self, args, kwargs):
         plan = kwargs["plan"]
         setup, orient, _, _, finish = image_setup(args[0], None, plan=plan)
-        return _partials_inputs(setup, orient, plan, finish)
+        return _partials_inputs(setup, orient, plan, finish, path_block(setup, plan, 0, plan.n_paths))
 
     def vjp(self, kwargs, inputs, residuals, cotangent):
         return _partials_vjp(cotangent[0], residuals[0], inputs, kwargs["plan"])

@@ -25,6 +25,7 @@ import nbfunc.lattice_sum as lattice_module
 from nbfunc.beam import polarization_axes
 from nbfunc.detector import solid_angle
 from nbfunc.lattice import square_lattice
+from nbfunc.rotation import axis_rotation_matrix
 from nbfunc.lattice_sum import (lattice_partials, pixel_partials, pixel_partials_sum, pixel_partials_vjp,
                                 pixel_rows, plain_geometry)
 from _transforms_support import (CONFIGS, assert_close_scaled, eager_mode, leaves_dict, make_params,
@@ -129,6 +130,34 @@ def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, 
         assert_close_scaled(a, b, 1e-10, path)
 
 
+@pytest.mark.parametrize("extra", [CONFIGS["mosaic_phi"][0] + " -divergence 1 -divsteps 2 -square_div",
+                                   "-bandwidth 2 -bandwidth_steps 3 -mosaic 0.3 -mosaic_dom 2"])
+def test_pixel_partials_with_sources_and_orientations_equal_the_kernel_derivatives(
+        extra, input_files, counted_partials, monkeypatch):
+    """Several sources (a divergence grid, or a weighted spectrum) and orientations (mosaic
+    domains, phi steps) take the pixel partials (eager): ``grad`` over the whole tree and
+    ``jacfwd`` of the pixels equal the kernel's own derivatives (partials switched off)."""
+    p = make_params(extra, input_files)
+    with torch.no_grad():
+        target = (nbfunc.simulate(p) * 1.1).detach()
+    loss = lambda q: poisson_nll(nbfunc.simulate(q), target)  # noqa: E731
+    names = ("crystal.cell_a", "crystal.mosaic_spread", "detector.distance")
+    pixels = lambda *x: nbfunc.simulate(nbfunc.replace_leaves(p, dict(zip(names, x))))  # noqa: E731
+    x = [nbfunc.tree.get_leaf(p, n) for n in names]
+    with eager_mode():
+        got = leaves_dict(torch.func.grad(loss)(p))
+        got_jac = torch.func.jacfwd(pixels, argnums=(0, 1, 2))(*x)
+        assert counted_partials and not any(counted_partials)
+        monkeypatch.setattr(nbfunc.render, "partials_apply", lambda *a: False)
+        expected = leaves_dict(torch.func.grad(loss)(p))
+        expected_jac = torch.func.jacfwd(pixels, argnums=(0, 1, 2))(*x)
+    for path, g in expected.items():
+        if g.numel():
+            assert_close_scaled(got[path], g, 1e-10, path)
+    for name, a, b in zip(names, got_jac, expected_jac):
+        assert_close_scaled(a, b, 1e-10, name)
+
+
 def assert_autograd_matches(p, target, expected, rtol: float, float_only: bool = False):
     """``torch.autograd.grad`` of the Poisson loss through `simulate` equals the tree
     ``expected`` leaf by leaf (leaves without elements, or not floating when ``float_only``,
@@ -166,11 +195,34 @@ def _lattice_inputs(layered: bool):
 
 
 def _lattice_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                 n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample):
-    """``sum over paths of (F F_latt)^2`` per pixel from the renderer's pieces (`square_lattice`)."""
+                 n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample, weight=None):
+    """``sum over paths (and orientations) of w (F F_latt)^2`` per pixel from the renderer's
+    pieces (`square_lattice`)."""
     hkl = plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
                          orient, fpix, spix, sub_f, sub_s, layer, oversample)[-1]
-    return ((default_f * square_lattice(hkl, n_cells)) ** 2).sum(0)
+    term = (default_f * square_lattice(hkl, n_cells)) ** 2
+    if weight is not None:
+        term = term * (weight if orient.shape[0] == 1 else weight[..., None])
+    return term.sum(0) if orient.shape[0] == 1 else term.sum((0, 2))
+
+
+def _many(inputs, fixed, n_orient: int, per_path: bool, weighted: bool):
+    """`_pixel_inputs` with ``n_orient`` orientations (small turns of the first) and, with
+    ``per_path``, an incident direction and wavelength of its own for each of the two paths
+    (and with ``weighted`` a weight each)."""
+    inputs = list(inputs)
+    if n_orient > 1:
+        turns = [axis_rotation_matrix(torch.tensor([0.3, 1.0, 0.2], dtype=torch.float64) / 1.06,
+                                      torch.tensor(0.002 * k, dtype=torch.float64)) for k in range(n_orient)]
+        inputs[8] = torch.stack([inputs[8][0] @ t.T for t in turns])
+    if per_path:
+        tilt = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2e-3, -1e-3]], dtype=torch.float64)
+        incident = inputs[6].reshape(1, 3) + tilt
+        inputs[6] = (incident / incident.norm(dim=1, keepdim=True))[:, None]
+        inputs[7] = torch.tensor([[1.0e-10], [1.02e-10]], dtype=torch.float64)
+    if weighted:
+        inputs.append(torch.tensor([[0.7], [1.3]], dtype=torch.float64))
+    return inputs, fixed
 
 
 def _pixel_inputs(layered: bool):
@@ -182,19 +234,20 @@ def _pixel_inputs(layered: bool):
     return inputs + [f64(0.098), e_in, b_in, f64(0.3), f64(1.7e-3), f64(25.0)], fixed
 
 
-def _pixel_reference(*args, oversample, point_pixel, polarized):
+def _pixel_reference(*args, oversample, point_pixel, polarized, weight=None):
     """`pixel_partials`' photons per pixel composed from the renderer's own pieces:
     `_lattice_sum`, `solid_angle` and the Kahn factor of the first path."""
     lattice, (close, e_in, b_in, kahn, scale, background), fixed = args[:11], args[11:17], args[17:]
-    b = _lattice_sum(*lattice, *fixed, oversample)
+    b = _lattice_sum(*lattice, *fixed, oversample, weight)
     fpix, spix, sub_f, sub_s, layer = fixed
-    _, _, _, airpath, d, _, _ = plain_geometry(*lattice[:9], fpix, spix, sub_f[:1], sub_s[:1],
+    _, _, _, airpath, d, _, _ = plain_geometry(*lattice[:6], lattice[6][:1], lattice[7][:1],
+                                               lattice[8][:1], fpix, spix, sub_f[:1], sub_s[:1],
                                                layer[:1], oversample)
     omega = solid_angle(airpath, close, lattice[4], point_pixel)[0]
     value = scale * (background + b)
     if polarized:
         from nbfunc.beam import _dot, _kahn
-        i = lattice[6].reshape(3).unbind(0)
+        i = lattice[6][0].reshape(3).unbind(0)
         cos2t, e_out, b_out = _dot(i, d), _dot(d, e_in.unbind(0)), _dot(d, b_in.unbind(0))
         value = value * _kahn(cos2t, e_out, b_out, kahn)[0][0]
     return value * omega
@@ -226,26 +279,59 @@ def test_pixel_partials_give_the_pixel_gradient(layered, point_pixel, polarized)
     assert torch.equal(_pixel_vjp(weights, rows, inputs, layered, **flags)[10], torch.tensor(0.0, dtype=torch.float64))
 
 
-def _pixel_vjp(weights, rows, inputs, layered, **flags):
+def _pixel_vjp(weights, rows, inputs, layered, n_path=0, **flags):
     """`pixel_partials_vjp` with the inputs it takes picked from `pixel_partials`' differentiable ones."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
-     close, _, _, _, scale, background) = inputs
+     close, _, _, _, scale, background) = inputs[:17]
     return pixel_partials_vjp(weights, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
-                              orient, n_cells, default_f, close, scale, background, layered, **flags)
+                              orient, n_cells, default_f, close, scale, background, layered, **flags,
+                              n_path=n_path, weighted=len(inputs) > 17)
 
 
-def test_pixel_partials_sum_splits_paths(monkeypatch):
+@pytest.mark.parametrize("n_orient, per_path, weighted, layered",
+                         [(3, False, False, True), (1, True, False, False), (2, True, True, True)])
+def test_pixel_partials_with_sources_and_orientations(n_orient, per_path, weighted, layered):
+    """`pixel_partials` with several orientations and with a source per path (its own
+    incident direction, wavelength and weight): the pixels and `pixel_partials_vjp` against
+    autograd through the same pixels composed from the renderer's pieces (eager)."""
+    inputs, fixed = _many(*_pixel_inputs(layered), n_orient, per_path, weighted)
+    flags = {"point_pixel": False, "polarized": True}
+    weight = inputs[17] if weighted else None
+    cotangent = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    value, rows = pixel_partials(*inputs[:17], *fixed, weight=weight, oversample=2, layered=layered,
+                                 per_path=per_path, **flags)
+    assert rows.shape == (pixel_rows(layered, True, n_orient, 2 if per_path else 0, weighted), 3)
+
+    def reference(*a):
+        return _pixel_reference(*a[:17], *fixed, oversample=2, weight=a[17] if weighted else None, **flags)
+
+    torch.testing.assert_close(value, reference(*inputs), rtol=1e-14, atol=0.0)
+    hand = _pixel_vjp(cotangent, rows, inputs, layered, n_path=2 if per_path else 0, **flags)
+    a = [x.clone().requires_grad_(True) for x in inputs]
+    auto = torch.autograd.grad((reference(*a) * cotangent).sum(), a, allow_unused=True)
+    for i, (got, expected) in enumerate(zip(hand, auto)):
+        expected = torch.zeros_like(got) if expected is None else expected
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
+                                   msg=lambda m: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize("n_orient, per_path", [(1, False), (2, True)])
+def test_pixel_partials_sum_splits_paths(monkeypatch, n_orient, per_path):
     """Compiled, `pixel_partials_sum` adds the partial sums of groups of at most
-    `PATHS_PER_CALL` paths (here 1 of 2); the result equals `pixel_partials` of all paths
-    (compiled forms replaced by the functions themselves, to skip the compile)."""
+    `PATHS_PER_CALL` paths (here 1 of 2) and puts the paths' own rows in path order; the
+    result equals `pixel_partials` of all paths (compiled forms replaced by the functions
+    themselves, to skip the compile)."""
     monkeypatch.setattr(lattice_module, "_compiled_partials", lattice_partials)
     monkeypatch.setattr(lattice_module, "_compiled_pixel", pixel_partials)
     monkeypatch.setattr(lattice_module, "PATHS_PER_CALL", 1)
-    inputs, fixed = _pixel_inputs(True)
-    flags = {"oversample": 2, "layered": True, "point_pixel": False, "polarized": True}
-    expected_value, expected_rows = pixel_partials(*inputs, *fixed, **flags)
+    inputs, fixed = _many(*_pixel_inputs(True), n_orient, per_path, per_path)
+    flags = {"oversample": 2, "layered": True, "point_pixel": False, "polarized": True,
+             "per_path": per_path}
+    weight = inputs[17] if per_path else None
+    inputs = inputs[:17]
+    expected_value, expected_rows = pixel_partials(*inputs, *fixed, weight=weight, **flags)
     for compile in (True, False):
-        value, rows = pixel_partials_sum(*inputs, *fixed, **flags, compile=compile)
+        value, rows = pixel_partials_sum(*inputs, *fixed, weight=weight, **flags, compile=compile)
         torch.testing.assert_close(value, expected_value, rtol=1e-14, atol=0.0)
         torch.testing.assert_close(rows, expected_rows, rtol=1e-13,
                                    atol=1e-13 * float(expected_rows.abs().max()))
@@ -386,17 +472,22 @@ def test_inductor_compiled_gradient_equals_eager(tiny, reference):
 
 
 def test_partials_choice(tiny):
-    """The pixel partials with one source and one orientation, no HKL file, within the memory
-    budget; otherwise the kernel's own derivatives."""
+    """The pixel partials for square spots without an HKL file, with any number of sources
+    and orientations, within the memory budget (which counts 9 rows per orientation and, with
+    several sources, 5 per path); otherwise the kernel's own derivatives."""
     plan, _ = nbfunc.render.make_plan(tiny)
-    budget_pixels = nbfunc.render.PARTIALS_BUDGET // (pixel_rows(plan.thicksteps > 1, plan.polarization) * 8)
     choice = nbfunc.render.partials_apply
-    assert choice(plan, budget_pixels, 8, False)
-    assert not choice(plan, budget_pixels + 1, 8, False)
-    assert choice(plan, budget_pixels + 1, 4, False)
+    for more in ({}, {"n_orient": 3}, {"n_sources": 2}, {"n_sources": 2, "n_orient": 50}):
+        many = dataclasses.replace(plan, block=1 << 20, **more)
+        rows = pixel_rows(many.thicksteps > 1, many.polarization, many.n_orient,
+                          many.n_paths if many.n_sources > 1 else 0, many.n_sources > 1)
+        budget_pixels = nbfunc.render.PARTIALS_BUDGET // (rows * 8)
+        assert choice(many, budget_pixels, 8, False), more
+        assert not choice(many, budget_pixels + 1, 8, False), more
+        assert choice(many, budget_pixels + 1, 4, False), more
     assert not choice(plan, 16, 8, True)
-    for other in ({"n_sources": 2}, {"n_orient": 3}, {"shape": "round"}, {"curved": True},
-                  {"absorption": True}, {"dmin": 1e-10}, {"ordered": True}):
+    for other in ({"shape": "round"}, {"curved": True}, {"absorption": True}, {"dmin": 1e-10},
+                  {"ordered": True}, {"diffuse_ops": 1}, {"bfactor": True}):
         assert not choice(dataclasses.replace(plan, **other), 16, 8, False), other
 
 
