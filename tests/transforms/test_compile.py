@@ -130,6 +130,10 @@ def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, 
         assert_close_scaled(a, b, 1e-10, path)
 
 
+@pytest.mark.skipif(not nbcompile.COMPILE_DISABLED,
+                    reason="eager derivatives: run by the test command's NANOBRAGG_DISABLE_COMPILE=1 "
+                    "run (here every render compiles; compiled partial sums of several sources and "
+                    "orientations: test_compiled_autograd_equals_transform_gradient_with_many_paths)")
 @pytest.mark.parametrize("extra", [CONFIGS["mosaic_phi"][0] + " -divergence 1 -divsteps 2 -square_div",
                                    "-bandwidth 2 -bandwidth_steps 3 -mosaic 0.3 -mosaic_dom 2"])
 def test_pixel_partials_with_sources_and_orientations_equal_the_kernel_derivatives(
