@@ -1,18 +1,25 @@
-"""Pull tests of diffBragg's models: the domain-size matrix N and a spectrum's channel weights.
+"""Pull tests of diffBragg's models: the domain-size matrix N, a spectrum's channel weights,
+anisotropic mosaic spreads, diffuse scattering and the B factor.
 
-Two truths on 48 x 48 pixels (a 20 x 20 x 30 A cell with Gaussian spots of diffBragg's shape
-gauss_hkl on a water background, so every pixel has mu > 0):
+Four truths:
 
-* ``size_matrix``: Na, Nb, Nc = 5, 6, 4 and Nd, Ne, Nf = 1, -0.7, 0.5 cells, all six free;
-* ``spectrum_weights``: five channels at 0.90 ... 1.10 Angstrom of weights 0.5, 1, 2, 1, 0.5,
-  all five free, fluence fixed.
+* ``size_matrix`` (48 x 48 pixels, a 20 x 20 x 30 A cell with Gaussian spots of diffBragg's
+  shape gauss_hkl on a water background, so every pixel has mu > 0): Na, Nb, Nc = 5, 6, 4 and
+  Nd, Ne, Nf = 1, -0.7, 0.5 cells, all six free;
+* ``spectrum_weights`` (the same spots): five channels at 0.90 ... 1.10 Angstrom of weights
+  0.5, 1, 2, 1, 0.5, all five free, fluence fixed;
+* ``mosaic_eta`` (40 x 40 pixels of 0.6 mm at 60 mm, cubic 40 A cell, N 6, Gaussian spots and
+  a faint water ring): axis spreads ``eta = (1.0, 0.6, 0.8)`` deg on 12 quadrature domains,
+  all three free;
+* ``diffuse`` (16 x 16 pixels, a small triclinic cell): diffuse scattering of Laue group Pmmm
+  (gamma (2, 2.5, 3) A, sigma 0.3 A) and B = 25 A^2; gamma_x, sigma_x and B free.
 
 For each, draws ``--replicas`` Poisson images with a seeded ``torch.Generator``, fits each from
 a start ``--start-scale`` standard errors off (`nbfunc.replicas.fit_replicas`), and reports per
 parameter the mean and width of the pulls ``(fit - truth)/sigma`` (sigma: the Fisher standard
 error at each fit; also at the truth for comparison) with their standard errors, and whether
-they lie within 4 standard errors of 0 and 1. tests/physics/test_pulls_models.py runs the same
-truths with 200 replicas.
+they lie within 4 standard errors of 0 and 1. The tests run the same truths on fewer replicas
+(tests/physics/test_pulls_models.py, test_aniso_mosaic.py, test_diffuse.py).
 
     python benchmarks/pull_models.py --replicas 1000 --json pulls_models.json
 
@@ -21,13 +28,13 @@ Prints the JSON summary; ``--json`` also writes it to a file.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
 import time
 
 import torch
+from common import report
 
 import nbfunc
 from nbfunc.cli.derive import params_from_args
@@ -59,7 +66,24 @@ def spectrum_weights():
         ["beam.sources.weights"]
 
 
-CASES = {"size_matrix": size_matrix, "spectrum_weights": spectrum_weights}
+def mosaic_eta():
+    """(tree, free parameters) of the anisotropic mosaic case (quadrature domains)."""
+    p = params_from_args(("-cell 40 40 40 90 90 90 -misset 10 20 30 -default_F 100 -N 6 -gauss_xtal "
+                          "-lambda 1 -distance 60 -detpixels 40 -pixel 0.6 -oversample 1 -fluence 1e28 "
+                          "-water 0.01 -mosaic_quadrature -mosaic_dom 12 -eta 1.0 0.6 0.8").split())
+    return p, ["crystal.eta[0]", "crystal.eta[1]", "crystal.eta[2]"]
+
+
+def diffuse():
+    """(tree, free parameters) of the diffuse scattering and B factor case."""
+    p = params_from_args(("-cell 30 34 38 88 92 95 -misset 5 15 -25 -default_F 30 -N 3 -lambda 1 "
+                          "-distance 20 -pixel 1 -detpixels 16 -oversample 1 -fluence 1e29 -diffuse "
+                          "-diffuse_gamma 2 2.5 3 -diffuse_sigma 0.3 -laue_group Pmmm -bfactor 25").split())
+    return p, ["crystal.diffuse_gamma[0]", "crystal.diffuse_sigma[0]", "crystal.B"]
+
+
+CASES = {"size_matrix": size_matrix, "spectrum_weights": spectrum_weights, "mosaic_eta": mosaic_eta,
+         "diffuse": diffuse}
 
 
 def run_case(name: str, replicas: int, seed: int, start_scale: float, batch: int) -> dict:
@@ -109,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="start = truth + this * sigma * N(0, 1)")
     parser.add_argument("--batch", type=int, default=250, help="replicas fitted together (vmap)")
     parser.add_argument("--case", choices=sorted(CASES), action="append",
-                        help="run only this case (repeatable; default: both)")
+                        help="run only this case (repeatable; default: all)")
     parser.add_argument("--json", help="write the summary to this file")
     args = parser.parse_args(argv)
     if args.replicas < 2:
@@ -121,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": {"python": platform.python_version(), "torch": torch.__version__,
                            "cpu": platform.processor() or platform.machine()},
                "cases": cases}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text + "\n")
+    report(summary, args.json)
     return 0
 
 

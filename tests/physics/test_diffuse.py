@@ -26,6 +26,8 @@ from nbfunc.replicas import fit_replicas, poisson_replicas, pull_summary
 from nbfunc.tree import get_leaf, replace_leaves
 from nbfunc.uncertainty import uncertainty
 
+from _physics_support import central, close
+
 D = torch.float64
 BASE = ("-cell 50 60 70 85 95 100 -misset 10 -20 30 -default_F 100 -N 5 -lambda 1 "
         "-distance 50 -pixel 0.5 -detpixels 8 -oversample 1")
@@ -55,26 +57,6 @@ def diffuse_tree(extra: str = "", group: str = "P-1", **crystal) -> Params:
                 diffuse_laue_group=group, **crystal)
 
 
-def central(fn, p: Params, path: str, rel: float = 1e-6) -> torch.Tensor:
-    """d fn(p) / d leaf by central differences, shape ``fn(p).shape + leaf.shape``."""
-    leaf = get_leaf(p, path)
-    flat = leaf.reshape(-1)
-    cols = []
-    for i in range(flat.numel()):
-        step = rel * max(abs(float(flat[i])), 1.0)
-        delta = torch.zeros_like(flat)
-        delta[i] = step
-        plus = fn(replace_leaves(p, {path: (flat + delta).reshape(leaf.shape)}))
-        minus = fn(replace_leaves(p, {path: (flat - delta).reshape(leaf.shape)}))
-        cols.append((plus - minus) / (2 * step))
-    out = torch.stack(cols, -1)
-    return out.reshape(out.shape[:-1] + leaf.shape)
-
-
-def close(actual, expected, rtol, what=""):
-    err = float((actual - expected).abs().max())
-    bound = rtol * float(expected.abs().max())
-    assert err <= bound, f"{what}: error {err:.3e} > {bound:.3e}"
 
 
 def reference_diffuse(hkl, recip, gamma, sigma, ops):
@@ -342,7 +324,7 @@ PULL_FREE = ("crystal.diffuse_gamma[0]", "crystal.diffuse_sigma[0]", "crystal.B"
 def test_pull_test_of_diffuse_and_b():
     """100 Poisson replicas (about 1e4 photons each), gamma_x, sigma_x and B free: the pulls of
     the Fisher errors have mean 0 and width 1 within 4 standard errors (|mean| < 4/sqrt(100),
-    |width - 1| < 4/sqrt(2*99)). benchmarks/pull_diffuse.py runs the same with 400 replicas."""
+    |width - 1| < 4/sqrt(2*99)). benchmarks/pull_models.py (case diffuse) runs the same with more replicas."""
     n = 100
     p = tree(base=PULL_BASE, diffuse=True, diffuse_gamma=[2.0, 2.5, 3.0], diffuse_sigma=[0.3, 0.3, 0.3],
              diffuse_laue_group="Pmmm", bfactor=True, B=25.0)

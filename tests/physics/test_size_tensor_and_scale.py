@@ -13,6 +13,8 @@ from nbfunc import Params
 from nbfunc.cli.derive import params_from_args
 from nbfunc.tree import get_leaf, replace_leaves
 
+from _physics_support import central, close
+
 D = torch.float64
 BASE = ("-cell 50 60 70 85 95 100 -misset 10 -20 30 -default_F 100 -N 5 -lambda 1 "
         "-distance 50 -pixel 0.5 -detpixels 6 -oversample 1")
@@ -30,26 +32,6 @@ def tree(extra: str = "", **leaves) -> Params:
     return replace_leaves(p, {f"crystal.{k}": torch.as_tensor(v, dtype=D) for k, v in leaves.items()})
 
 
-def central(fn, p: Params, path: str, rel: float = 1e-6) -> torch.Tensor:
-    """d fn(p) / d leaf by central differences, shape ``fn(p).shape + leaf.shape``."""
-    leaf = get_leaf(p, path)
-    flat = leaf.reshape(-1)
-    cols = []
-    for i in range(flat.numel()):
-        step = rel * max(abs(float(flat[i])), 1.0)
-        delta = torch.zeros_like(flat)
-        delta[i] = step
-        plus = fn(replace_leaves(p, {path: (flat + delta).reshape(leaf.shape)}))
-        minus = fn(replace_leaves(p, {path: (flat - delta).reshape(leaf.shape)}))
-        cols.append((plus - minus) / (2 * step))
-    out = torch.stack(cols, -1)
-    return out.reshape(out.shape[:-1] + leaf.shape)
-
-
-def close(actual, expected, rtol, what=""):
-    err = float((actual - expected).abs().max())
-    bound = rtol * float(expected.abs().max())
-    assert err <= bound, f"{what}: error {err:.3e} > {bound:.3e}"
 
 
 class TestReductions:
