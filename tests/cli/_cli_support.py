@@ -49,3 +49,18 @@ def golden_argv(case: str) -> list[str]:
         argv += ["-intfile", "out_int.img"]
     argv += ["-noisefile", "out_noise.img"] if outputs.get("noisefile") else ["-nonoise"]
     return argv + ["-nopgm"]
+
+
+def refuse(argv, workdir, capsys, *needles):
+    """Run the command line in-process on ``argv``: status 2, one line on stderr starting
+    ``nbfunc: error:`` and holding every needle, no traceback, nothing written in ``workdir``."""
+    before = set(os.listdir(workdir))
+    status = main.run(list(argv))
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert status == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith("nbfunc: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in captured.err and "validation error" not in lines[0]
+    assert set(os.listdir(workdir)) == before

@@ -5,16 +5,14 @@ They reach the tree's leaves, ``-params_out`` saves them, bad values and conflic
 refused in one line, and without them the tree and the header are what they were. Every run is
 a 16 x 16 (or smaller) detector.
 """
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import nbfunc
-from _cli_support import run_cli
+from _cli_support import refuse, run_cli
 from nbfunc import Params
-from nbfunc.cli import main
 from nbfunc.cli.cflags import CFlags
 from nbfunc.cli.derive import BANDWIDTH_STEPS, derive
 from nbfunc.cli.flags import parse_flags, triggered
@@ -156,17 +154,6 @@ def test_params_refuses_the_model_flags(flag, tmp_path):
 # --------------------------------------------------------------------------------------------
 # bad values and conflicts: status 2, one line naming the flag, nothing written
 # --------------------------------------------------------------------------------------------
-def refuse(argv, workdir, capsys, *needles):
-    before = set(os.listdir(workdir))
-    status = main.run(list(argv))
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert status == 2 and len(lines) == 1, captured.err
-    assert lines[0].startswith("nbfunc: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert "Traceback" not in captured.err and "validation error" not in lines[0]
-    assert set(os.listdir(workdir)) == before
 
 
 @pytest.mark.parametrize("extra, needles", [
