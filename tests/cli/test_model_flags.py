@@ -154,8 +154,6 @@ def test_params_refuses_the_model_flags(flag, tmp_path):
 # --------------------------------------------------------------------------------------------
 # bad values and conflicts: status 2, one line naming the flag, nothing written
 # --------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("extra, needles", [
     ("-Ndef 1 2", ["-Ndef expects 3 numbers in cells (Nd Ne Nf)", "got only 2"]),
     ("-Ndef 1 x 2", ["-Ndef", "'x'"]),
