@@ -335,6 +335,12 @@ def tophat_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torc
     return torch.where(inside, n_cells.prod(-1), torch.zeros_like(rad_star_sq))
 
 
+def nearest_indices(hkl: torch.Tensor | Components) -> Components:
+    """The nearest reflection ``(h0, k0, l0) = ceil(hkl - 1/2)`` (nanoBragg's rounding: halves
+    go down), as three components of the shape of the indices."""
+    return tuple(torch.ceil(x - 0.5) for x in components(hkl))
+
+
 def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tensor,
                    n_cells: torch.Tensor, fudge: torch.Tensor,
                    n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
@@ -355,7 +361,7 @@ def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tens
     """
     if shape == "square":
         return square_lattice(hkl, n_cells)
-    dhkl = tuple(x - torch.ceil(x - 0.5) for x in components(hkl))
+    dhkl = tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
     if shape == "round":
         return round_lattice(dhkl, n_cells, fudge)
     if shape == "gauss":

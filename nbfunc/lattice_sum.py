@@ -302,7 +302,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         b = b + carried_b
         hq = hq + carried_rows[:hq.shape[0]]
         raw = [x + y for x, y in zip(raw, carried_rows[hq.shape[0]:].unbind(0))]
-        if path.shape[0]:
+        if per_path:
             path = torch.cat([path, carried_path], 1)
     fd, sd, _, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
                                        sub_f[:1], sub_s[:1], layer[:1], oversample)
@@ -321,9 +321,8 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     # the first path's position enters omega (through its distance) and P (through d)
     g_first = position_gradient(dp_dd, d, airpath)
     g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
-    names = [name for name in lattice_row_layout(layered) if name != "hq"]
-    lat = {name: raw[block.start - 9:block.stop - 9]
-           for name, block in lattice_row_layout(layered).items() if name in names}
+    lat = {name: raw[block.start - 9:block.stop - 9]  # the rows after the nine hq rows
+           for name, block in lattice_row_layout(layered).items() if name != "hq"}
     rows = {"orient": [u * hq], "n_cells": [u * x for x in lat["n_cells"]],
             "fdet": [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
             "sdet": [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
@@ -333,8 +332,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     first = [w * dp_dcos * x for x in d] if polarized else None
     if polarized:
         rows.update(e_in=[w * dp_de * x for x in d], b_in=[w * dp_db * x for x in d], kahn=[w * dp_dk])
-    n_path = path.shape[1]
-    if path.shape[0]:
+    if per_path:
         own = u * path[:3]  # (3, E, P): -dL/dd per component and path
         if first is not None:
             own = torch.cat([own[:, :1] + torch.stack(first), own[:, 1:]], 1)
@@ -348,7 +346,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         rows["incident"] = [-u * y for y in lat["direction"]]
     if layered:
         rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
-    layout = pixel_row_layout(layered, polarized, orient.shape[0], n_path, weight is not None)
+    layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None)
     return value[0], torch.cat([x for name in layout for x in rows[name]])
 
 

@@ -611,9 +611,11 @@ class Crystal(Node):
             raise ValueError(f"crystal.eta = {_shown(values)} has a negative axis spread; give "
                              "spreads xx, yy, zz >= 0 deg")
         if len(values) == 6:
-            xx, yy, zz, xy, yz, xz = values
-            tensor = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
-            lowest = float(np.linalg.eigvalsh(tensor)[0])
+            from nbfunc.crystal import spread_matrix
+
+            eta = v.detach().to(torch.float64)
+            tensor = spread_matrix(eta, eta.new_zeros(()))
+            lowest = float(torch.linalg.eigvalsh(tensor)[0])
             if lowest < -1e-12 * max(abs(x) for x in values):
                 raise ValueError(f"crystal.eta = {_shown(values)} is not positive semidefinite "
                                  f"(smallest eigenvalue {lowest:.4g} deg); give smaller off-diagonal "

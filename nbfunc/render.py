@@ -38,7 +38,7 @@ from nbfunc.diffuse import (bfactor_form, debye_waller, diffuse_forms, diffuse_i
                             laue_operators, operator_tensor)
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
-from nbfunc.lattice import lattice_factor
+from nbfunc.lattice import lattice_factor, nearest_indices
 from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, miller_indices, per_orientation,
                                 pixel_partials, pixel_partials_sum, pixel_partials_vjp, pixel_rows)
 from nbfunc.params import Params
@@ -127,6 +127,12 @@ class Plan:
     block: int
     diffuse_ops: int = 0      # Laue operators of the diffuse term; 0: no diffuse scattering
     bfactor: bool = False     # the per-shot B factor is applied
+
+    @property
+    def path_sources(self) -> int:
+        """Paths with partial sums of their own source (`PartialsRules`): every path when
+        there are several sources, none with one (its direction and wavelength are shared)."""
+        return self.n_paths if self.n_sources > 1 else 0
 
     @property
     def n_paths(self) -> int:
@@ -354,7 +360,7 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
     Returns:
         (F_cell of the shape of h, disabled_out 0-d bool).
     """
-    h0 = tuple(torch.ceil(x - 0.5) for x in hkl)
+    h0 = nearest_indices(hkl)
     nearest = nearest_f(h0, setup.fhkl, plan.hkl_origin, setup.default_f)
     if not plan.interpolate:
         return nearest, disabled_in
@@ -380,9 +386,8 @@ def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
 def _partials_rows(plan: Plan) -> int:
     """Rows of the partial sums per pixel for ``plan`` (`nbfunc.lattice_sum.pixel_rows`;
     with several sources counted with weights)."""
-    many = plan.n_sources > 1
-    return pixel_rows(plan.thicksteps > 1, plan.polarization, plan.n_orient,
-                      plan.n_paths if many else 0, many)
+    return pixel_rows(plan.thicksteps > 1, plan.polarization, plan.n_orient, plan.path_sources,
+                      plan.path_sources > 0)
 
 
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
@@ -411,7 +416,7 @@ def _partials_inputs(setup: Setup, orient, plan: Plan, finish, paths: Paths):
         e_in, b_in = (torch.stack(x) for x in polarization_axes(setup.incident[0], setup.polar_axis))
     else:
         e_in = b_in = torch.zeros_like(f.fdet)
-    if plan.n_sources > 1:
+    if plan.path_sources:
         incident, wavelength = paths.incident, paths.wavelength
     else:
         incident, wavelength = setup.incident[:1, None], setup.wavelengths[:1, None]
@@ -464,11 +469,6 @@ def _partials_flags(plan: Plan) -> dict:
             "polarized": plan.polarization}
 
 
-def _path_flag(plan: Plan) -> dict:
-    """`nbfunc.lattice_sum.pixel_partials`' ``per_path``: each path has its own source."""
-    return {"per_path": plan.n_sources > 1}
-
-
 def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish, plan: Plan):
     """The positional arguments and the keyword flags of `nbfunc.lattice_sum.pixel_partials`
     for a chunk of the plain configuration."""
@@ -476,7 +476,7 @@ def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish,
     differentiable = _partials_inputs(setup, orient, plan, finish, paths)
     inputs = (*differentiable[:17], fpix, spix, paths.sub_f, paths.sub_s, paths.layer)
     return inputs, {"oversample": plan.oversample, "weight": paths.weight, **_partials_flags(plan),
-                    **_path_flag(plan)}
+                    "per_path": plan.path_sources > 0}
 
 
 def _partials_vjp(grad_value, rows, inputs, plan: Plan):
@@ -487,7 +487,7 @@ def _partials_vjp(grad_value, rows, inputs, plan: Plan):
     return pixel_partials_vjp(grad_value, rows, fdet, sdet, odet, pixel_size, layer_depth,
                               wavelength, orient, n_cells, default_f, close_distance, scale,
                               background, **_partials_flags(plan),
-                              n_path=plan.n_paths if plan.n_sources > 1 else 0,
+                              n_path=plan.path_sources,
                               weighted=len(inputs) > 17)
 
 
@@ -613,7 +613,7 @@ def _chunk_sums(setup: Setup, orient, orient_first, fpix, spix, paths: Paths, di
         counted = None
     f_cell, disabled = structure_factor(setup, plan, hkl, counted, disabled_in)
     if plan.diffuse_ops or plan.bfactor:
-        h0 = tuple(torch.ceil(x - 0.5) for x in hkl)
+        h0 = nearest_indices(hkl)
     if plan.diffuse_ops:
         # diffBragg: I = F_cell^2 (F_latt^2 + I_D) (`nbfunc.diffuse.diffuse_intensity`)
         dh = tuple(x - x0 for x, x0 in zip(hkl, h0))
