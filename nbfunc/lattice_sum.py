@@ -103,15 +103,15 @@ def _layout(parts) -> dict[str, slice]:
     return out
 
 
-def lattice_row_layout(layered: bool) -> dict[str, slice]:
+def lattice_row_layout(layered: bool, per_path: bool = False) -> dict[str, slice]:
     """The rows of `lattice_partials`' sums over the paths of ``L = (F F_latt)^2``'s
     derivatives: ``hq`` ``dL/dh_i q_j`` (i-major, 1/m), ``n_cells`` ``dL/dN_i``,
-    ``direction`` ``dL/dd_j`` (d the diffracted unit vector), then ``dL/dpos_j`` (pos the
-    sub-pixel position, 1/m) times ``pos_fast`` the fast coordinate Fdet (m), ``pos_slow``
-    the slow coordinate Sdet (m), ``pos`` 1, and with ``layered`` ``pos_layer`` the layer
-    index."""
-    return _layout([("hq", 9), ("n_cells", 3), ("direction", 3), ("pos_fast", 3), ("pos_slow", 3),
-                    ("pos", 3)] + [("pos_layer", 3)] * layered)
+    ``direction`` ``dL/dd_j`` (d the diffracted unit vector; left out with ``per_path``,
+    where each path's own rows carry it), then ``dL/dpos_j`` (pos the sub-pixel position,
+    1/m) times ``pos_fast`` the fast coordinate Fdet (m), ``pos_slow`` the slow coordinate
+    Sdet (m), ``pos`` 1, and with ``layered`` ``pos_layer`` the layer index."""
+    return _layout([("hq", 9), ("n_cells", 3)] + [("direction", 3)] * (not per_path)
+                   + [("pos_fast", 3), ("pos_slow", 3), ("pos", 3)] + [("pos_layer", 3)] * layered)
 
 
 def pixel_row_layout(layered: bool, polarized: bool, n_orient: int = 1, path_rows: int = 0,
@@ -177,7 +177,8 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         g_d = tuple(sum(g_h[i] * orient[0, i, j] for i in range(3)) / wavelength for j in range(3))
         rows = [lattice] + [g_h[i] * q[j] for i in range(3) for j in range(3)] + g_n
     g_pos = position_gradient(g_d, d, airpath)
-    rows += list(g_d)
+    if not per_path:
+        rows += list(g_d)
     rows += [x * fd for x in g_pos] + [x * sd for x in g_pos] + list(g_pos)
     if layered:
         rows += [x * layer for x in g_pos]
@@ -236,8 +237,9 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
         ``wavelength`` and ``weight`` per path) and rows of its own.
     Returns:
         ((P,) the sum B, (R, P) rows: `lattice_row_layout` with the ``hq`` block 9 O rows
-        (orientation, i, j)-major; R is 24, or 27 with ``layered``, for one orientation; (K, E,
-        P) the path rows (`_lattice_rows`), K = 0 with one source.)
+        (orientation, i, j)-major; R is 24, or 27 with ``layered``, for one orientation (3
+        fewer with ``per_path``); (K, E, P) the path rows (`_lattice_rows`), K = 0 with one
+        source.)
     """
     total, path = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
                                 wavelength, orient, n_cells, default_f, weight, fpix, spix, sub_f,
@@ -322,7 +324,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     g_first = position_gradient(dp_dd, d, airpath)
     g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
     lat = {name: raw[block.start - 9:block.stop - 9]  # the rows after the nine hq rows
-           for name, block in lattice_row_layout(layered).items() if name != "hq"}
+           for name, block in lattice_row_layout(layered, per_path).items() if name != "hq"}
     rows = {"orient": [u * hq], "n_cells": [u * x for x in lat["n_cells"]],
             "fdet": [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
             "sdet": [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
