@@ -65,6 +65,18 @@ class Rules:
     def vjp(self, xs, residuals, cotangents):
         raise NotImplementedError
 
+    def residual_jvp_supported(self, mask: tuple) -> bool:
+        """Whether `residual_jvp` answers for inputs with tangents where ``mask`` (one bool per
+        input) is True."""
+        return False
+
+    def residual_jvp(self, xs, residuals, tangents):
+        """The tangents of the forward's residuals along ``tangents`` (one per input, None
+        where the input has none): a tuple like the residuals. With it, the derivative of
+        the rules' VJP (a Hessian-vector product) is the VJP's own derivative, with these as
+        the residuals' tangents, instead of being derived from the function."""
+        raise NotImplementedError
+
 
 class Derived:
     """A pure function of tensors ``(*xs) -> tuple of tensors`` with its derived functions.
@@ -83,6 +95,7 @@ class Derived:
         self.eager, self.name, self.on_failure, self.compile = eager, name, on_failure, compile
         self.rules, self.fast = rules, fast
         self.n_residuals = 0
+        self.vjp_of = None  # (rules, inputs, residuals) of the parent whose rules' VJP this runs
         self._run = None
         self._children: dict = {}
 
@@ -140,7 +153,10 @@ class Derived:
                                          *[xs[i] for i in float_in])
                 return tuple(back(tuple(gs)))
             return vjp_fn
-        return self._child(("vjp", n_in, float_in, float_out, n_res), make, self._fast_vjp(n_in, n_res))
+        child = self._child(("vjp", n_in, float_in, float_out, n_res), make, self._fast_vjp(n_in, n_res))
+        if self.rules is not None:
+            child.vjp_of = (self.rules, n_in, n_res)
+        return child
 
     def _fast_vjp(self, n_in: int, n_res: int) -> Callable | None:
         if self.rules is None:
@@ -152,9 +168,10 @@ class Derived:
         return fast_vjp
 
     def jvp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int = 0,
-            out_meta: tuple = ()) -> "Derived":
+            out_meta: tuple = (), mask: tuple | None = None) -> "Derived":
         """``(*xs, *residuals, *tangents of the floating inputs) -> tangents of the floating
-        outputs`` (``out_meta``: their shapes, dtypes and devices).
+        outputs`` (``out_meta``: their shapes, dtypes and devices; ``mask``: per floating
+        input, whether its tangent is other than zero, or None when unknown).
 
         Compiled, computed as the VJP of the VJP (``J t`` is the gradient of the linear map
         ``u -> J^T u`` in ``u``, with cotangent ``t``), not with forward-mode AD: inside
@@ -179,8 +196,64 @@ class Derived:
                 return tuple(transpose(tuple(ts)))
             return jvp_fn if self.compile else forward_mode
 
-        return self._child(("jvp", n_in, float_in, float_out, n_res, out_meta), make,
-                           self._fast_jvp(n_in, n_res, out_meta))
+        fast = self._fast_jvp(n_in, n_res, out_meta) or self._fast_hvp(n_in, float_in, mask)
+        return self._child(("jvp", n_in, float_in, float_out, n_res, out_meta, mask), make, fast)
+
+    def _fast_hvp(self, n_in: int, float_in: tuple, mask: tuple | None) -> Callable | None:
+        """The JVP of a rules' VJP (this function; `vjp_of`) when the rules give the tangents
+        of their residuals for the inputs that have tangents (`Rules.residual_jvp`).
+
+        The VJP ``v(xs, residuals, gs)`` is bilinear in the residuals and the cotangents, so
+        its JVP is ``v(xs, dres, gs) + v(xs, residuals, dgs)`` plus its derivative in the
+        inputs with both held (small: the chain through the rules' inputs), taken as the
+        VJP of its VJP when compiled (forward-mode AD inside compiled code: see above)."""
+        if self.vjp_of is None or mask is None:
+            return None
+        rules, n_x, n_res = self.vjp_of
+        has = [False] * n_in
+        for i, m in zip(float_in, mask):
+            has[i] = m
+        if not rules.residual_jvp_supported(tuple(has[:n_x])):
+            return None
+        x_moving = tuple(i for i in float_in if i < n_x and has[i])
+        g_moving = tuple(i for i in float_in if i >= n_x + n_res and has[i])
+        position = {i: k for k, i in enumerate(float_in)}
+        body, compile = self.fast, self.compile
+
+        def fast_hvp(*args):
+            ins, ts = args[:n_in], args[n_in:]
+            xs, residuals, gs = ins[:n_x], ins[n_x:n_x + n_res], ins[n_x + n_res:]
+            x_tangents = [ts[position[i]] if i in x_moving else None for i in range(n_x)]
+            out = None
+            if x_moving:
+                d_res = rules.residual_jvp(xs, residuals, x_tangents)
+                out = body(*xs, *d_res, *gs)
+
+                def held(*moving):
+                    a = list(ins)
+                    for i, v in zip(x_moving, moving):
+                        a[i] = v
+                    return tuple(body(*a))
+                primals = tuple(ins[i] for i in x_moving)
+                tangents = tuple(ts[position[i]] for i in x_moving)
+                if compile:
+                    value, back = torch.func.vjp(held, *primals)
+                    _, transpose = torch.func.vjp(lambda *u: tuple(back(u)),
+                                                  *[torch.zeros_like(v) for v in value])
+                    moved = tuple(transpose(tangents))
+                else:
+                    moved = torch.func.jvp(held, tuple(p.clone() for p in primals),
+                                           tuple(t.clone() for t in tangents))[1]
+                out = [a + b for a, b in zip(out, moved)]
+            if g_moving:
+                g_tangents = [ts[position[i]] if i in g_moving else torch.zeros_like(ins[i])
+                              for i in range(n_x + n_res, n_in)]
+                by_g = body(*xs, *residuals, *g_tangents)
+                out = list(by_g) if out is None else [a + b for a, b in zip(out, by_g)]
+            if out is None:
+                out = [torch.zeros_like(x) for x in body(*ins)]
+            return tuple(out)
+        return fast_hvp
 
     def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple) -> Callable | None:
         fast_vjp = self._fast_vjp(n_in, n_res)
@@ -199,8 +272,13 @@ class Derived:
         (``fast`` batched too). Not for a function with rules (`_Call` loops over the
         members instead: each member's residuals are its own)."""
         fast = None if self.fast is None else torch.func.vmap(self.fast, in_dims=in_dims, out_dims=0)
-        return self._child(("vmap", in_dims),
-                           lambda: torch.func.vmap(self.eager, in_dims=in_dims, out_dims=0), fast)
+        child = self._child(("vmap", in_dims),
+                            lambda: torch.func.vmap(self.eager, in_dims=in_dims, out_dims=0), fast)
+        # batched over the cotangents only (jacrev's basis): still bilinear in the residuals
+        # and the cotangents, with the inputs and residuals of the parent's rules
+        if self.vjp_of is not None and all(d is None for d in in_dims[:sum(self.vjp_of[1:])]):
+            child.vjp_of = self.vjp_of
+        return child
 
 
 def _zeros(like) -> torch.Tensor:
@@ -256,7 +334,8 @@ class _Call(torch.autograd.Function):
         xs = saved[:ctx.n_in]
         ts = [tangents[i] if tangents[i] is not None else torch.zeros_like(xs[i]) for i in ctx.float_in]
         meta = tuple(ctx.outputs[j] for j in ctx.float_out)
-        got = _Call.apply(ctx.derived.jvp(ctx.n_in, ctx.float_in, ctx.float_out, ctx.n_res, meta),
+        mask = tuple(tangents[i] is not None for i in ctx.float_in)
+        got = _Call.apply(ctx.derived.jvp(ctx.n_in, ctx.float_in, ctx.float_out, ctx.n_res, meta, mask),
                           *saved, *ts)
         out = [None] * (len(ctx.outputs) + ctx.n_res)
         for j, t in zip(ctx.float_out, got):
@@ -293,6 +372,15 @@ class StructuredRules:
         raise NotImplementedError
 
     def vjp(self, kwargs, inputs, residuals, cotangent):
+        raise NotImplementedError
+
+    def residual_jvp_supported(self, mask_args, mask_kwargs) -> bool:
+        """`Rules.residual_jvp_supported` with the mask in the structure of the call's
+        ``(args, kwargs)`` (True where a tensor has a tangent, False at other tensors)."""
+        return False
+
+    def residual_jvp(self, args, kwargs, residuals, tangents_args, tangents_kwargs):
+        """`Rules.residual_jvp` with the tangents in the structure of ``(args, kwargs)``."""
         raise NotImplementedError
 
 
@@ -338,6 +426,14 @@ class _FlatRules(Rules):
             raise TypeError(f"{type(self.rules).__name__}.vjp returned {len(grads)} gradients "
                             f"for {len(values)} inputs")
         return tuple(back(grads))
+
+    def residual_jvp_supported(self, mask):
+        return self.rules.residual_jvp_supported(*self.rebuild(list(mask)))
+
+    def residual_jvp(self, xs, residuals, tangents):
+        args, kwargs = self.rebuild(xs)
+        t_args, t_kwargs = self.rebuild(list(tangents))
+        return tuple(self.rules.residual_jvp(args, kwargs, residuals, t_args, t_kwargs))
 
 
 def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict,

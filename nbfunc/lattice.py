@@ -174,6 +174,55 @@ def grating_and_derivatives(h: torch.Tensor, n: torch.Tensor):
     return r.sign * value, r.sign * d_h, r.sign * d_n
 
 
+def grating_second_derivatives(h: torch.Tensor, n: torch.Tensor):
+    """`grating_and_derivatives` with the second derivatives that its derivatives' tangents
+    along ``h`` need, for hand-written Hessian-vector products.
+
+    Away from the peaks (the quotient ``G = sin(pi g)/sin(pi f)``):
+    ``d2G/dh2 = pi^2 (1 - n^2) G - 2 (dG/dh) pi cos(pi f)/sin(pi f)`` and
+    ``d2G/dh dn = -pi^2 n h G + (pi cos(pi g) - (dG/dn) pi cos(pi f))/sin(pi f)``; on the
+    series branch, the series' own derivatives (``G = n S(z)``, ``z = pi^2 f^2``) and that of
+    the peak slope ``cos(pi n f)/sin(pi f)`` (taken as 0 exactly at ``f = 0``, where
+    `grating_and_derivatives` takes the slope itself as 1).
+
+    Returns:
+        ``(G, dG/dh, dG/dn, d2G/dh2, d2G/dh dn)``, each of the broadcast shape of ``h`` and ``n``.
+    """
+    r = _reduce(h, n)
+    sin_g, dsin_g = sinpi_and_derivative(r.g)
+    sin_f, dsin_f = sinpi_and_derivative(r.safe_f)
+    quotient = sin_g / sin_f
+    cot = dsin_f / sin_f  # pi cos(pi f)/sin(pi f)
+    q_h = (n * dsin_g - quotient * dsin_f) / sin_f
+    q_n = dsin_g * h / sin_f
+    q_hh = (math.pi * math.pi) * (1.0 - n * n) * quotient - 2.0 * q_h * cot
+    q_hn = -(math.pi * math.pi) * n * h * quotient + (dsin_g - q_n * dsin_f) / sin_f
+    # series branch: S, S_z, S_n with S_zz and S_nz; z = pi^2 f^2, dz/dh = 2 pi^2 f
+    series, series_dz, series_dn = _series(r.f, n)
+    z = (math.pi * math.pi) * (r.f * r.f)
+    n2 = n * n
+    m = n2 - 1.0
+    b, c = m * (3.0 * n2 - 7.0) / 360.0, m * ((3.0 * n2 - 18.0) * n2 + 31.0) / 15120.0
+    da, db, dc = n / 3.0, n * (12.0 * n2 - 20.0) / 360.0, n * ((18.0 * n2 - 84.0) * n2 + 98.0) / 15120.0
+    series_dzz = 2.0 * b - 6.0 * z * c
+    series_dnz = -da + z * (2.0 * db - 3.0 * z * dc)
+    dz_dh = (2.0 * math.pi * math.pi) * r.f
+    slope = _peak_slope(r, n)
+    sin_p, dsin_p = sinpi_and_derivative(r.pole_f)
+    zc = (math.pi * math.pi) * (n * r.f) ** 2
+    cos_nf = 1.0 - zc * (0.5 - zc * (1.0 / 24.0 - zc / 720.0))
+    dcos_nf = (-0.5 + zc * (1.0 / 12.0 - zc / 240.0)) * (2.0 * math.pi * math.pi) * n * n * r.f
+    slope_dh = torch.where(r.f == 0, 0.0, (dcos_nf - cos_nf * dsin_p / sin_p) / sin_p)
+    k = torch.round(h)
+    s_val = n * series
+    s_h = n * series_dz * dz_dh
+    s_n = series + n * series_dn + math.pi * k * slope
+    s_hh = n * (series_dzz * dz_dh * dz_dh + series_dz * (2.0 * math.pi * math.pi))
+    s_hn = dz_dh * (series_dz + n * series_dnz) + math.pi * k * slope_dh
+    pick = lambda a, q: r.sign * torch.where(r.use_series, a, q)  # noqa: E731
+    return (pick(s_val, quotient), pick(s_h, q_h), pick(s_n, q_n), pick(s_hh, q_hh), pick(s_hn, q_hn))
+
+
 def sinc3(x: torch.Tensor) -> torch.Tensor:
     """Transform of a sphere, ``3 (sin x / x - cos x)/x^2``, equal to 1 at 0.
 

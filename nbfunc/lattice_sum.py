@@ -191,6 +191,67 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     return rows, path
 
 
+def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
+                   n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
+                   per_path, t_orient):
+    """The tangents of `_path_partials`' terms along ``t_orient`` (a tangent of ``orient``,
+    (O, 3, 3), every other input fixed), in the same structure.
+
+    Only the indices move, ``dh_i = t_i . q``; with ``G_i`` the axes' gratings and ``O_i``
+    the product of the other two, the rows' factors ``dL/dh_i = c O_i dG_i/dh`` and
+    ``dL/dN_i = c O_i dG_i/dN`` (``c = 2 F^2 F_latt``, times the weight) move by
+    ``dc O_i G'_i + c dO_i G'_i + c O_i G''_i dh_i`` (`grating_second_derivatives`); the
+    direction and position rows are linear in ``dL/dh`` plus ``dL/dh_i t_ij / lambda``."""
+    from nbfunc.lattice import grating_second_derivatives
+
+    fd, sd, _, airpath, d, q, hkl = plain_geometry(
+        fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
+        spix, sub_f, sub_s, layer, oversample)
+    many = orient.shape[0] > 1
+    dhkl = per_orientation(miller_indices(q, t_orient), orient)
+    n_eff = torch.where(n_cells > 1, n_cells, torch.ones_like(n_cells))
+    parts = [grating_second_derivatives(x, n) for x, n in zip(hkl, n_eff.unbind(-1))]
+    g = [p[0] for p in parts]
+    dg = [p[1] * dx for p, dx in zip(parts, dhkl)]  # dG_i
+    others = (g[1] * g[2], g[0] * g[2], g[0] * g[1])
+    d_others = (dg[1] * g[2] + g[1] * dg[2], dg[0] * g[2] + g[0] * dg[2], dg[0] * g[1] + g[0] * dg[1])
+    f_latt = g[0] * others[0]
+    d_latt = dg[0] * others[0] + g[0] * d_others[0]
+    f_sq = default_f * default_f
+    c, dc = 2.0 * f_sq * f_latt, 2.0 * f_sq * d_latt
+    lattice, d_lattice = f_sq * f_latt * f_latt, c * d_latt
+    if weight is not None:
+        w = weight[..., None] if many else weight
+        d_unweighted, c, dc, lattice, d_lattice = d_lattice, c * w, dc * w, lattice * w, d_lattice * w
+    g_h = [c * o * p[1] for o, p in zip(others, parts)]
+    d_h = [(dc * o + c * do) * p[1] + c * o * p[3] * dx
+           for o, do, p, dx in zip(others, d_others, parts, dhkl)]
+    d_n = [(dc * o + c * do) * p[2] + c * o * p[4] * dx
+           for o, do, p, dx in zip(others, d_others, parts, dhkl)]
+    if many:
+        dg_d = tuple(sum((d_h[i] * orient[:, i, j] + g_h[i] * t_orient[:, i, j]).sum(-1)
+                         for i in range(3)) / wavelength for j in range(3))
+        rows = [d_lattice.sum(-1)] + [d_h[i] * q[j][..., None] for i in range(3) for j in range(3)]
+        rows += [x.sum(-1) for x in d_n]
+    else:
+        dg_d = tuple(sum(d_h[i] * orient[0, i, j] + g_h[i] * t_orient[0, i, j] for i in range(3))
+                     / wavelength for j in range(3))
+        rows = [d_lattice] + [d_h[i] * q[j] for i in range(3) for j in range(3)] + d_n
+    dg_pos = position_gradient(dg_d, d, airpath)
+    if not per_path:
+        rows += list(dg_d)
+    rows += [x * fd for x in dg_pos] + [x * sd for x in dg_pos] + list(dg_pos)
+    if layered:
+        rows += [x * layer for x in dg_pos]
+    path = []
+    if per_path:
+        dh_dot = sum(d_h[i] * hkl[i] + g_h[i] * dhkl[i] for i in range(3))
+        path = [-x for x in dg_d] + [-(dh_dot.sum(-1) if many else dh_dot) / wavelength]
+        if weight is not None:
+            path.append(d_unweighted.sum(-1) if many else d_unweighted)
+    return rows, path
+
+
 def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                   n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
                   per_path):
@@ -306,6 +367,18 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         raw = [x + y for x, y in zip(raw, carried_rows[hq.shape[0]:].unbind(0))]
         if per_path:
             path = torch.cat([path, carried_path], 1)
+    return _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_depth,
+                       incident, orient, close_distance, e_in, b_in, kahn, scale, background, fpix,
+                       spix, sub_f, sub_s, layer, weight, oversample=oversample, layered=layered,
+                       point_pixel=point_pixel, polarized=polarized, per_path=per_path)
+
+
+def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient,
+                close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s, layer,
+                weight, *, oversample, layered, point_pixel, polarized, per_path):
+    """The pixel factors of `pixel_partials` applied to the lattice sums: ``b`` (1, P) the sum B,
+    ``hq`` (9 O, P), ``raw`` the other lattice rows (each (1, P)), ``path`` (K, E, P) the path
+    rows. Returns ``((P,) value, (R, P) rows)``; affine in (b, hq, raw, path)."""
     fd, sd, _, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
                                        sub_f[:1], sub_s[:1], layer[:1], oversample)
     omega = solid_angle(airpath, close_distance, pixel_size, point_pixel)
@@ -350,6 +423,34 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
     layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None)
     return value[0], torch.cat([x for name in layout for x in rows[name]])
+
+
+def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
+                           orient, n_cells, default_f, close_distance, e_in, b_in, kahn, scale,
+                           background, fpix, spix, sub_f, sub_s, layer, weight=None, *, t_orient,
+                           oversample: int, layered: bool, point_pixel: bool, polarized: bool,
+                           per_path: bool = False):
+    """The tangent of `pixel_partials`' rows along ``t_orient`` ((O, 3, 3), a tangent of
+    ``orient``; every other input fixed): (R, P), for the second derivatives of a render
+    through its partial sums (`nbfunc.render.PartialsRules.residual_jvp`).
+
+    The lattice sums' tangents come from `_path_tangents`, summed over the paths; the pixel
+    factors are affine in the lattice sums (`_pixel_rows`), so their tangent is
+    ``_pixel_rows(tangents) - _pixel_rows(0)``, exact. Arguments as `pixel_partials`."""
+    (db, *raw), path = _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
+                                      wavelength, orient, n_cells, default_f, weight, fpix, spix,
+                                      sub_f, sub_s, layer, oversample, layered, per_path, t_orient)
+    db, *raw = [x.sum(0, keepdim=True) for x in [db] + raw]
+    hq = _stack_rows(raw[:9])
+    path = _stack_path_rows(path, fpix)
+    pixel = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient, close_distance, e_in,
+             b_in, kahn, scale, background, fpix, spix, sub_f, sub_s, layer, weight)
+    flags = {"oversample": oversample, "layered": layered, "point_pixel": point_pixel,
+             "polarized": polarized, "per_path": per_path}
+    moved = _pixel_rows(db, hq, raw[9:], path, *pixel, **flags)[1]
+    zero = lambda x: torch.zeros_like(x)  # noqa: E731
+    still = _pixel_rows(zero(db), zero(hq), [zero(x) for x in raw[9:]], zero(path), *pixel, **flags)[1]
+    return moved - still
 
 
 def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,

@@ -40,7 +40,8 @@ from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, so
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor, nearest_indices
 from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, miller_indices, per_orientation,
-                                pixel_partials, pixel_partials_sum, pixel_partials_vjp, pixel_rows)
+                                pixel_partials, pixel_partials_sum, pixel_partials_tangent,
+                                pixel_partials_vjp, pixel_rows)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -461,6 +462,29 @@ class PartialsRules(StructuredRules):
 
     def vjp(self, kwargs, inputs, residuals, cotangent):
         return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
+
+    def residual_jvp_supported(self, mask_args, mask_kwargs) -> bool:
+        """Tangents of the partial sums along the orientation matrices
+        (`nbfunc.lattice_sum.pixel_partials_tangent`), and along set-up fields that the sums
+        do not read: a Hessian with respect to the cell, the misset or the mosaic spread."""
+        setup, _, *others = mask_args
+        read = [getattr(setup, name) for name in _SUMS_READ] + others + [mask_kwargs]
+        return not any(m is True for m in tree_leaves(read))
+
+    def residual_jvp(self, args, kwargs, residuals, tangents_args, tangents_kwargs):
+        setup, orient, _, pixel_index, paths, _, _ = args
+        t_orient = tangents_args[1]
+        if t_orient is None:
+            return (torch.zeros_like(residuals[0]),)
+        inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
+                                            kwargs["plan"])
+        weight = flags.pop("weight")
+        return (pixel_partials_tangent(*inputs, weight=weight, t_orient=t_orient, **flags),)
+
+
+_SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "n_cells", "default_f",
+              "layer_depth", "weights")
+"""The `Setup` fields that the pixel partial sums read (`_partials_inputs`, `path_block`)."""
 
 
 def _partials_flags(plan: Plan) -> dict:
