@@ -106,3 +106,66 @@ def test_grad_of_grad_equals_finite_difference_of_grad(tiny, path, eager):
     assert_close_scaled(second, numeric, 1e-5, path)
     autograd_second = torch.autograd.functional.hessian(total, x0)
     torch.testing.assert_close(autograd_second, second, rtol=1e-9, atol=0)
+
+
+HVP_CASES = {"one orientation": "", "polarized": "-polar 0.5",
+             "mosaic and phi": "-mosaic 0.5 -mosaic_dom 3 -phi 10 -osc 6 -phisteps 2",
+             "sources": "-sourcefile {sources}", "point pixel": "-point_pixel -oversample 2"}
+"""Plain configurations whose Hessians with respect to crystal leaves take the partial sums'
+second-order route (`PartialsRules.residual_jvp`)."""
+
+
+def _second_order(monkeypatch, through_sums: bool):
+    """Fresh partial-sum rules (no derived function cached from another test), with their
+    second-order route on or off; returns a list that counts the route's calls."""
+    from nbfunc import render
+
+    monkeypatch.setattr(render, "_PARTIALS", {key: ({}, type(rules)(key[0]))
+                                              for key, (_, rules) in render._PARTIALS.items()})
+    calls = []
+    if through_sums:
+        original = render.PartialsRules.residual_jvp
+
+        def counted(self, *args):
+            calls.append(1)
+            return original(self, *args)
+        monkeypatch.setattr(render.PartialsRules, "residual_jvp", counted)
+    else:
+        monkeypatch.setattr(render.PartialsRules, "residual_jvp_supported", lambda self, *a: False)
+    return calls
+
+
+@pytest.mark.parametrize("case", HVP_CASES)
+def test_crystal_hessian_through_the_partial_sums(case, input_files, monkeypatch, eager):
+    """The Hessian of a Poisson loss with respect to cell and misset, and the derivative of
+    the whole tree's gradient along the cell (every input's row of the rules' VJP moves),
+    through the partial sums' tangents equal those derived from the kernel."""
+    from _transforms_support import make_params
+    from torch.utils._pytree import tree_leaves
+
+    tree = make_params(HVP_CASES[case], input_files)
+    target = nbfunc.simulate(nbfunc.replace_leaves(tree, {"crystal.cell_a": f64(50.3)})).detach()
+    names = ("crystal.cell_a", "crystal.cell_gamma", "crystal.misset")
+    start = {n: nbfunc.tree.get_leaf(tree, n) for n in names}
+
+    def loss(leaves):
+        return poisson_nll(nbfunc.simulate(nbfunc.replace_leaves(tree, leaves)), target)
+
+    def moved_gradient(c):
+        grad = torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target))
+        return grad(nbfunc.replace_leaves(tree, {"crystal.cell_gamma": c}))
+
+    results = {}
+    for through_sums in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            calls = _second_order(patch, through_sums)
+            hessian = as_matrix(torch.func.hessian(loss)(start), start)
+            mixed = tree_leaves(torch.func.jacfwd(moved_gradient)(start["crystal.cell_gamma"]))
+            results[through_sums] = hessian, mixed, len(calls)
+    (fast, fast_mixed, n_calls), (derived, derived_mixed, _) = results[True], results[False]
+    assert n_calls > 0, "the second-order route was not taken"
+    assert torch.isfinite(fast).all()
+    assert_close_scaled(fast, derived, 1e-11, "Hessian")
+    assert len(fast_mixed) == len(derived_mixed)
+    for a, b in zip(fast_mixed, derived_mixed):
+        assert_close_scaled(a, b, 1e-11, "d(gradient)/d cell_gamma", atol=1e-300)
