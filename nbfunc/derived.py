@@ -21,7 +21,9 @@ A function may come with `Rules`: a faster way to compute its forward together w
 *residuals* (tensors its gradient needs, saved by the transform) and its VJP from them. The
 first derivatives (the VJP, and the JVP as the VJP's transpose) then run the rules; every
 derivative of those is still derived from the function itself, so second and higher orders
-stay exact whatever the rules compute. Rules are an optimisation of the first order only.
+stay exact whatever the rules compute. Rules that also give the tangent of their residuals
+along some inputs (`Rules.residual_jvp`) make the JVP of their VJP (a Hessian-vector
+product) the VJP's own derivative when only those inputs move (`Derived._fast_hvp`).
 """
 from __future__ import annotations
 

@@ -185,8 +185,13 @@ def grating_second_derivatives(h: torch.Tensor, n: torch.Tensor):
     the peak slope ``cos(pi n f)/sin(pi f)`` (taken as 0 exactly at ``f = 0``, where
     `grating_and_derivatives` takes the slope itself as 1).
 
+    ``d2G/dn2`` is ``-pi^2 h^2 G`` on the quotient branch; on the series branch, the second
+    derivative in ``n`` of `grating`'s ``cos(pi e) n S + sin(pi e) cos(pi n f)/sin(pi f)``
+    at ``e = n k - j = 0`` (``de/dn = k``): ``(n S)'' + 2 pi k slope' - pi^2 k^2 n S``.
+
     Returns:
-        ``(G, dG/dh, dG/dn, d2G/dh2, d2G/dh dn)``, each of the broadcast shape of ``h`` and ``n``.
+        ``(G, dG/dh, dG/dn, d2G/dh2, d2G/dh dn, d2G/dn2)``, each of the broadcast shape of
+        ``h`` and ``n``.
     """
     r = _reduce(h, n)
     sin_g, dsin_g = sinpi_and_derivative(r.g)
@@ -219,8 +224,15 @@ def grating_second_derivatives(h: torch.Tensor, n: torch.Tensor):
     s_n = series + n * series_dn + math.pi * k * slope
     s_hh = n * (series_dzz * dz_dh * dz_dh + series_dz * (2.0 * math.pi * math.pi))
     s_hn = dz_dh * (series_dz + n * series_dnz) + math.pi * k * slope_dh
+    dda, ddb, ddc = 1.0 / 3.0, (36.0 * n2 - 20.0) / 360.0, ((90.0 * n2 - 252.0) * n2 + 98.0) / 15120.0
+    series_dnn = -z * (dda - z * (ddb - z * ddc))
+    slope_dn = (-0.5 + zc * (1.0 / 12.0 - zc / 240.0)) * (2.0 * math.pi * math.pi) * n * r.f * r.f / sin_p
+    s_nn = (2.0 * series_dn + n * series_dnn + 2.0 * math.pi * k * slope_dn
+            - (math.pi * math.pi) * k * k * s_val)
+    q_nn = -(math.pi * math.pi) * h * h * quotient
     pick = lambda a, q: r.sign * torch.where(r.use_series, a, q)  # noqa: E731
-    return (pick(s_val, quotient), pick(s_h, q_h), pick(s_n, q_n), pick(s_hh, q_hh), pick(s_hn, q_hn))
+    return (pick(s_val, quotient), pick(s_h, q_h), pick(s_n, q_n), pick(s_hh, q_hh), pick(s_hn, q_hn),
+            pick(s_nn, q_nn))
 
 
 def sinc3(x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,10 @@ and one orientation; 9 more per orientation, and with several sources 5 per path
 matrix-vector product. `nbfunc.render.PartialsRules` uses the two as the first derivatives
 of the render's chunk kernel (`nbfunc.derived`): a gradient then costs one pass over the
 evaluations (the forward, with the sums) instead of two (forward and backward), and a
-Jacobian with respect to many leaves the same pass and one product per leaf. Derivatives of
-higher order are derived from the renderer's own code.
+Jacobian with respect to many leaves the same pass and one product per leaf.
+`pixel_partials_tangent` gives the sums' tangent along the orientation matrices, from which
+`nbfunc.derived` forms Hessian-vector products with respect to the crystal's orientation
+and cell; other derivatives of higher order are derived from the renderer's own code.
 
 Compiled with one orientation, the paths of a pixel are unrolled into one loop over the pixels
 (`pixel_partials_sum`), which keeps every per-evaluation value in registers; with several,
@@ -193,14 +195,16 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
 
 def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                    n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
-                   per_path, t_orient):
+                   per_path, t_orient, t_n):
     """The tangents of `_path_partials`' terms along ``t_orient`` (a tangent of ``orient``,
-    (O, 3, 3), every other input fixed), in the same structure.
+    (O, 3, 3)) and ``t_n`` (of ``n_cells``, (3,)), every other input fixed, in the same
+    structure.
 
-    Only the indices move, ``dh_i = t_i . q``; with ``G_i`` the axes' gratings and ``O_i``
-    the product of the other two, the rows' factors ``dL/dh_i = c O_i dG_i/dh`` and
-    ``dL/dN_i = c O_i dG_i/dN`` (``c = 2 F^2 F_latt``, times the weight) move by
-    ``dc O_i G'_i + c dO_i G'_i + c O_i G''_i dh_i`` (`grating_second_derivatives`); the
+    The indices move by ``dh_i = t_i . q`` and the cells by ``dN_i`` (0 on an axis with
+    ``N <= 1``, whose factor is 1); with ``G_i`` the axes' gratings and ``O_i`` the product
+    of the other two, the rows' factors ``dL/dh_i = c O_i dG_i/dh`` and ``dL/dN_i = c O_i
+    dG_i/dN`` (``c = 2 F^2 F_latt``, times the weight) move by ``dc O_i G_i' + c dO_i G_i' +
+    c O_i dG_i'`` with the gratings' second derivatives (`grating_second_derivatives`); the
     direction and position rows are linear in ``dL/dh`` plus ``dL/dh_i t_ij / lambda``."""
     from nbfunc.lattice import grating_second_derivatives
 
@@ -210,9 +214,12 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     many = orient.shape[0] > 1
     dhkl = per_orientation(miller_indices(q, t_orient), orient)
     n_eff = torch.where(n_cells > 1, n_cells, torch.ones_like(n_cells))
+    d_cells = torch.where(n_cells > 1, t_n, torch.zeros_like(t_n)).unbind(-1)
     parts = [grating_second_derivatives(x, n) for x, n in zip(hkl, n_eff.unbind(-1))]
     g = [p[0] for p in parts]
-    dg = [p[1] * dx for p, dx in zip(parts, dhkl)]  # dG_i
+    dg = [p[1] * dx + p[2] * dn for p, dx, dn in zip(parts, dhkl, d_cells)]  # dG_i
+    dg_h = [p[3] * dx + p[4] * dn for p, dx, dn in zip(parts, dhkl, d_cells)]  # d(dG_i/dh)
+    dg_n = [p[4] * dx + p[5] * dn for p, dx, dn in zip(parts, dhkl, d_cells)]  # d(dG_i/dN)
     others = (g[1] * g[2], g[0] * g[2], g[0] * g[1])
     d_others = (dg[1] * g[2] + g[1] * dg[2], dg[0] * g[2] + g[0] * dg[2], dg[0] * g[1] + g[0] * dg[1])
     f_latt = g[0] * others[0]
@@ -224,10 +231,8 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         w = weight[..., None] if many else weight
         d_unweighted, c, dc, lattice, d_lattice = d_lattice, c * w, dc * w, lattice * w, d_lattice * w
     g_h = [c * o * p[1] for o, p in zip(others, parts)]
-    d_h = [(dc * o + c * do) * p[1] + c * o * p[3] * dx
-           for o, do, p, dx in zip(others, d_others, parts, dhkl)]
-    d_n = [(dc * o + c * do) * p[2] + c * o * p[4] * dx
-           for o, do, p, dx in zip(others, d_others, parts, dhkl)]
+    d_h = [(dc * o + c * do) * p[1] + c * o * x for o, do, p, x in zip(others, d_others, parts, dg_h)]
+    d_n = [(dc * o + c * do) * p[2] + c * o * x for o, do, p, x in zip(others, d_others, parts, dg_n)]
     if many:
         dg_d = tuple(sum((d_h[i] * orient[:, i, j] + g_h[i] * t_orient[:, i, j]).sum(-1)
                          for i in range(3)) / wavelength for j in range(3))
@@ -428,28 +433,33 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
 def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
                            orient, n_cells, default_f, close_distance, e_in, b_in, kahn, scale,
                            background, fpix, spix, sub_f, sub_s, layer, weight=None, *, t_orient,
-                           oversample: int, layered: bool, point_pixel: bool, polarized: bool,
-                           per_path: bool = False):
+                           t_n, t_background, oversample: int, layered: bool, point_pixel: bool,
+                           polarized: bool, per_path: bool = False):
     """The tangent of `pixel_partials`' rows along ``t_orient`` ((O, 3, 3), a tangent of
-    ``orient``; every other input fixed): (R, P), for the second derivatives of a render
-    through its partial sums (`nbfunc.render.PartialsRules.residual_jvp`).
+    ``orient``), ``t_n`` ((3,), of ``n_cells``) and ``t_background`` (0-d), every other input
+    fixed: (R, P), for the second derivatives of a render through its partial sums
+    (`nbfunc.render.PartialsRules.residual_jvp`). The rows do not depend on ``scale``.
 
     The lattice sums' tangents come from `_path_tangents`, summed over the paths; the pixel
-    factors are affine in the lattice sums (`_pixel_rows`), so their tangent is
-    ``_pixel_rows(tangents) - _pixel_rows(0)``, exact. Arguments as `pixel_partials`."""
+    factors are affine in the lattice sums and the background together (`_pixel_rows`), so
+    their tangent is ``_pixel_rows(tangents) - _pixel_rows(0)``, exact. Arguments as
+    `pixel_partials`."""
     (db, *raw), path = _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
                                       wavelength, orient, n_cells, default_f, weight, fpix, spix,
-                                      sub_f, sub_s, layer, oversample, layered, per_path, t_orient)
+                                      sub_f, sub_s, layer, oversample, layered, per_path, t_orient,
+                                      t_n)
     db, *raw = [x.sum(0, keepdim=True) for x in [db] + raw]
     hq = _stack_rows(raw[:9])
     path = _stack_path_rows(path, fpix)
-    pixel = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient, close_distance, e_in,
-             b_in, kahn, scale, background, fpix, spix, sub_f, sub_s, layer, weight)
+    geometry = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient, close_distance,
+                e_in, b_in, kahn, scale)
+    fixed = (fpix, spix, sub_f, sub_s, layer, weight)
     flags = {"oversample": oversample, "layered": layered, "point_pixel": point_pixel,
              "polarized": polarized, "per_path": per_path}
-    moved = _pixel_rows(db, hq, raw[9:], path, *pixel, **flags)[1]
+    moved = _pixel_rows(db, hq, raw[9:], path, *geometry, t_background, *fixed, **flags)[1]
     zero = lambda x: torch.zeros_like(x)  # noqa: E731
-    still = _pixel_rows(zero(db), zero(hq), [zero(x) for x in raw[9:]], zero(path), *pixel, **flags)[1]
+    still = _pixel_rows(zero(db), zero(hq), [zero(x) for x in raw[9:]], zero(path), *geometry,
+                        zero(background), *fixed, **flags)[1]
     return moved - still
 
 

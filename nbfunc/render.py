@@ -437,8 +437,9 @@ class PartialsRules(StructuredRules):
     residual, (R, P)); the VJP is then one matrix-vector product with the incoming per-pixel
     gradient (`nbfunc.lattice_sum.pixel_partials_vjp`) chained through the few (3,)-sized
     inputs (`_partials_inputs`), instead of a second pass over every evaluation. The JVP is
-    that VJP's transpose (`nbfunc.derived`). Second and higher derivatives are derived from
-    `chunk_kernel` itself.
+    that VJP's transpose (`nbfunc.derived`). Second derivatives along the orientation
+    matrices come from the sums' tangent (`residual_jvp`); other second and higher
+    derivatives are derived from `chunk_kernel` itself.
 
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
     ("Transforms").
@@ -464,27 +465,33 @@ class PartialsRules(StructuredRules):
         return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
 
     def residual_jvp_supported(self, mask_args, mask_kwargs) -> bool:
-        """Tangents of the partial sums along the orientation matrices
-        (`nbfunc.lattice_sum.pixel_partials_tangent`), and along set-up fields that the sums
-        do not read: a Hessian with respect to the cell, the misset or the mosaic spread."""
+        """Tangents of the partial sums along the orientation matrices, N, the scale and the
+        background (`nbfunc.lattice_sum.pixel_partials_tangent`), and along set-up fields
+        that the sums do not read: Hessians with respect to the cell, the misset, the mosaic
+        spread, the phi angles, N, the fluence and G."""
         setup, _, *others = mask_args
-        read = [getattr(setup, name) for name in _SUMS_READ] + others + [mask_kwargs]
+        read = [getattr(setup, name) for name in _SUMS_READ] + others
         return not any(m is True for m in tree_leaves(read))
 
     def residual_jvp(self, args, kwargs, residuals, tangents_args, tangents_kwargs):
         setup, orient, _, pixel_index, paths, _, _ = args
-        t_orient = tangents_args[1]
-        if t_orient is None:
-            return (torch.zeros_like(residuals[0]),)
+        t_orient, t_n = tangents_args[1], tangents_args[0].n_cells
+        t_background = tangents_kwargs["finish"][1]
+        if t_orient is None and t_n is None and t_background is None:
+            return (torch.zeros_like(residuals[0]),)  # the scale alone: the sums do not move
         inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                             kwargs["plan"])
         weight = flags.pop("weight")
-        return (pixel_partials_tangent(*inputs, weight=weight, t_orient=t_orient, **flags),)
+        held = lambda t, x: torch.zeros_like(x) if t is None else t  # noqa: E731
+        return (pixel_partials_tangent(*inputs, weight=weight, t_orient=held(t_orient, orient),
+                                       t_n=held(t_n, setup.n_cells),
+                                       t_background=held(t_background, kwargs["finish"][1]), **flags),)
 
 
-_SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "n_cells", "default_f",
+_SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "default_f",
               "layer_depth", "weights")
-"""The `Setup` fields that the pixel partial sums read (`_partials_inputs`, `path_block`)."""
+"""The `Setup` fields that the pixel partial sums read (`_partials_inputs`, `path_block`),
+besides ``n_cells`` (`PartialsRules.residual_jvp`)."""
 
 
 def _partials_flags(plan: Plan) -> dict:

@@ -26,7 +26,8 @@ from nbfunc.beam import polarization_axes
 from nbfunc.detector import solid_angle
 from nbfunc.lattice import square_lattice
 from nbfunc.rotation import axis_rotation_matrix
-from nbfunc.lattice_sum import (lattice_partials, pixel_partials, pixel_partials_sum, pixel_partials_vjp,
+from nbfunc.lattice_sum import (lattice_partials, pixel_partials, pixel_partials_sum, pixel_partials_tangent,
+                                pixel_partials_vjp,
                                 pixel_rows, plain_geometry)
 from _transforms_support import (CONFIGS, assert_close_scaled, eager_mode, leaves_dict, make_params,
                                  poisson_nll)
@@ -317,6 +318,38 @@ def test_pixel_partials_with_sources_and_orientations(n_orient, per_path, weight
         expected = torch.zeros_like(got) if expected is None else expected
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
                                    msg=lambda m: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize("n_orient, per_path, weighted, layered, polarized, point_pixel",
+                         [(1, False, False, False, True, False), (1, False, False, True, True, True),
+                          (3, False, False, True, True, False), (1, True, False, False, False, False),
+                          (2, True, True, True, True, False)])
+def test_pixel_partials_tangent_is_the_rows_jvp(n_orient, per_path, weighted, layered, polarized,
+                                                point_pixel):
+    """`pixel_partials_tangent` (hand-written, with the gratings' second derivatives) equals
+    forward-mode AD of `pixel_partials`' rows along the orientation matrices, N (one axis with
+    N = 1, whose tangent is ignored) and the background together (eager)."""
+    inputs, fixed = _many(*_pixel_inputs(layered), n_orient, per_path, weighted)
+    inputs[9] = torch.tensor([5.0, 1.0, 7.0], dtype=torch.float64)
+    weight = inputs[17] if weighted else None
+    flags = {"oversample": 2, "layered": layered, "point_pixel": point_pixel, "polarized": polarized,
+             "per_path": per_path}
+    generator = torch.Generator().manual_seed(3)
+    t_orient = torch.randn(inputs[8].shape, generator=generator, dtype=torch.float64) * 1e-10
+    t_n, t_background = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)
+
+    def rows(orient, n_cells, background):
+        a = list(inputs[:17])
+        a[8], a[9], a[16] = orient, n_cells, background
+        return pixel_partials(*a, *fixed, weight=weight, **flags)[1]
+
+    _, expected = torch.func.jvp(rows, (inputs[8], inputs[9], inputs[16]), (t_orient, t_n, t_background))
+    got = pixel_partials_tangent(*inputs[:17], *fixed, weight=weight, t_orient=t_orient, t_n=t_n,
+                                 t_background=t_background, **flags)
+    assert got.shape == expected.shape
+    assert float(expected.abs().max()) > 0.0
+    for i, (a, b) in enumerate(zip(got, expected)):  # rows differ by many orders of magnitude
+        assert_close_scaled(a, b, 1e-12, f"row {i}", atol=1e-300)
 
 
 @pytest.mark.parametrize("n_orient, per_path", [(1, False), (2, True)])

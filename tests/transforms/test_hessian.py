@@ -110,7 +110,8 @@ def test_grad_of_grad_equals_finite_difference_of_grad(tiny, path, eager):
 
 HVP_CASES = {"one orientation": "", "polarized": "-polar 0.5",
              "mosaic and phi": "-mosaic 0.5 -mosaic_dom 3 -phi 10 -osc 6 -phisteps 2",
-             "sources": "-sourcefile {sources}", "point pixel": "-point_pixel -oversample 2"}
+             "sources": "-sourcefile {sources}", "point pixel": "-point_pixel -oversample 2",
+             "water": "-water 10"}
 """Plain configurations whose Hessians with respect to crystal leaves take the partial sums'
 second-order route (`PartialsRules.residual_jvp`)."""
 
@@ -137,35 +138,42 @@ def _second_order(monkeypatch, through_sums: bool):
 
 @pytest.mark.parametrize("case", HVP_CASES)
 def test_crystal_hessian_through_the_partial_sums(case, input_files, monkeypatch, eager):
-    """The Hessian of a Poisson loss with respect to cell and misset, and the derivative of
-    the whole tree's gradient along the cell (every input's row of the rules' VJP moves),
-    through the partial sums' tangents equal those derived from the kernel."""
+    """The Hessian of a Poisson loss with respect to cell, misset, N and fluence (and mosaic
+    spread and phi start), and the derivative of the whole tree's gradient along the cell and N
+    (every input's row of the rules' VJP moves), through the partial sums' tangents equal those
+    derived from the kernel."""
     from _transforms_support import make_params
     from torch.utils._pytree import tree_leaves
 
     tree = make_params(HVP_CASES[case], input_files)
     target = nbfunc.simulate(nbfunc.replace_leaves(tree, {"crystal.cell_a": f64(50.3)})).detach()
-    names = ("crystal.cell_a", "crystal.cell_gamma", "crystal.misset")
+    names = ("crystal.cell_a", "crystal.cell_gamma", "crystal.misset", "crystal.Nb", "beam.fluence")
+    if case == "mosaic and phi":
+        names += ("crystal.mosaic_spread", "crystal.phi_start")
     start = {n: nbfunc.tree.get_leaf(tree, n) for n in names}
 
     def loss(leaves):
         return poisson_nll(nbfunc.simulate(nbfunc.replace_leaves(tree, leaves)), target)
 
-    def moved_gradient(c):
+    c0, nc0 = start["crystal.cell_gamma"], tree.crystal.Nc
+
+    def moved_gradient(c):  # along the cell and Nc together
         grad = torch.func.grad(lambda q: poisson_nll(nbfunc.simulate(q), target))
-        return grad(nbfunc.replace_leaves(tree, {"crystal.cell_gamma": c}))
+        return grad(nbfunc.replace_leaves(tree, {"crystal.cell_gamma": c,
+                                                 "crystal.Nc": nc0 + 0.1 * (c - c0)}))
 
     results = {}
     for through_sums in (True, False):
         with pytest.MonkeyPatch.context() as patch:
             calls = _second_order(patch, through_sums)
             hessian = as_matrix(torch.func.hessian(loss)(start), start)
-            mixed = tree_leaves(torch.func.jacfwd(moved_gradient)(start["crystal.cell_gamma"]))
-            results[through_sums] = hessian, mixed, len(calls)
+            n_calls = [len(calls)]
+            mixed = tree_leaves(torch.func.jacfwd(moved_gradient)(c0))
+            results[through_sums] = hessian, mixed, n_calls + [len(calls) - n_calls[0]]
     (fast, fast_mixed, n_calls), (derived, derived_mixed, _) = results[True], results[False]
-    assert n_calls > 0, "the second-order route was not taken"
+    assert min(n_calls) > 0, f"the second-order route was not taken (calls {n_calls})"
     assert torch.isfinite(fast).all()
     assert_close_scaled(fast, derived, 1e-11, "Hessian")
     assert len(fast_mixed) == len(derived_mixed)
     for a, b in zip(fast_mixed, derived_mixed):
-        assert_close_scaled(a, b, 1e-11, "d(gradient)/d cell_gamma", atol=1e-300)
+        assert_close_scaled(a, b, 1e-11, "d(gradient) along cell_gamma and Nc", atol=1e-300)
