@@ -198,7 +198,7 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
                    per_path, t_orient, t_n):
     """The tangents of `_path_partials`' terms along ``t_orient`` (a tangent of ``orient``,
     (O, 3, 3)) and ``t_n`` (of ``n_cells``, (3,)), every other input fixed, in the same
-    structure.
+    structure; either tangent may be None (not moving), not both.
 
     The indices move by ``dh_i = t_i . q`` and the cells by ``dN_i`` (0 on an axis with
     ``N <= 1``, whose factor is 1); with ``G_i`` the axes' gratings and ``O_i`` the product
@@ -212,14 +212,20 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
         spix, sub_f, sub_s, layer, oversample)
     many = orient.shape[0] > 1
-    dhkl = per_orientation(miller_indices(q, t_orient), orient)
+    dhkl = None if t_orient is None else per_orientation(miller_indices(q, t_orient), orient)
     n_eff = torch.where(n_cells > 1, n_cells, torch.ones_like(n_cells))
-    d_cells = torch.where(n_cells > 1, t_n, torch.zeros_like(t_n)).unbind(-1)
+    d_cells = None if t_n is None else torch.where(n_cells > 1, t_n, torch.zeros_like(t_n)).unbind(-1)
     parts = [grating_second_derivatives(x, n) for x, n in zip(hkl, n_eff.unbind(-1))]
     g = [p[0] for p in parts]
-    dg = [p[1] * dx + p[2] * dn for p, dx, dn in zip(parts, dhkl, d_cells)]  # dG_i
-    dg_h = [p[3] * dx + p[4] * dn for p, dx, dn in zip(parts, dhkl, d_cells)]  # d(dG_i/dh)
-    dg_n = [p[4] * dx + p[5] * dn for p, dx, dn in zip(parts, dhkl, d_cells)]  # d(dG_i/dN)
+
+    def moved(along_h: int, along_n: int):
+        """Per axis ``p[along_h] dh_i + p[along_n] dN_i``, without the terms of no tangent."""
+        out = []
+        for i, p in enumerate(parts):
+            terms = [p[along_h] * dhkl[i]] * (dhkl is not None) + [p[along_n] * d_cells[i]] * (d_cells is not None)
+            out.append(terms[0] if len(terms) == 1 else terms[0] + terms[1])
+        return out
+    dg, dg_h, dg_n = moved(1, 2), moved(3, 4), moved(4, 5)  # dG_i, d(dG_i/dh), d(dG_i/dN)
     others = (g[1] * g[2], g[0] * g[2], g[0] * g[1])
     d_others = (dg[1] * g[2] + g[1] * dg[2], dg[0] * g[2] + g[0] * dg[2], dg[0] * g[1] + g[0] * dg[1])
     f_latt = g[0] * others[0]
@@ -233,14 +239,16 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     g_h = [c * o * p[1] for o, p in zip(others, parts)]
     d_h = [(dc * o + c * do) * p[1] + c * o * x for o, do, p, x in zip(others, d_others, parts, dg_h)]
     d_n = [(dc * o + c * do) * p[2] + c * o * x for o, do, p, x in zip(others, d_others, parts, dg_n)]
+    # d(dL/dd_j) = sum_i (d(dL/dh_i) a_ij + dL/dh_i t_ij) / lambda
+    turned = t_orient is not None
     if many:
-        dg_d = tuple(sum((d_h[i] * orient[:, i, j] + g_h[i] * t_orient[:, i, j]).sum(-1)
+        dg_d = tuple(sum((d_h[i] * orient[:, i, j] + (g_h[i] * t_orient[:, i, j] if turned else 0.0)).sum(-1)
                          for i in range(3)) / wavelength for j in range(3))
         rows = [d_lattice.sum(-1)] + [d_h[i] * q[j][..., None] for i in range(3) for j in range(3)]
         rows += [x.sum(-1) for x in d_n]
     else:
-        dg_d = tuple(sum(d_h[i] * orient[0, i, j] + g_h[i] * t_orient[0, i, j] for i in range(3))
-                     / wavelength for j in range(3))
+        dg_d = tuple(sum(d_h[i] * orient[0, i, j] + (g_h[i] * t_orient[0, i, j] if turned else 0.0)
+                         for i in range(3)) / wavelength for j in range(3))
         rows = [d_lattice] + [d_h[i] * q[j] for i in range(3) for j in range(3)] + d_n
     dg_pos = position_gradient(dg_d, d, airpath)
     if not per_path:
@@ -250,7 +258,7 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         rows += [x * layer for x in dg_pos]
     path = []
     if per_path:
-        dh_dot = sum(d_h[i] * hkl[i] + g_h[i] * dhkl[i] for i in range(3))
+        dh_dot = sum(d_h[i] * hkl[i] + (g_h[i] * dhkl[i] if turned else 0.0) for i in range(3))
         path = [-x for x in dg_d] + [-(dh_dot.sum(-1) if many else dh_dot) / wavelength]
         if weight is not None:
             path.append(d_unweighted.sum(-1) if many else d_unweighted)
@@ -437,7 +445,7 @@ def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, inci
                            polarized: bool, per_path: bool = False):
     """The tangent of `pixel_partials`' rows along ``t_orient`` ((O, 3, 3), a tangent of
     ``orient``), ``t_n`` ((3,), of ``n_cells``) and ``t_background`` (0-d), every other input
-    fixed: (R, P), for the second derivatives of a render through its partial sums
+    fixed (``t_orient`` or ``t_n`` None: not moving, not both): (R, P), for the second derivatives of a render through its partial sums
     (`nbfunc.render.PartialsRules.residual_jvp`). The rows do not depend on ``scale``.
 
     The lattice sums' tangents come from `_path_tangents`, summed over the paths; the pixel

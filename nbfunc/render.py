@@ -482,10 +482,12 @@ class PartialsRules(StructuredRules):
         inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                             kwargs["plan"])
         weight = flags.pop("weight")
-        held = lambda t, x: torch.zeros_like(x) if t is None else t  # noqa: E731
-        return (pixel_partials_tangent(*inputs, weight=weight, t_orient=held(t_orient, orient),
-                                       t_n=held(t_n, setup.n_cells),
-                                       t_background=held(t_background, kwargs["finish"][1]), **flags),)
+        if t_orient is None and t_n is None:  # the lattice sums hold still
+            t_n = torch.zeros_like(setup.n_cells)
+        if t_background is None:
+            t_background = torch.zeros_like(kwargs["finish"][1])
+        return (pixel_partials_tangent(*inputs, weight=weight, t_orient=t_orient, t_n=t_n,
+                                       t_background=t_background, **flags),)
 
 
 _SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "default_f",

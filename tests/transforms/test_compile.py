@@ -328,7 +328,8 @@ def test_pixel_partials_tangent_is_the_rows_jvp(n_orient, per_path, weighted, la
                                                 point_pixel):
     """`pixel_partials_tangent` (hand-written, with the gratings' second derivatives) equals
     forward-mode AD of `pixel_partials`' rows along the orientation matrices, N (one axis with
-    N = 1, whose tangent is ignored) and the background together (eager)."""
+    N = 1, whose tangent is ignored) and the background, with either of the first two held
+    (eager)."""
     inputs, fixed = _many(*_pixel_inputs(layered), n_orient, per_path, weighted)
     inputs[9] = torch.tensor([5.0, 1.0, 7.0], dtype=torch.float64)
     weight = inputs[17] if weighted else None
@@ -343,13 +344,19 @@ def test_pixel_partials_tangent_is_the_rows_jvp(n_orient, per_path, weighted, la
         a[8], a[9], a[16] = orient, n_cells, background
         return pixel_partials(*a, *fixed, weight=weight, **flags)[1]
 
-    _, expected = torch.func.jvp(rows, (inputs[8], inputs[9], inputs[16]), (t_orient, t_n, t_background))
-    got = pixel_partials_tangent(*inputs[:17], *fixed, weight=weight, t_orient=t_orient, t_n=t_n,
-                                 t_background=t_background, **flags)
-    assert got.shape == expected.shape
-    assert float(expected.abs().max()) > 0.0
-    for i, (a, b) in enumerate(zip(got, expected)):  # rows differ by many orders of magnitude
-        assert_close_scaled(a, b, 1e-12, f"row {i}", atol=1e-300)
+    for moving in ("both", "orient", "cells"):  # None: that input holds still
+        t_o = None if moving == "cells" else t_orient
+        t_c = None if moving == "orient" else t_n
+        zero = torch.zeros_like
+        _, expected = torch.func.jvp(rows, (inputs[8], inputs[9], inputs[16]),
+                                     (zero(t_orient) if t_o is None else t_o,
+                                      zero(t_n) if t_c is None else t_c, t_background))
+        got = pixel_partials_tangent(*inputs[:17], *fixed, weight=weight, t_orient=t_o, t_n=t_c,
+                                     t_background=t_background, **flags)
+        assert got.shape == expected.shape
+        assert float(expected.abs().max()) > 0.0
+        for i, (a, b) in enumerate(zip(got, expected)):  # rows differ by many orders of magnitude
+            assert_close_scaled(a, b, 1e-12, f"{moving}, row {i}", atol=1e-300)
 
 
 @pytest.mark.parametrize("n_orient, per_path", [(1, False), (2, True)])
