@@ -222,7 +222,8 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         """Per axis ``p[along_h] dh_i + p[along_n] dN_i``, without the terms of no tangent."""
         out = []
         for i, p in enumerate(parts):
-            terms = [p[along_h] * dhkl[i]] * (dhkl is not None) + [p[along_n] * d_cells[i]] * (d_cells is not None)
+            terms = ([] if dhkl is None else [p[along_h] * dhkl[i]]) + (
+                [] if d_cells is None else [p[along_n] * d_cells[i]])
             out.append(terms[0] if len(terms) == 1 else terms[0] + terms[1])
         return out
     dg, dg_h, dg_n = moved(1, 2), moved(3, 4), moved(4, 5)  # dG_i, d(dG_i/dh), d(dG_i/dN)
