@@ -10,9 +10,10 @@ matrix-vector product. `nbfunc.render.PartialsRules` uses the two as the first d
 of the render's chunk kernel (`nbfunc.derived`): a gradient then costs one pass over the
 evaluations (the forward, with the sums) instead of two (forward and backward), and a
 Jacobian with respect to many leaves the same pass and one product per leaf.
-`pixel_partials_tangent` gives the sums' tangent along the orientation matrices, from which
-`nbfunc.derived` forms Hessian-vector products with respect to the crystal's orientation
-and cell; other derivatives of higher order are derived from the renderer's own code.
+`pixel_partials_tangent` gives the sums' tangent along the orientation matrices, N and the
+background, from which `nbfunc.derived` forms Hessian-vector products with respect to the
+crystal's orientation, cell, N and scale; other derivatives of higher order are derived
+from the renderer's own code.
 
 Compiled with one orientation, the paths of a pixel are unrolled into one loop over the pixels
 (`pixel_partials_sum`), which keeps every per-evaluation value in registers; with several,

@@ -438,8 +438,9 @@ class PartialsRules(StructuredRules):
     gradient (`nbfunc.lattice_sum.pixel_partials_vjp`) chained through the few (3,)-sized
     inputs (`_partials_inputs`), instead of a second pass over every evaluation. The JVP is
     that VJP's transpose (`nbfunc.derived`). Second derivatives along the orientation
-    matrices come from the sums' tangent (`residual_jvp`); other second and higher
-    derivatives are derived from `chunk_kernel` itself.
+    matrices, N, the scale and the background come from the sums' tangent
+    (`residual_jvp`); other second and higher derivatives are derived from `chunk_kernel`
+    itself.
 
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
     ("Transforms").
