@@ -156,6 +156,15 @@ def forward_mode_active() -> bool:
                for level in retrieve_all_functorch_interpreters())
 
 
+def second_order_active() -> bool:
+    """True inside forward mode over reverse mode (a Hessian: ``jacfwd(jacrev(f))``)."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    keys = [level.key() for level in retrieve_all_functorch_interpreters()]
+    transform = torch._C._functorch.TransformType
+    return transform.Jvp in keys and transform.Grad in keys
+
+
 def _underlying_requires_grad(x: torch.Tensor) -> bool:
     functorch = torch._C._functorch
     while functorch.is_batchedtensor(x):

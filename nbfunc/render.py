@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_axes, polarization_factor, source_weights, sources
 from nbfunc.compile import (check_settings, compiled, forward_mode_active, in_functorch_transform,
-                            only_batching, per_call_under_transforms, report_failure)
+                            only_batching, per_call_under_transforms, report_failure,
+                            second_order_active)
 from nbfunc.derived import StructuredRules, derived_call
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.diffuse import (bfactor_form, debye_waller, diffuse_forms, diffuse_intensity,
@@ -899,8 +900,13 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
         if progress is not None:
             progress(1, 1)
     else:
+        # under a Hessian with the partial sums the set-up runs eagerly (some hundred small
+        # operations): its outputs that no moving leaf reaches then carry no tangent, which
+        # the sums' second-order route needs to see (`PartialsRules.residual_jvp_supported`;
+        # the compiled set-up's derived JVP gives every output a tangent)
+        eager_setup = not compiled_now or (partials and second_order_active())
         value, seen, after = _render_chunks(p, plan, pixels, kernel, carry_orientation,
-                                            _compiled_image_setup if compiled_now else image_setup,
+                                            image_setup if eager_setup else _compiled_image_setup,
                                             progress)
     out = _assemble(p, plan, pixels, value) if full_image else value
     if carry is None:
