@@ -151,6 +151,16 @@ PATHS_PER_CALL = 9
 calls (the others through `lattice_partials`), whose sums are added."""
 
 
+def _direction_rows(g_d, d, airpath, fd, sd, layer, layered: bool, per_path: bool) -> list:
+    """The rows of `lattice_row_layout` that follow from ``g_d = dL/dd`` (or its tangent):
+    ``direction`` (without ``per_path``), then ``dL/dpos`` times Fdet, Sdet, 1 and with
+    ``layered`` the layer index."""
+    g_pos = position_gradient(g_d, d, airpath)
+    rows = [] if per_path else list(g_d)
+    rows += [x * fd for x in g_pos] + [x * sd for x in g_pos] + list(g_pos)
+    return rows + ([x * layer for x in g_pos] if layered else [])
+
+
 def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                    n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
                    per_path):
@@ -179,12 +189,7 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     else:
         g_d = tuple(sum(g_h[i] * orient[0, i, j] for i in range(3)) / wavelength for j in range(3))
         rows = [lattice] + [g_h[i] * q[j] for i in range(3) for j in range(3)] + g_n
-    g_pos = position_gradient(g_d, d, airpath)
-    if not per_path:
-        rows += list(g_d)
-    rows += [x * fd for x in g_pos] + [x * sd for x in g_pos] + list(g_pos)
-    if layered:
-        rows += [x * layer for x in g_pos]
+    rows += _direction_rows(g_d, d, airpath, fd, sd, layer, layered, per_path)
     path = []
     if per_path:
         h_dot = g_h[0] * hkl[0] + g_h[1] * hkl[1] + g_h[2] * hkl[2]
@@ -252,12 +257,7 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         dg_d = tuple(sum(d_h[i] * orient[0, i, j] + (g_h[i] * t_orient[0, i, j] if turned else 0.0)
                          for i in range(3)) / wavelength for j in range(3))
         rows = [d_lattice] + [d_h[i] * q[j] for i in range(3) for j in range(3)] + d_n
-    dg_pos = position_gradient(dg_d, d, airpath)
-    if not per_path:
-        rows += list(dg_d)
-    rows += [x * fd for x in dg_pos] + [x * sd for x in dg_pos] + list(dg_pos)
-    if layered:
-        rows += [x * layer for x in dg_pos]
+    rows += _direction_rows(dg_d, d, airpath, fd, sd, layer, layered, per_path)
     path = []
     if per_path:
         dh_dot = sum(d_h[i] * hkl[i] + (g_h[i] * dhkl[i] if turned else 0.0) for i in range(3))
