@@ -447,13 +447,14 @@ def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, inci
                            polarized: bool, per_path: bool = False):
     """The tangent of `pixel_partials`' rows along ``t_orient`` ((O, 3, 3), a tangent of
     ``orient``), ``t_n`` ((3,), of ``n_cells``) and ``t_background`` (0-d), every other input
-    fixed (``t_orient`` or ``t_n`` None: not moving, not both): (R, P), for the second derivatives of a render through its partial sums
-    (`nbfunc.render.PartialsRules.residual_jvp`). The rows do not depend on ``scale``.
+    fixed (``t_orient`` or ``t_n`` None: not moving, not both): (R, P), for the second
+    derivatives of a render through its partial sums (`nbfunc.render.PartialsRules.
+    residual_jvp`). The rows do not depend on ``scale``.
 
     The lattice sums' tangents come from `_path_tangents`, summed over the paths; the pixel
-    factors are affine in the lattice sums and the background together (`_pixel_rows`), so
-    their tangent is ``_pixel_rows(tangents) - _pixel_rows(0)``, exact. Arguments as
-    `pixel_partials`."""
+    factors are affine in the lattice sums and the background together (`_pixel_rows`), and
+    only their ``background`` row (``P omega``) is not linear in them: the tangent is
+    `_pixel_rows` of the tangents with that row 0, exact. Arguments as `pixel_partials`."""
     (db, *raw), path = _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
                                       wavelength, orient, n_cells, default_f, weight, fpix, spix,
                                       sub_f, sub_s, layer, oversample, layered, per_path, t_orient,
@@ -461,16 +462,14 @@ def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, inci
     db, *raw = [x.sum(0, keepdim=True) for x in [db] + raw]
     hq = _stack_rows(raw[:9])
     path = _stack_path_rows(path, fpix)
-    geometry = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient, close_distance,
-                e_in, b_in, kahn, scale)
-    fixed = (fpix, spix, sub_f, sub_s, layer, weight)
-    flags = {"oversample": oversample, "layered": layered, "point_pixel": point_pixel,
-             "polarized": polarized, "per_path": per_path}
-    moved = _pixel_rows(db, hq, raw[9:], path, *geometry, t_background, *fixed, **flags)[1]
-    zero = lambda x: torch.zeros_like(x)  # noqa: E731
-    still = _pixel_rows(zero(db), zero(hq), [zero(x) for x in raw[9:]], zero(path), *geometry,
-                        zero(background), *fixed, **flags)[1]
-    return moved - still
+    rows = _pixel_rows(db, hq, raw[9:], path, fdet, sdet, odet, pix0, pixel_size, layer_depth,
+                       incident, orient, close_distance, e_in, b_in, kahn, scale, t_background,
+                       fpix, spix, sub_f, sub_s, layer, weight, oversample=oversample,
+                       layered=layered, point_pixel=point_pixel, polarized=polarized,
+                       per_path=per_path)[1]
+    constant = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1],
+                                weight is not None)["background"]
+    return torch.cat([rows[:constant.start], torch.zeros_like(rows[constant]), rows[constant.stop:]])
 
 
 def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
