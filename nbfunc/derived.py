@@ -48,6 +48,23 @@ def _own_code(fn: Callable, name: str) -> Callable:
     return copy
 
 
+def _jvp(fn: Callable, primals: tuple, tangents: tuple, compiled: bool) -> tuple:
+    """The tangents of ``fn``'s outputs (a tuple) along ``tangents`` at ``primals``.
+
+    ``compiled`` (the function runs inside compiled code): as the VJP of the VJP (``J t`` is
+    the gradient of the linear map ``u -> J^T u`` in ``u``, with cotangent ``t``), not with
+    forward-mode AD, which inside compiled code makes storage-less zero tensors that
+    inductor's CPU kernels read (a segmentation fault in torch 2.13). Else forward-mode AD,
+    on fresh primals and tangents: under vmap either may be an expanded view, which forward
+    AD cannot make a dual tensor of."""
+    if not compiled:
+        return tuple(torch.func.jvp(fn, tuple(p.clone() for p in primals),
+                                    tuple(t.clone() for t in tangents))[1])
+    out, back = torch.func.vjp(fn, *primals)
+    _, transpose = torch.func.vjp(lambda *u: tuple(back(u)), *[torch.zeros_like(o) for o in out])
+    return tuple(transpose(tuple(tangents)))
+
+
 class Rules:
     """A faster first derivative of a function of flat tensors (`Derived`).
 
@@ -175,28 +192,14 @@ class Derived:
         outputs`` (``out_meta``: their shapes, dtypes and devices; ``mask``: per floating
         input, whether its tangent is other than zero, or None when unknown).
 
-        Compiled, computed as the VJP of the VJP (``J t`` is the gradient of the linear map
-        ``u -> J^T u`` in ``u``, with cotangent ``t``), not with forward-mode AD: inside
-        compiled code forward AD makes storage-less zero tensors that inductor's CPU kernels
-        read (a segmentation fault in torch 2.13). Eager, forward-mode AD. With rules, the
-        transpose of the rules' VJP (which is linear in its cotangents)."""
+        Compiled, computed as the VJP of the VJP, eager with forward-mode AD (`_jvp`). With
+        rules, the transpose of the rules' VJP (which is linear in its cotangents)."""
         def make():
-            def forward_mode(*args):
-                xs, ts = args[:n_in], args[n_in + n_res:]
-                # fresh primals and tangents: under vmap either may be an expanded view,
-                # which forward AD cannot make a dual tensor of
-                return tuple(torch.func.jvp(self._restricted(xs, float_in, float_out),
-                                            tuple(xs[i].clone() for i in float_in),
-                                            tuple(t.clone() for t in ts))[1])
-
             def jvp_fn(*args):
                 xs, ts = args[:n_in], args[n_in + n_res:]
-                out, back = torch.func.vjp(self._restricted(xs, float_in, float_out),
-                                           *[xs[i] for i in float_in])
-                _, transpose = torch.func.vjp(lambda *u: tuple(back(u)),
-                                              *[torch.zeros_like(o) for o in out])
-                return tuple(transpose(tuple(ts)))
-            return jvp_fn if self.compile else forward_mode
+                return _jvp(self._restricted(xs, float_in, float_out),
+                            tuple(xs[i] for i in float_in), tuple(ts), self.compile)
+            return jvp_fn
 
         fast = self._fast_jvp(n_in, n_res, out_meta) or self._fast_hvp(n_in, float_in, mask)
         return self._child(("jvp", n_in, float_in, float_out, n_res, out_meta, mask), make, fast)
@@ -207,8 +210,7 @@ class Derived:
 
         The VJP ``v(xs, residuals, gs)`` is bilinear in the residuals and the cotangents, so
         its JVP is ``v(xs, dres, gs) + v(xs, residuals, dgs)`` plus its derivative in the
-        inputs with both held (small: the chain through the rules' inputs), taken as the
-        VJP of its VJP when compiled (forward-mode AD inside compiled code: see above)."""
+        inputs with both held (small: the chain through the rules' inputs; `_jvp`)."""
         if self.vjp_of is None or mask is None:
             return None
         rules, n_x, n_res = self.vjp_of
@@ -236,16 +238,8 @@ class Derived:
                     for i, v in zip(x_moving, moving):
                         a[i] = v
                     return tuple(body(*a))
-                primals = tuple(ins[i] for i in x_moving)
-                tangents = tuple(ts[position[i]] for i in x_moving)
-                if compile:
-                    value, back = torch.func.vjp(held, *primals)
-                    _, transpose = torch.func.vjp(lambda *u: tuple(back(u)),
-                                                  *[torch.zeros_like(v) for v in value])
-                    moved = tuple(transpose(tangents))
-                else:
-                    moved = torch.func.jvp(held, tuple(p.clone() for p in primals),
-                                           tuple(t.clone() for t in tangents))[1]
+                moved = _jvp(held, tuple(ins[i] for i in x_moving),
+                             tuple(ts[position[i]] for i in x_moving), compile)
                 out = [a + b for a, b in zip(out, moved)]
             if g_moving:
                 g_tangents = [ts[position[i]] if i in g_moving else torch.zeros_like(ins[i])
