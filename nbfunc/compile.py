@@ -140,29 +140,27 @@ def in_functorch_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def single_vmap_level() -> bool:
-    """True when exactly one functorch transform is active and it is vmap."""
+def _active_transforms() -> list:
+    """The kinds (``torch._C._functorch.TransformType``) of the functorch levels now active."""
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    levels = retrieve_all_functorch_interpreters()
-    return len(levels) == 1 and levels[0].key() == torch._C._functorch.TransformType.Vmap
+    return [level.key() for level in retrieve_all_functorch_interpreters()]
+
+
+def single_vmap_level() -> bool:
+    """True when exactly one functorch transform is active and it is vmap."""
+    return _active_transforms() == [torch._C._functorch.TransformType.Vmap]
 
 
 def forward_mode_active() -> bool:
     """True inside a forward-mode transform (``jvp``, ``jacfwd``, a Hessian's outer level)."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return any(level.key() == torch._C._functorch.TransformType.Jvp
-               for level in retrieve_all_functorch_interpreters())
+    return torch._C._functorch.TransformType.Jvp in _active_transforms()
 
 
 def second_order_active() -> bool:
     """True inside forward mode over reverse mode (a Hessian: ``jacfwd(jacrev(f))``)."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    keys = [level.key() for level in retrieve_all_functorch_interpreters()]
-    transform = torch._C._functorch.TransformType
-    return transform.Jvp in keys and transform.Grad in keys
+    kinds, transform = _active_transforms(), torch._C._functorch.TransformType
+    return transform.Jvp in kinds and transform.Grad in kinds
 
 
 def _underlying_requires_grad(x: torch.Tensor) -> bool:
