@@ -4,7 +4,8 @@ import mpmath
 import pytest
 import torch
 
-from nbfunc.lattice import _SERIES_LIMIT, grating, grating_and_derivatives, lattice_factor, sinc3, sinpi_reduced
+from nbfunc.lattice import (_SERIES_LIMIT, grating, grating_and_derivatives, grating_second_derivatives,
+                            lattice_factor, sinc3, sinpi_reduced)
 
 D = torch.float64
 
@@ -119,6 +120,27 @@ def test_grating_derivatives_equal_autograd(n):
     torch.testing.assert_close(d_h, grad_h, rtol=1e-12, atol=1e-13 * n**3)
     grad_n = torch.stack([torch.autograd.grad(r, nn, retain_graph=True)[0] for r in reference[::40]])
     torch.testing.assert_close(d_n[::40], grad_n, rtol=1e-12, atol=1e-13 * n)
+
+
+@pytest.mark.parametrize("n", [2.0, 5.0, 37.0])
+def test_grating_second_derivatives_equal_autograd(n):
+    """d2G/dh2, d2G/dh dn and d2G/dn2 against autograd twice through `grating` (exact in its
+    first four derivatives in n at the peaks), on both branches: near and at peaks of order
+    0 and k != 0 (the series) and between them (the quotient)."""
+    h = torch.tensor([0.3, -1.2, 0.49, 2.5, 0.0, 1e-4, 3.0, 3 + 1e-9, 3 + 1e-3, 1 + 0.0019, -2.0009,
+                      7 + 2e-4], dtype=D)
+    got = grating_second_derivatives(h, torch.tensor(n, dtype=D))
+    first = grating_and_derivatives(h, torch.tensor(n, dtype=D))
+    for a, b in zip(got[:3], first):  # the same, up to the order of a product's factors
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0.0)
+    for i in range(len(h)):
+        hh, nn = h[i].clone().requires_grad_(True), torch.tensor(n, dtype=D, requires_grad=True)
+        d_h, d_n = torch.autograd.grad(grating(hh, nn), (hh, nn), create_graph=True)
+        hh_, hn = torch.autograd.grad(d_h, (hh, nn), retain_graph=True)
+        (nn_,) = torch.autograd.grad(d_n, nn)
+        for what, value, expected in (("hh", got[3][i], hh_), ("hn", got[4][i], hn), ("nn", got[5][i], nn_)):
+            torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12 * n**4,
+                                       msg=lambda m: f"d2G/d{what} at h = {float(h[i])}: {m}")
 
 
 class TestSinc3:
