@@ -116,13 +116,13 @@ HVP_CASES = {"one orientation": "", "polarized": "-polar 0.5",
 second-order route (`PartialsRules.residual_jvp`)."""
 
 
-def _second_order(monkeypatch, through_sums: bool):
+def _second_order(patch: pytest.MonkeyPatch, through_sums: bool):
     """Fresh partial-sum rules (no derived function cached from another test), with their
     second-order route on or off; returns a list that counts the route's calls."""
     from nbfunc import render
 
-    monkeypatch.setattr(render, "_PARTIALS", {key: ({}, type(rules)(key[0]))
-                                              for key, (_, rules) in render._PARTIALS.items()})
+    patch.setattr(render, "_PARTIALS", {key: ({}, type(rules)(key[0]))
+                                        for key, (_, rules) in render._PARTIALS.items()})
     calls = []
     if through_sums:
         original = render.PartialsRules.residual_jvp
@@ -130,14 +130,14 @@ def _second_order(monkeypatch, through_sums: bool):
         def counted(self, *args):
             calls.append(1)
             return original(self, *args)
-        monkeypatch.setattr(render.PartialsRules, "residual_jvp", counted)
+        patch.setattr(render.PartialsRules, "residual_jvp", counted)
     else:
-        monkeypatch.setattr(render.PartialsRules, "residual_jvp_supported", lambda self, *a: False)
+        patch.setattr(render.PartialsRules, "residual_jvp_supported", lambda self, *a: False)
     return calls
 
 
 @pytest.mark.parametrize("case", HVP_CASES)
-def test_crystal_hessian_through_the_partial_sums(case, input_files, monkeypatch, eager):
+def test_crystal_hessian_through_the_partial_sums(case, input_files, eager):
     """The Hessian of a Poisson loss with respect to cell, misset, N and fluence (and mosaic
     spread and phi start), and the derivative of the whole tree's gradient along the cell and N
     (every input's row of the rules' VJP moves), through the partial sums' tangents equal those
