@@ -21,9 +21,10 @@ A function may come with `Rules`: a faster way to compute its forward together w
 *residuals* (tensors its gradient needs, saved by the transform) and its VJP from them. The
 first derivatives (the VJP, and the JVP as the VJP's transpose) then run the rules; every
 derivative of those is still derived from the function itself, so second and higher orders
-stay exact whatever the rules compute. Rules that also give the tangent of their residuals
-along some inputs (`Rules.residual_jvp`) make the JVP of their VJP (a Hessian-vector
-product) the VJP's own derivative when only those inputs move (`Derived._fast_hvp`).
+stay exact whatever the rules compute. Rules that also give their VJP with the residuals'
+tangent along some inputs in place of the residuals (`Rules.vjp_along`) make the JVP of their
+VJP (a Hessian-vector product) the VJP's own derivative when only those inputs move
+(`Derived._fast_hvp`).
 """
 from __future__ import annotations
 
@@ -84,16 +85,18 @@ class Rules:
     def vjp(self, xs, residuals, cotangents):
         raise NotImplementedError
 
-    def residual_jvp_supported(self, mask: tuple) -> bool:
-        """Whether `residual_jvp` answers for inputs with tangents where ``mask`` (one bool per
+    def vjp_along_supported(self, mask: tuple) -> bool:
+        """Whether `vjp_along` answers for inputs with tangents where ``mask`` (one bool per
         input) is True."""
         return False
 
-    def residual_jvp(self, xs, residuals, tangents):
-        """The tangents of the forward's residuals along ``tangents`` (one per input, None
-        where the input has none): a tuple like the residuals. With it, the derivative of
-        the rules' VJP (a Hessian-vector product) is the VJP's own derivative, with these as
-        the residuals' tangents, instead of being derived from the function."""
+    def vjp_along(self, xs, residuals, tangents, cotangents):
+        """``vjp(xs, d residuals, cotangents)``: the VJP with, in place of the residuals,
+        their tangent along ``tangents`` (one per input, None where the input has none).
+        With it, the derivative of the rules' VJP (a Hessian-vector product) is the VJP's own
+        derivative instead of being derived from the function (`Derived._fast_hvp`); rules
+        may contract the residuals' tangent with the cotangents as they make it, without
+        storing it."""
         raise NotImplementedError
 
 
@@ -114,7 +117,9 @@ class Derived:
         self.eager, self.name, self.on_failure, self.compile = eager, name, on_failure, compile
         self.rules, self.fast = rules, fast
         self.n_residuals = 0
-        self.vjp_of = None  # (rules, inputs, residuals) of the parent whose rules' VJP this runs
+        # (rules, inputs, residuals, kept gradients, cotangents' vmap dims from the outermost)
+        # of the parent whose rules' VJP this runs
+        self.vjp_of = None
         self._run = None
         self._children: dict = {}
 
@@ -161,10 +166,12 @@ class Derived:
             return tuple(out[j] for j in float_out)
         return g
 
-    def vjp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int = 0) -> "Derived":
-        """``(*xs, *residuals, *cotangents) -> gradients of the floating inputs``: the rules'
-        VJP when there are rules (``n_res`` residuals), derived from the function otherwise
-        and for every derivative of this one (which ignores the residuals)."""
+    def vjp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int = 0,
+            floating: tuple = ()) -> "Derived":
+        """``(*xs, *residuals, *cotangents) -> gradients of the inputs float_in`` (the floating
+        inputs that need one; ``floating``: all floating inputs, the gradients rules give):
+        the rules' VJP when there are rules (``n_res`` residuals), derived from the function
+        otherwise and for every derivative of this one (which ignores the residuals)."""
         def make():
             def vjp_fn(*args):
                 xs, gs = args[:n_in], args[n_in + n_res:]
@@ -172,18 +179,25 @@ class Derived:
                                          *[xs[i] for i in float_in])
                 return tuple(back(tuple(gs)))
             return vjp_fn
-        child = self._child(("vjp", n_in, float_in, float_out, n_res), make, self._fast_vjp(n_in, n_res))
+        kept = None
+        if self.rules is not None:  # the rules give the gradients of every floating input
+            kept = tuple(floating.index(i) for i in float_in)
+        child = self._child(("vjp", n_in, float_in, float_out, n_res), make,
+                            self._fast_vjp(n_in, n_res, kept))
         if self.rules is not None:
-            child.vjp_of = (self.rules, n_in, n_res)
+            child.vjp_of = (self.rules, n_in, n_res, kept, ())
         return child
 
-    def _fast_vjp(self, n_in: int, n_res: int) -> Callable | None:
+    def _fast_vjp(self, n_in: int, n_res: int, kept: tuple | None) -> Callable | None:
+        """The rules' VJP, keeping the gradients at positions ``kept`` of theirs (compiled,
+        what only the others need is never computed)."""
         if self.rules is None:
             return None
         rules = self.rules
 
         def fast_vjp(*args):
-            return tuple(rules.vjp(args[:n_in], args[n_in:n_in + n_res], args[n_in + n_res:]))
+            grads = rules.vjp(args[:n_in], args[n_in:n_in + n_res], args[n_in + n_res:])
+            return tuple(grads[k] for k in kept)
         return fast_vjp
 
     def jvp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int = 0,
@@ -201,37 +215,44 @@ class Derived:
                             tuple(xs[i] for i in float_in), tuple(ts), self.compile)
             return jvp_fn
 
-        fast = self._fast_jvp(n_in, n_res, out_meta) or self._fast_hvp(n_in, float_in, mask)
+        fast = (self._fast_jvp(n_in, n_res, out_meta, len(float_in))
+                or self._fast_hvp(n_in, float_in, mask))
         return self._child(("jvp", n_in, float_in, float_out, n_res, out_meta, mask), make, fast)
 
     def _fast_hvp(self, n_in: int, float_in: tuple, mask: tuple | None) -> Callable | None:
-        """The JVP of a rules' VJP (this function; `vjp_of`) when the rules give the tangents
-        of their residuals for the inputs that have tangents (`Rules.residual_jvp`).
+        """The JVP of a rules' VJP (this function; `vjp_of`) when the rules give their VJP along
+        the residuals' tangent for the inputs that have tangents (`Rules.vjp_along`).
 
         The VJP ``v(xs, residuals, gs)`` is bilinear in the residuals and the cotangents, so
         its JVP is ``v(xs, dres, gs) + v(xs, residuals, dgs)`` plus its derivative in the
-        inputs with both held (small: the chain through the rules' inputs; `_jvp`)."""
+        inputs with both held (small: the chain through the rules' inputs; `_jvp`). The
+        first term is `Rules.vjp_along`, batched over the cotangents as this function is."""
         if self.vjp_of is None or mask is None:
             return None
-        rules, n_x, n_res = self.vjp_of
+        rules, n_x, n_res, kept, g_dims = self.vjp_of
         has = [False] * n_in
         for i, m in zip(float_in, mask):
             has[i] = m
-        if not rules.residual_jvp_supported(tuple(has[:n_x])):
+        if not rules.vjp_along_supported(tuple(has[:n_x])):
             return None
         x_moving = tuple(i for i in float_in if i < n_x and has[i])
         g_moving = tuple(i for i in float_in if i >= n_x + n_res and has[i])
         position = {i: k for k, i in enumerate(float_in)}
         body, compile = self.fast, self.compile
 
+        def along(xs, residuals, tangents, gs):
+            grads = rules.vjp_along(xs, residuals, tangents, gs)
+            return tuple(grads[k] for k in kept)
+        for dims in g_dims:  # as `vmap` batched the VJP: over the cotangents only
+            along = torch.func.vmap(along, in_dims=(None, None, None, dims), out_dims=0)
+
         def fast_hvp(*args):
             ins, ts = args[:n_in], args[n_in:]
             xs, residuals, gs = ins[:n_x], ins[n_x:n_x + n_res], ins[n_x + n_res:]
-            x_tangents = [ts[position[i]] if i in x_moving else None for i in range(n_x)]
+            x_tangents = tuple(ts[position[i]] if i in x_moving else None for i in range(n_x))
             out = None
             if x_moving:
-                d_res = rules.residual_jvp(xs, residuals, x_tangents)
-                out = body(*xs, *d_res, *gs)
+                out = along(xs, residuals, x_tangents, gs)
 
                 def held(*moving):
                     a = list(ins)
@@ -251,8 +272,8 @@ class Derived:
             return tuple(out)
         return fast_hvp
 
-    def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple) -> Callable | None:
-        fast_vjp = self._fast_vjp(n_in, n_res)
+    def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple, n_float: int) -> Callable | None:
+        fast_vjp = self._fast_vjp(n_in, n_res, tuple(range(n_float)))
         if fast_vjp is None:
             return None
 
@@ -272,8 +293,10 @@ class Derived:
                             lambda: torch.func.vmap(self.eager, in_dims=in_dims, out_dims=0), fast)
         # batched over the cotangents only (jacrev's basis): still bilinear in the residuals
         # and the cotangents, with the inputs and residuals of the parent's rules
-        if self.vjp_of is not None and all(d is None for d in in_dims[:sum(self.vjp_of[1:])]):
-            child.vjp_of = self.vjp_of
+        if self.vjp_of is not None:
+            rules, n_x, n_res, kept, g_dims = self.vjp_of
+            if all(d is None for d in in_dims[:n_x + n_res]):
+                child.vjp_of = (rules, n_x, n_res, kept, g_dims + (tuple(in_dims[n_x + n_res:]),))
         return child
 
 
@@ -317,10 +340,14 @@ class _Call(torch.autograd.Function):
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         gs = [grads[j] if grads[j] is not None else _zeros(ctx.outputs[j]) for j in ctx.float_out]
-        got = _Call.apply(ctx.derived.vjp(ctx.n_in, ctx.float_in, ctx.float_out, ctx.n_res),
-                          *saved, *gs)
+        # only the gradients asked for: compiled, what only the others need is not computed
+        need = tuple(i for i in ctx.float_in if ctx.needs_input_grad[i + 1])
         out = [None] * ctx.n_in
-        for i, g in zip(ctx.float_in, got):
+        if not need:
+            return (None, *out)
+        got = _Call.apply(ctx.derived.vjp(ctx.n_in, need, ctx.float_out, ctx.n_res, ctx.float_in),
+                          *saved, *gs)
+        for i, g in zip(need, got):
             out[i] = g
         return (None, *out)
 
@@ -370,13 +397,14 @@ class StructuredRules:
     def vjp(self, kwargs, inputs, residuals, cotangent):
         raise NotImplementedError
 
-    def residual_jvp_supported(self, mask_args, mask_kwargs) -> bool:
-        """`Rules.residual_jvp_supported` with the mask in the structure of the call's
+    def vjp_along_supported(self, mask_args, mask_kwargs) -> bool:
+        """`Rules.vjp_along_supported` with the mask in the structure of the call's
         ``(args, kwargs)`` (True where a tensor has a tangent, False at other tensors)."""
         return False
 
-    def residual_jvp(self, args, kwargs, residuals, tangents_args, tangents_kwargs):
-        """`Rules.residual_jvp` with the tangents in the structure of ``(args, kwargs)``."""
+    def vjp_along(self, args, kwargs, inputs, residuals, tangents_args, tangents_kwargs, cotangent):
+        """`Rules.vjp_along` as ``vjp`` gives it (gradients of ``inputs``), with the tangents in
+        the structure of ``(args, kwargs)``."""
         raise NotImplementedError
 
 
@@ -401,7 +429,10 @@ class _FlatRules(Rules):
         self.layout["n_kept"] = len(kept)
         return kept, residuals
 
-    def vjp(self, xs, residuals, cotangents):
+    def _chained(self, xs, cotangents, grads_of: Callable):
+        """The gradients of the floating ``xs`` from ``grads_of(values, cotangent)``, the
+        gradients of the rules' inputs (``values``, as `StructuredRules.inputs` makes them)
+        given the cotangent in the structure of the function's result."""
         kept = [None] * self.layout["n_kept"]
         for j, g in zip(self.layout["float_out"], cotangents):
             kept[j] = g
@@ -416,20 +447,25 @@ class _FlatRules(Rules):
             return tuple(self.rules.inputs(*self.rebuild(ys)))
 
         values, back = torch.func.vjp(inputs, *[xs[i] for i in float_in])
-        grads = tuple(self.rules.vjp(self.rebuild(xs)[1], values, residuals,
-                                     unflatten_output(kept, self.layout["out"])))
+        grads = tuple(grads_of(values, unflatten_output(kept, self.layout["out"])))
         if len(grads) != len(values):
-            raise TypeError(f"{type(self.rules).__name__}.vjp returned {len(grads)} gradients "
+            raise TypeError(f"{type(self.rules).__name__} returned {len(grads)} gradients "
                             f"for {len(values)} inputs")
         return tuple(back(grads))
 
-    def residual_jvp_supported(self, mask):
-        return self.rules.residual_jvp_supported(*self.rebuild(list(mask)))
+    def vjp(self, xs, residuals, cotangents):
+        kwargs = self.rebuild(xs)[1]
+        return self._chained(xs, cotangents,
+                             lambda values, g: self.rules.vjp(kwargs, values, residuals, g))
 
-    def residual_jvp(self, xs, residuals, tangents):
+    def vjp_along_supported(self, mask):
+        return self.rules.vjp_along_supported(*self.rebuild(list(mask)))
+
+    def vjp_along(self, xs, residuals, tangents, cotangents):
         args, kwargs = self.rebuild(xs)
         t_args, t_kwargs = self.rebuild(list(tangents))
-        return tuple(self.rules.residual_jvp(args, kwargs, residuals, t_args, t_kwargs))
+        return self._chained(xs, cotangents, lambda values, g: self.rules.vjp_along(
+            args, kwargs, values, residuals, t_args, t_kwargs, g))
 
 
 def derived_call(cache: dict, fn: Callable, name: str, args: tuple, kwargs: dict,

@@ -5,13 +5,14 @@ cut, no oversample flags, any number of sources and orientations (phi steps x mo
 domains), `pixel_partials` computes the photons per pixel (the lattice sum over the paths and
 orientations, the first path's solid angle and polarization, the scale) and, per pixel, the
 sums from which the derivative with respect to every input follows (26 to 36 for one source
-and one orientation; 9 more per orientation, and with several sources 5 per path); `pixel_partials_vjp` turns them into the gradients with one
-matrix-vector product. `nbfunc.render.PartialsRules` uses the two as the first derivatives
-of the render's chunk kernel (`nbfunc.derived`): a gradient then costs one pass over the
-evaluations (the forward, with the sums) instead of two (forward and backward), and a
-Jacobian with respect to many leaves the same pass and one product per leaf.
-`pixel_partials_tangent` gives the sums' tangent along the orientation matrices, N and the
-background, from which `nbfunc.derived` forms Hessian-vector products with respect to the
+and one orientation; 9 more per orientation, and with several sources 5 per path); one
+matrix-vector product with them and `pixel_partials_chain` give the gradients.
+`nbfunc.render.PartialsRules` uses the two as the first derivatives of the render's chunk
+kernel (`nbfunc.derived`): a gradient then costs one pass over the evaluations (the forward,
+with the sums) instead of two (forward and backward), and a Jacobian with respect to many
+leaves the same pass and one product per leaf. `pixel_partials_tangent` gives the sums'
+tangent along the orientation matrices, N and the background, weighted and summed over the
+pixels, from which `nbfunc.derived` forms Hessian-vector products with respect to the
 crystal's orientation, cell, N and scale; other derivatives of higher order are derived
 from the renderer's own code.
 
@@ -345,7 +346,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
                    weight=None, *, oversample: int, layered: bool, point_pixel: bool,
                    polarized: bool, per_path: bool = False):
     """Photons per pixel of the common configuration, with the per-pixel sums from which
-    `pixel_partials_vjp` forms every input gradient.
+    `pixel_partials_chain` forms every input gradient.
 
     ``value = scale (background + B) P omega``: B the lattice sum of `lattice_partials` over
     the paths and orientations, P the Kahn polarization factor and omega the solid angle of
@@ -390,10 +391,13 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
 
 def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient,
                 close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s, layer,
-                weight, *, oversample, layered, point_pixel, polarized, per_path):
+                weight, grad_v=None, *, oversample, layered, point_pixel, polarized, per_path):
     """The pixel factors of `pixel_partials` applied to the lattice sums: ``b`` (1, P) the sum B,
     ``hq`` (9 O, P), ``raw`` the other lattice rows (each (1, P)), ``path`` (K, E, P) the path
-    rows. Returns ``((P,) value, (R, P) rows)``; affine in (b, hq, raw, path)."""
+    rows. Returns ``((P,) value, (R, P) rows)``; affine in (b, hq, raw, path). With ``grad_v``
+    ((P,)), the rows' sums weighted by it in place of the rows, by block of
+    `pixel_row_layout` (`row_sums`): each row is reduced where it is made, so compiled the
+    rows never reach memory, and a block that no output needs is never computed."""
     fd, sd, _, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
                                        sub_f[:1], sub_s[:1], layer[:1], oversample)
     omega = solid_angle(airpath, close_distance, pixel_size, point_pixel)
@@ -437,24 +441,30 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
     if layered:
         rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
     layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None)
+    if grad_v is not None:
+        return value[0], {name: torch.cat([(x * grad_v).sum(-1) for x in rows[name]]) for name in layout}
     return value[0], torch.cat([x for name in layout for x in rows[name]])
 
 
 def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
                            orient, n_cells, default_f, close_distance, e_in, b_in, kahn, scale,
-                           background, fpix, spix, sub_f, sub_s, layer, weight=None, *, t_orient,
-                           t_n, t_background, oversample: int, layered: bool, point_pixel: bool,
-                           polarized: bool, per_path: bool = False):
+                           background, fpix, spix, sub_f, sub_s, layer, weight=None, *, grad_v,
+                           t_orient, t_n, t_background, oversample: int, layered: bool,
+                           point_pixel: bool, polarized: bool, per_path: bool = False):
     """The tangent of `pixel_partials`' rows along ``t_orient`` ((O, 3, 3), a tangent of
     ``orient``), ``t_n`` ((3,), of ``n_cells``) and ``t_background`` (0-d), every other input
-    fixed (``t_orient`` or ``t_n`` None: not moving, not both): (R, P), for the second
-    derivatives of a render through its partial sums (`nbfunc.render.PartialsRules.
-    residual_jvp`). The rows do not depend on ``scale``.
+    fixed (``t_orient`` or ``t_n`` None: not moving, not both), summed over the pixels with
+    the weights ``grad_v`` ((P,), per photon), by block (`row_sums`): the sums that
+    `pixel_partials_chain` turns into the tangent of the gradients (second derivatives of a render through
+    its partial sums, `nbfunc.render.PartialsRules.vjp_along`). The rows do not depend on
+    ``scale``.
 
     The lattice sums' tangents come from `_path_tangents`, summed over the paths; the pixel
     factors are affine in the lattice sums and the background together (`_pixel_rows`), and
     only their ``background`` row (``P omega``) is not linear in them: the tangent is
-    `_pixel_rows` of the tangents with that row 0, exact. Arguments as `pixel_partials`."""
+    `_pixel_rows` of the tangents with that row 0, exact. Each row is weighted and summed
+    where it is made (compiled, the (R, P) tangent is never stored). Arguments as
+    `pixel_partials`."""
     (db, *raw), path = _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
                                       wavelength, orient, n_cells, default_f, weight, fpix, spix,
                                       sub_f, sub_s, layer, oversample, layered, per_path, t_orient,
@@ -462,30 +472,34 @@ def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, inci
     db, *raw = [x.sum(0, keepdim=True) for x in [db] + raw]
     hq = _stack_rows(raw[:9])
     path = _stack_path_rows(path, fpix)
-    rows = _pixel_rows(db, hq, raw[9:], path, fdet, sdet, odet, pix0, pixel_size, layer_depth,
+    sums = _pixel_rows(db, hq, raw[9:], path, fdet, sdet, odet, pix0, pixel_size, layer_depth,
                        incident, orient, close_distance, e_in, b_in, kahn, scale, t_background,
-                       fpix, spix, sub_f, sub_s, layer, weight, oversample=oversample,
+                       fpix, spix, sub_f, sub_s, layer, weight, grad_v, oversample=oversample,
                        layered=layered, point_pixel=point_pixel, polarized=polarized,
                        per_path=per_path)[1]
-    constant = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1],
-                                weight is not None)["background"]
-    return torch.cat([rows[:constant.start], torch.zeros_like(rows[constant]), rows[constant.stop:]])
+    return {**sums, "background": torch.zeros_like(sums["background"])}
 
 
-def pixel_partials_vjp(grad_v, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
-                       n_cells, default_f, close_distance, scale, background, layered: bool,
-                       point_pixel: bool, polarized: bool, n_path: int = 0, weighted: bool = False):
+def row_sums(rows, grad_v, layout: dict[str, slice]) -> dict:
+    """``rows @ grad_v`` ((R, P) rows, (P,) weights) by block of ``layout``
+    (`pixel_row_layout`): name -> (k,) sums."""
+    return {name: rows[block] @ grad_v for name, block in layout.items()}
+
+
+def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
+                         n_cells, default_f, close_distance, scale, background, layered: bool,
+                         point_pixel: bool, polarized: bool, n_path: int = 0,
+                         weighted: bool = False):
     """Gradients of ``sum(grad_v * value)`` with respect to `pixel_partials`' inputs ``fdet``
     to ``background`` (each of its input's shape), then with ``weighted`` the weights', from
-    its rows (R, P): one weighted sum per row, then the chain rule on (3,)-sized values.
-    Without the pixel factors' dependence (``scale``, ``background``, ``default_F``, the
-    distance and pixel size in omega) a gradient follows from the ``background`` and
-    ``lattice`` rows; the ``default_F`` gradient is ``2 scale sum(grad_v P omega B) / F``
-    (exactly 0 at F = 0). ``n_path``: the paths with rows of their own (several sources)."""
-    layout = pixel_row_layout(layered, polarized, orient.shape[0], n_path, weighted)
-    s = rows @ grad_v
-    g = {name: scale * s[block] for name, block in layout.items()}
-    s_background, s_lattice = s[layout["background"]][0], s[layout["lattice"]][0]
+    the rows' sums weighted by ``grad_v`` by block (``s``, `row_sums`): the chain rule on
+    (3,)-sized values, linear in ``s``. Without the pixel factors' dependence
+    (``scale``, ``background``, ``default_F``, the distance and pixel size in omega) a
+    gradient follows from the ``background`` and ``lattice`` rows; the ``default_F`` gradient
+    is ``2 scale sum(grad_v P omega B) / F`` (exactly 0 at F = 0). ``n_path``: the paths
+    with rows of their own (several sources)."""
+    g = {name: scale * block for name, block in s.items()}
+    s_background, s_lattice = s["background"][0], s["lattice"][0]
     d_orient = g["orient"].reshape(orient.shape)
     d_n = torch.where(n_cells > 1, g["n_cells"], torch.zeros_like(g["n_cells"]))
     if n_path:

@@ -41,8 +41,8 @@ from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, so
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor, nearest_indices
 from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, miller_indices, per_orientation,
-                                pixel_partials, pixel_partials_sum, pixel_partials_tangent,
-                                pixel_partials_vjp, pixel_rows)
+                                pixel_partials, pixel_partials_chain, pixel_partials_sum,
+                                pixel_partials_tangent, pixel_row_layout, pixel_rows, row_sums)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -392,6 +392,12 @@ def _partials_rows(plan: Plan) -> int:
                       plan.path_sources > 0)
 
 
+def _partials_layout(plan: Plan, weighted: bool) -> dict[str, slice]:
+    """`nbfunc.lattice_sum.pixel_row_layout` of the partial sums for ``plan``."""
+    return pixel_row_layout(plan.thicksteps > 1, plan.polarization, plan.n_orient,
+                            plan.path_sources, weighted)
+
+
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
     """Whether a render whose derivative may be taken uses `PartialsRules`: the plain
     configuration, every path of a pixel in one chunk, and partial sums that fit
@@ -436,11 +442,11 @@ class PartialsRules(StructuredRules):
     (lattice sum, first-path solid angle and polarization, scale) together with, per pixel,
     the derivatives of the value with respect to its inputs, summed over the paths (the
     residual, (R, P)); the VJP is then one matrix-vector product with the incoming per-pixel
-    gradient (`nbfunc.lattice_sum.pixel_partials_vjp`) chained through the few (3,)-sized
+    gradient (`nbfunc.lattice_sum.pixel_partials_chain`) chained through the few (3,)-sized
     inputs (`_partials_inputs`), instead of a second pass over every evaluation. The JVP is
     that VJP's transpose (`nbfunc.derived`). Second derivatives along the orientation
     matrices, N, the scale and the background come from the sums' tangent
-    (`residual_jvp`); other second and higher derivatives are derived from `chunk_kernel`
+    (`vjp_along`); other second and higher derivatives are derived from `chunk_kernel`
     itself.
 
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
@@ -466,7 +472,7 @@ class PartialsRules(StructuredRules):
     def vjp(self, kwargs, inputs, residuals, cotangent):
         return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
 
-    def residual_jvp_supported(self, mask_args, mask_kwargs) -> bool:
+    def vjp_along_supported(self, mask_args, mask_kwargs) -> bool:
         """Tangents of the partial sums along the orientation matrices, N, the scale and the
         background (`nbfunc.lattice_sum.pixel_partials_tangent`), and along set-up fields
         that the sums do not read: Hessians with respect to the cell, the misset, the mosaic
@@ -475,27 +481,32 @@ class PartialsRules(StructuredRules):
         read = [getattr(setup, name) for name in _SUMS_READ] + others
         return not any(m is True for m in tree_leaves(read))
 
-    def residual_jvp(self, args, kwargs, residuals, tangents_args, tangents_kwargs):
+    def vjp_along(self, args, kwargs, inputs, residuals, tangents_args, tangents_kwargs, cotangent):
         setup, orient, _, pixel_index, paths, _, _ = args
         t_orient, t_n = tangents_args[1], tangents_args[0].n_cells
         t_background = tangents_kwargs["finish"][1]
         if t_orient is None and t_n is None and t_background is None:
-            return (torch.zeros_like(residuals[0]),)  # the scale alone: the sums do not move
-        inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
-                                            kwargs["plan"])
-        weight = flags.pop("weight")
-        if t_orient is None and t_n is None:  # the lattice sums hold still
-            t_n = torch.zeros_like(setup.n_cells)
-        if t_background is None:
-            t_background = torch.zeros_like(kwargs["finish"][1])
-        return (pixel_partials_tangent(*inputs, weight=weight, t_orient=t_orient, t_n=t_n,
-                                       t_background=t_background, **flags),)
+            # the scale alone: the sums do not move
+            sums = {name: residuals[0].new_zeros(block.stop - block.start) for name, block
+                    in _partials_layout(kwargs["plan"], paths.weight is not None).items()}
+        else:
+            full, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
+                                              kwargs["plan"])
+            weight = flags.pop("weight")
+            if t_orient is None and t_n is None:  # the lattice sums hold still
+                t_n = torch.zeros_like(setup.n_cells)
+            if t_background is None:
+                t_background = torch.zeros_like(kwargs["finish"][1])
+            sums = pixel_partials_tangent(*full, weight=weight, grad_v=cotangent["value"],
+                                          t_orient=t_orient, t_n=t_n, t_background=t_background,
+                                          **flags)
+        return _partials_chain(sums, inputs, kwargs["plan"])
 
 
 _SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "default_f",
               "layer_depth", "weights")
 """The `Setup` fields that the pixel partial sums read (`_partials_inputs`, `path_block`),
-besides ``n_cells`` (`PartialsRules.residual_jvp`)."""
+besides ``n_cells`` (`PartialsRules.vjp_along`)."""
 
 
 def _partials_flags(plan: Plan) -> dict:
@@ -515,15 +526,21 @@ def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish,
 
 
 def _partials_vjp(grad_value, rows, inputs, plan: Plan):
-    """`nbfunc.lattice_sum.pixel_partials_vjp`: the gradients of the 17 or 18
-    `_partials_inputs`."""
+    """The gradients of the 17 or 18 `_partials_inputs` from the incoming per-pixel gradient
+    (P,) and the partial sums (R, P)."""
+    layout = _partials_layout(plan, len(inputs) > 17)
+    return _partials_chain(row_sums(rows, grad_value, layout), inputs, plan)
+
+
+def _partials_chain(sums, inputs, plan: Plan):
+    """`nbfunc.lattice_sum.pixel_partials_chain`: the gradients of the 17 or 18
+    `_partials_inputs` from the rows' weighted sums ``sums`` (by block, `row_sums`)."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
      close_distance, _, _, _, scale, background) = inputs[:17]
-    return pixel_partials_vjp(grad_value, rows, fdet, sdet, odet, pixel_size, layer_depth,
-                              wavelength, orient, n_cells, default_f, close_distance, scale,
-                              background, **_partials_flags(plan),
-                              n_path=plan.path_sources,
-                              weighted=len(inputs) > 17)
+    return pixel_partials_chain(sums, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
+                                orient, n_cells, default_f, close_distance, scale, background,
+                                **_partials_flags(plan), n_path=plan.path_sources,
+                                weighted=len(inputs) > 17)
 
 
 class ImagePartialsRules(StructuredRules):
@@ -902,7 +919,7 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
     else:
         # under a Hessian with the partial sums the set-up runs eagerly (some hundred small
         # operations): its outputs that no moving leaf reaches then carry no tangent, which
-        # the sums' second-order route needs to see (`PartialsRules.residual_jvp_supported`;
+        # the sums' second-order route needs to see (`PartialsRules.vjp_along_supported`;
         # the compiled set-up's derived JVP gives every output a tangent)
         eager_setup = not compiled_now or (partials and second_order_active())
         value, seen, after = _render_chunks(p, plan, pixels, kernel, carry_orientation,

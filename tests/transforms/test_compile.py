@@ -26,9 +26,9 @@ from nbfunc.beam import polarization_axes
 from nbfunc.detector import solid_angle
 from nbfunc.lattice import square_lattice
 from nbfunc.rotation import axis_rotation_matrix
-from nbfunc.lattice_sum import (lattice_partials, pixel_partials, pixel_partials_sum, pixel_partials_tangent,
-                                pixel_partials_vjp,
-                                pixel_rows, plain_geometry)
+from nbfunc.lattice_sum import (lattice_partials, pixel_partials, pixel_partials_chain,
+                                pixel_partials_sum, pixel_partials_tangent, pixel_row_layout,
+                                pixel_rows, plain_geometry, row_sums)
 from _transforms_support import (CONFIGS, assert_close_scaled, eager_mode, leaves_dict, make_params,
                                  poisson_nll)
 
@@ -261,7 +261,7 @@ def _pixel_reference(*args, oversample, point_pixel, polarized, weight=None):
 @pytest.mark.parametrize("layered, point_pixel, polarized",
                          [(False, False, True), (True, False, True), (False, True, False), (True, True, True)])
 def test_pixel_partials_give_the_pixel_gradient(layered, point_pixel, polarized):
-    """`pixel_partials_vjp` of `pixel_partials` against autograd through the same pixels composed
+    """`pixel_partials_chain` of `pixel_partials`' rows against autograd through the same pixels composed
     from the renderer's pieces (eager), and the pixels themselves; ``default_F = 0`` gives a
     finite (zero) ``default_F`` gradient."""
     inputs, fixed = _pixel_inputs(layered)
@@ -285,19 +285,21 @@ def test_pixel_partials_give_the_pixel_gradient(layered, point_pixel, polarized)
 
 
 def _pixel_vjp(weights, rows, inputs, layered, n_path=0, **flags):
-    """`pixel_partials_vjp` with the inputs it takes picked from `pixel_partials`' differentiable ones."""
+    """`pixel_partials_chain` of the rows' weighted sums, with the inputs it takes picked from
+    `pixel_partials`' differentiable ones."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
      close, _, _, _, scale, background) = inputs[:17]
-    return pixel_partials_vjp(weights, rows, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
-                              orient, n_cells, default_f, close, scale, background, layered, **flags,
-                              n_path=n_path, weighted=len(inputs) > 17)
+    layout = pixel_row_layout(layered, flags["polarized"], orient.shape[0], n_path, len(inputs) > 17)
+    return pixel_partials_chain(row_sums(rows, weights, layout), fdet, sdet, odet, pixel_size,
+                                layer_depth, wavelength, orient, n_cells, default_f, close, scale,
+                                background, layered, **flags, n_path=n_path, weighted=len(inputs) > 17)
 
 
 @pytest.mark.parametrize("n_orient, per_path, weighted, layered",
                          [(3, False, False, True), (1, True, False, False), (2, True, True, True)])
 def test_pixel_partials_with_sources_and_orientations(n_orient, per_path, weighted, layered):
     """`pixel_partials` with several orientations and with a source per path (its own
-    incident direction, wavelength and weight): the pixels and `pixel_partials_vjp` against
+    incident direction, wavelength and weight): the pixels and `pixel_partials_chain` against
     autograd through the same pixels composed from the renderer's pieces (eager)."""
     inputs, fixed = _many(*_pixel_inputs(layered), n_orient, per_path, weighted)
     flags = {"point_pixel": False, "polarized": True}
@@ -328,8 +330,8 @@ def test_pixel_partials_tangent_is_the_rows_jvp(n_orient, per_path, weighted, la
                                                 point_pixel):
     """`pixel_partials_tangent` (hand-written, with the gratings' second derivatives) equals
     forward-mode AD of `pixel_partials`' rows along the orientation matrices, N (one axis with
-    N = 1, whose tangent is ignored) and the background, with either of the first two held
-    (eager)."""
+    N = 1, whose tangent is ignored) and the background, with either of the first two held,
+    each row weighted by the per-pixel gradient and summed (eager)."""
     inputs, fixed = _many(*_pixel_inputs(layered), n_orient, per_path, weighted)
     inputs[9] = torch.tensor([5.0, 1.0, 7.0], dtype=torch.float64)
     weight = inputs[17] if weighted else None
@@ -338,6 +340,7 @@ def test_pixel_partials_tangent_is_the_rows_jvp(n_orient, per_path, weighted, la
     generator = torch.Generator().manual_seed(3)
     t_orient = torch.randn(inputs[8].shape, generator=generator, dtype=torch.float64) * 1e-10
     t_n, t_background = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)
+    grad_v = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
 
     def rows(orient, n_cells, background):
         a = list(inputs[:17])
@@ -351,12 +354,18 @@ def test_pixel_partials_tangent_is_the_rows_jvp(n_orient, per_path, weighted, la
         _, expected = torch.func.jvp(rows, (inputs[8], inputs[9], inputs[16]),
                                      (zero(t_orient) if t_o is None else t_o,
                                       zero(t_n) if t_c is None else t_c, t_background))
-        got = pixel_partials_tangent(*inputs[:17], *fixed, weight=weight, t_orient=t_o, t_n=t_c,
-                                     t_background=t_background, **flags)
-        assert got.shape == expected.shape
+        got = pixel_partials_tangent(*inputs[:17], *fixed, weight=weight, grad_v=grad_v,
+                                     t_orient=t_o, t_n=t_c, t_background=t_background, **flags)
+        layout = pixel_row_layout(layered, polarized, n_orient, inputs[6].shape[0] if per_path else 0,
+                                  weighted)
+        assert sorted(got) == sorted(layout)
+        got = torch.cat([got[name] for name in layout])
+        assert got.shape == expected.shape[:1]
         assert float(expected.abs().max()) > 0.0
-        for i, (a, b) in enumerate(zip(got, expected)):  # rows differ by many orders of magnitude
-            assert_close_scaled(a, b, 1e-12, f"{moving}, row {i}", atol=1e-300)
+        # rows differ by many orders of magnitude: each sum to rounding of its own terms
+        scale = (expected.abs() * grad_v.abs()).sum(-1)
+        for i, (a, b, s) in enumerate(zip(got, expected @ grad_v, scale)):
+            assert abs(float(a - b)) <= 1e-12 * float(s) + 1e-300, f"{moving}, row {i}: {a} != {b}"
 
 
 @pytest.mark.parametrize("n_orient, per_path", [(1, False), (2, True)])

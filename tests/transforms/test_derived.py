@@ -41,7 +41,8 @@ class _CubeRules(StructuredRules):
 
 @pytest.fixture(params=["eager", "stand-in compile"])
 def call(request, monkeypatch):
-    """``f(x, y)`` through `derived_call` with `_CubeRules`, and the rules and compiled calls."""
+    """``f(x, y)`` through `derived_call` with `_CubeRules`, the rules, the compiled calls, and
+    ``make(rules)``, which makes such an ``f`` with other rules."""
     compiled = []
     if request.param != "eager":
         def fake_compile(fn, **options):
@@ -51,13 +52,17 @@ def call(request, monkeypatch):
                 return fn(*args)
             return run
         monkeypatch.setattr(torch, "compile", fake_compile)
-    rules, cache = _CubeRules(), {}
     compile = request.param != "eager"
 
-    def f(x, y):
-        return derived_call(cache, _cube, "cube", (x, y), {"scale": 2.0}, _no_failure,
-                            compile=compile, rules=rules)
-    return f, rules, compiled
+    def make(rules):
+        cache = {}
+
+        def f(x, y):
+            return derived_call(cache, _cube, "cube", (x, y), {"scale": 2.0}, _no_failure,
+                                compile=compile, rules=rules)
+        return f
+    rules = _CubeRules()
+    return make(rules), rules, compiled, make
 
 
 def _no_failure(name, err):
@@ -69,7 +74,7 @@ Y = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
 
 
 def test_first_derivatives_come_from_the_rules(call):
-    f, rules, compiled = call
+    f, rules, compiled, _ = call
     loss = lambda t: f(t, Y)["b"].sum() + f(t, Y)["a"]
     torch.testing.assert_close(torch.func.grad(loss)(X), 6 * X**2 * Y + Y)
     assert rules.forwards == 2 and rules.vjps == 2
@@ -84,7 +89,7 @@ def test_first_derivatives_come_from_the_rules(call):
 
 
 def test_autograd_and_higher_orders(call):
-    f, rules, compiled = call
+    f, rules, compiled, _ = call
     x = X.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(f(x, Y)["b"].sum(), x, create_graph=True)
     torch.testing.assert_close(g, 6 * X**2 * Y)
@@ -105,6 +110,59 @@ def test_autograd_and_higher_orders(call):
     torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(lambda t: f(t, Y)["b"]))(grid),
                                torch.diag_embed(6 * grid**2 * Y))
     assert torch.autograd.gradgradcheck(lambda t: f(t, Y)["b"], (x,))
+    assert not any(compiled)
+
+
+def test_only_the_gradients_asked_for(call):
+    """A gradient with respect to one input is that input's (the rules' VJP keeps the
+    gradients that autograd asks for)."""
+    f, rules, _, _ = call
+    torch.testing.assert_close(torch.func.grad(lambda u: f(X, u)["b"].sum())(Y), 2 * X**3)
+    torch.testing.assert_close(torch.func.grad(lambda t: f(t, Y)["b"].sum())(X), 6 * X**2 * Y)
+    gx, gy = torch.func.grad(lambda t, u: f(t, u)["a"], argnums=(0, 1))(X, Y)
+    torch.testing.assert_close((gx, gy), (Y, X))
+    assert rules.vjps == 3
+
+
+class _AlongRules(_CubeRules):
+    """`_CubeRules` with the VJP along the residual's tangent (``d(3 s x^2 y) = 3 s (2 x y dx
+    + x^2 dy)``), for inputs x and y."""
+
+    def __init__(self):
+        super().__init__()
+        self.alongs = 0
+
+    def vjp_along_supported(self, mask_args, mask_kwargs) -> bool:
+        return True
+
+    def vjp_along(self, args, kwargs, inputs, residuals, tangents_args, tangents_kwargs, cotangent):
+        self.alongs += 1
+        x, y = args
+        tx, ty = (torch.zeros_like(v) if t is None else t for v, t in zip(args, tangents_args))
+        d_slope = 3 * kwargs["scale"] * (2 * x * y * tx + x**2 * ty)
+        return d_slope * cotangent["b"], torch.zeros_like(y)
+
+
+def test_hessians_along_the_residuals_tangent(call):
+    """With `Rules.vjp_along`, the JVP of the rules' VJP (Hessians, and the Jacobian of a
+    vector's Jacobian, whose cotangents are batched) is the VJP's own derivative: exact, and
+    taken along the residuals' tangent."""
+    _, _, compiled, make = call
+    rules = _AlongRules()
+    g = make(rules)
+    both = torch.func.hessian(lambda t, u: g(t, u)["b"].sum() + g(t, u)["a"], argnums=(0, 1))(X, Y)
+    expected = ((torch.diag(12 * X * Y), torch.diag(6 * X**2 + 1)),
+                (torch.diag(6 * X**2 + 1), torch.zeros(3, 3, dtype=X.dtype)))
+    for row, want_row in zip(both, expected):
+        for block, want in zip(row, want_row):
+            torch.testing.assert_close(block, want)
+    assert rules.alongs > 0
+    alongs = rules.alongs
+    jac2 = torch.func.jacfwd(torch.func.jacrev(lambda t: g(t, Y)["b"]))(X)
+    want = torch.zeros(3, 3, 3, dtype=X.dtype)
+    want[range(3), range(3), range(3)] = 12 * X * Y
+    torch.testing.assert_close(jac2, want)
+    assert rules.alongs > alongs
     assert not any(compiled)
 
 

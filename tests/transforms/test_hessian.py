@@ -113,7 +113,7 @@ HVP_CASES = {"one orientation": "", "polarized": "-polar 0.5",
              "sources": "-sourcefile {sources}", "point pixel": "-point_pixel -oversample 2",
              "water": "-water 10"}
 """Plain configurations whose Hessians with respect to crystal leaves take the partial sums'
-second-order route (`PartialsRules.residual_jvp`)."""
+second-order route (`PartialsRules.vjp_along`)."""
 
 
 def _second_order(patch: pytest.MonkeyPatch, through_sums: bool):
@@ -125,14 +125,14 @@ def _second_order(patch: pytest.MonkeyPatch, through_sums: bool):
                                         for key, (_, rules) in render._PARTIALS.items()})
     calls = []
     if through_sums:
-        original = render.PartialsRules.residual_jvp
+        original = render.PartialsRules.vjp_along
 
         def counted(self, *args):
             calls.append(1)
             return original(self, *args)
-        patch.setattr(render.PartialsRules, "residual_jvp", counted)
+        patch.setattr(render.PartialsRules, "vjp_along", counted)
     else:
-        patch.setattr(render.PartialsRules, "residual_jvp_supported", lambda self, *a: False)
+        patch.setattr(render.PartialsRules, "vjp_along_supported", lambda self, *a: False)
     return calls
 
 
