@@ -442,7 +442,8 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
         rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
     layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None)
     if grad_v is not None:
-        return value[0], {name: torch.cat([(x * grad_v).sum(-1) for x in rows[name]]) for name in layout}
+        return value[0], {name: torch.cat([(x * grad_v).sum(-1) for x in rows[name]])
+                          for name in layout}
     return value[0], torch.cat([x for name in layout for x in rows[name]])
 
 
@@ -455,9 +456,9 @@ def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, inci
     ``orient``), ``t_n`` ((3,), of ``n_cells``) and ``t_background`` (0-d), every other input
     fixed (``t_orient`` or ``t_n`` None: not moving, not both), summed over the pixels with
     the weights ``grad_v`` ((P,), per photon), by block (`row_sums`): the sums that
-    `pixel_partials_chain` turns into the tangent of the gradients (second derivatives of a render through
-    its partial sums, `nbfunc.render.PartialsRules.vjp_along`). The rows do not depend on
-    ``scale``.
+    `pixel_partials_chain` turns into the tangent of the gradients (second derivatives of a
+    render through its partial sums, `nbfunc.render.PartialsRules.vjp_along`). The rows do
+    not depend on ``scale``.
 
     The lattice sums' tangents come from `_path_tangents`, summed over the paths; the pixel
     factors are affine in the lattice sums and the background together (`_pixel_rows`), and

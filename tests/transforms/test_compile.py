@@ -261,8 +261,8 @@ def _pixel_reference(*args, oversample, point_pixel, polarized, weight=None):
 @pytest.mark.parametrize("layered, point_pixel, polarized",
                          [(False, False, True), (True, False, True), (False, True, False), (True, True, True)])
 def test_pixel_partials_give_the_pixel_gradient(layered, point_pixel, polarized):
-    """`pixel_partials_chain` of `pixel_partials`' rows against autograd through the same pixels composed
-    from the renderer's pieces (eager), and the pixels themselves; ``default_F = 0`` gives a
+    """`pixel_partials_chain` of `pixel_partials`' rows against autograd through the same pixels
+    composed from the renderer's pieces (eager), and the pixels themselves; ``default_F = 0`` gives a
     finite (zero) ``default_F`` gradient."""
     inputs, fixed = _pixel_inputs(layered)
     flags = {"point_pixel": point_pixel, "polarized": polarized}
@@ -289,10 +289,11 @@ def _pixel_vjp(weights, rows, inputs, layered, n_path=0, **flags):
     `pixel_partials`' differentiable ones."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
      close, _, _, _, scale, background) = inputs[:17]
-    layout = pixel_row_layout(layered, flags["polarized"], orient.shape[0], n_path, len(inputs) > 17)
+    weighted = len(inputs) > 17
+    layout = pixel_row_layout(layered, flags["polarized"], orient.shape[0], n_path, weighted)
     return pixel_partials_chain(row_sums(rows, weights, layout), fdet, sdet, odet, pixel_size,
                                 layer_depth, wavelength, orient, n_cells, default_f, close, scale,
-                                background, layered, **flags, n_path=n_path, weighted=len(inputs) > 17)
+                                background, layered, **flags, n_path=n_path, weighted=weighted)
 
 
 @pytest.mark.parametrize("n_orient, per_path, weighted, layered",
@@ -356,8 +357,8 @@ def test_pixel_partials_tangent_is_the_rows_jvp(n_orient, per_path, weighted, la
                                       zero(t_n) if t_c is None else t_c, t_background))
         got = pixel_partials_tangent(*inputs[:17], *fixed, weight=weight, grad_v=grad_v,
                                      t_orient=t_o, t_n=t_c, t_background=t_background, **flags)
-        layout = pixel_row_layout(layered, polarized, n_orient, inputs[6].shape[0] if per_path else 0,
-                                  weighted)
+        n_path = inputs[6].shape[0] if per_path else 0
+        layout = pixel_row_layout(layered, polarized, n_orient, n_path, weighted)
         assert sorted(got) == sorted(layout)
         got = torch.cat([got[name] for name in layout])
         assert got.shape == expected.shape[:1]
