@@ -88,6 +88,16 @@ def test_first_derivatives_come_from_the_rules(call):
     assert not any(compiled)
 
 
+def _assert_hessian_in_both_inputs(f):
+    """Second derivatives of ``sum(b) + a`` in x and y (the mixed blocks of a JVP of a VJP)."""
+    both = torch.func.hessian(lambda t, u: f(t, u)["b"].sum() + f(t, u)["a"], argnums=(0, 1))(X, Y)
+    expected = ((torch.diag(12 * X * Y), torch.diag(6 * X**2 + 1)),
+                (torch.diag(6 * X**2 + 1), torch.zeros(3, 3, dtype=X.dtype)))
+    for row, want_row in zip(both, expected):
+        for block, want in zip(row, want_row):
+            torch.testing.assert_close(block, want)
+
+
 def test_autograd_and_higher_orders(call):
     f, rules, compiled, _ = call
     x = X.clone().requires_grad_(True)
@@ -98,13 +108,7 @@ def test_autograd_and_higher_orders(call):
     torch.testing.assert_close(h, 12 * X * Y)    # derived from the function, not the rules
     loss = lambda t: f(t, Y)["b"].sum()
     torch.testing.assert_close(torch.func.hessian(loss)(X), torch.diag(12 * X * Y))
-    # second derivatives in both inputs (the mixed blocks of a JVP of a VJP)
-    both = torch.func.hessian(lambda t, u: f(t, u)["b"].sum() + f(t, u)["a"], argnums=(0, 1))(X, Y)
-    expected = ((torch.diag(12 * X * Y), torch.diag(6 * X**2 + 1)),
-                (torch.diag(6 * X**2 + 1), torch.zeros(3, 3, dtype=X.dtype)))
-    for row, want_row in zip(both, expected):
-        for block, want in zip(row, want_row):
-            torch.testing.assert_close(block, want)
+    _assert_hessian_in_both_inputs(f)
     grid = torch.stack([X, 2 * X])
     torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(grid), 6 * grid**2 * Y)
     torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(lambda t: f(t, Y)["b"]))(grid),
@@ -150,12 +154,7 @@ def test_hessians_along_the_residuals_tangent(call):
     _, _, compiled, make = call
     rules = _AlongRules()
     g = make(rules)
-    both = torch.func.hessian(lambda t, u: g(t, u)["b"].sum() + g(t, u)["a"], argnums=(0, 1))(X, Y)
-    expected = ((torch.diag(12 * X * Y), torch.diag(6 * X**2 + 1)),
-                (torch.diag(6 * X**2 + 1), torch.zeros(3, 3, dtype=X.dtype)))
-    for row, want_row in zip(both, expected):
-        for block, want in zip(row, want_row):
-            torch.testing.assert_close(block, want)
+    _assert_hessian_in_both_inputs(g)
     assert rules.alongs > 0
     alongs = rules.alongs
     jac2 = torch.func.jacfwd(torch.func.jacrev(lambda t: g(t, Y)["b"]))(X)
