@@ -31,6 +31,10 @@ TRUTH_ARGS = ("-cell 20 20 30 90 90 90 -misset 61 27 42 -default_F 300 -N 5 -gau
               "-lambda 1 -distance 100 -detpixels 64 -pixel 0.3 -oversample 1 -water 0.03")
 """The truth: the direct beam and a handful of Gaussian spots of up to ~1.1e4 photons on a
 ~52 photon water background (every pixel has mu > 0)."""
+SQUARE_ARGS = TRUTH_ARGS.replace("-gauss_xtal ", "")
+"""``--square``: the same truth with square (sinc) spots, the configuration whose derivatives
+come from the per-pixel partial sums (`nbfunc.render.PartialsRules`): a timing workload (its
+pulls do not pass, benchmarks/README.md)."""
 FREE = ("crystal.cell_a", "crystal.cell_c", "detector.distance", "detector.beam_center_f",
         "detector.beam_center_s", "crystal.misset[0]", "crystal.Na")
 TARGET_MEAN, TARGET_WIDTH = 0.1, 0.1
@@ -49,10 +53,11 @@ def truth_image(p: nbfunc.Params) -> torch.Tensor:
         return nbfunc.simulate(p)
 
 
-def run(replicas: int, seed: int, start_scale: float, batch: int, max_iter: int, tol: float) -> dict:
+def run(replicas: int, seed: int, start_scale: float, batch: int, max_iter: int, tol: float,
+        truth_args: str = TRUTH_ARGS) -> dict:
     """Simulate, draw, fit and summarise; returns the JSON-ready summary plus raw tensors."""
     t0, c0 = time.perf_counter(), time.process_time()
-    p = params_from_args(TRUTH_ARGS.split())
+    p = params_from_args(truth_args.split())
     mu = truth_image(p)
     at_truth = uncertainty(p, mu, list(FREE))
     truth, sigma = at_truth.values, at_truth.std
@@ -83,7 +88,7 @@ def run(replicas: int, seed: int, start_scale: float, batch: int, max_iter: int,
         "benchmark": "pull_test", "machine": machine(), "replicas": replicas, "seed": seed,
         "used_replicas": int(ok.sum()), "converged": int(converged.sum()),
         "iterations_mean": float(iterations.float().mean()), "iterations_max": int(iterations.max()),
-        "truth_args": TRUTH_ARGS, "free": list(FREE), "start_scale_sigma": start_scale,
+        "truth_args": truth_args, "free": list(FREE), "start_scale_sigma": start_scale,
         "tol": tol, "expected_counts": {"min": float(mu.min()), "max": float(mu.max()),
                                         "total": float(mu.sum())},
         "condition_number_at_truth": at_truth.condition_number,
@@ -121,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=50, help="replicas fitted together (vmap)")
     parser.add_argument("--max-iter", type=int, default=30)
     parser.add_argument("--tol", type=float, default=1e-8, help="on the squared Newton decrement")
+    parser.add_argument("--square", action="store_true",
+                        help="square spots instead of Gaussian ones (SQUARE_ARGS)")
     args = parser.parse_args(argv)
     if args.replicas < 2:
         parser.error(f"--replicas must be >= 2, got {args.replicas}")
-    summary, raw = run(args.replicas, args.seed, args.start_scale, args.batch, args.max_iter, args.tol)
+    summary, raw = run(args.replicas, args.seed, args.start_scale, args.batch, args.max_iter, args.tol,
+                       SQUARE_ARGS if args.square else TRUTH_ARGS)
     if args.plots:
         summary["plots"] = write_plots(args.plots, raw)
     text = json.dumps(summary, indent=2)

@@ -285,10 +285,20 @@ class Derived:
             return tuple(transpose(tuple(ts)))
         return fast_jvp
 
+    def batched(self, in_dims: tuple) -> "Derived":
+        """The function batched over ``in_dims`` with its rules batched too (`_BatchedRules`),
+        for eager rules under ``vmap``: one call of the rules' forward for the whole batch."""
+        key = ("batched", in_dims)
+        if key not in self._children:
+            self._children[key] = Derived(
+                torch.func.vmap(self.eager, in_dims=in_dims, out_dims=0), f"batched_{self.name}",
+                self.on_failure, compile=False, rules=_BatchedRules(self.rules, in_dims))
+        return self._children[key]
+
     def vmap(self, in_dims: tuple) -> "Derived":
         """The function batched over ``in_dims`` (None: not batched), outputs batched at 0
-        (``fast`` batched too). Not for a function with rules (`_Call` loops over the
-        members instead: each member's residuals are its own)."""
+        (``fast`` batched too). Not for a function with rules (`batched`, or `_Call` calls
+        compiled rules member by member: each member's residuals are its own)."""
         fast = None if self.fast is None else torch.func.vmap(self.fast, in_dims=in_dims, out_dims=0)
         child = self._child(("vmap", in_dims),
                             lambda: torch.func.vmap(self.eager, in_dims=in_dims, out_dims=0), fast)
@@ -371,12 +381,63 @@ class _Call(torch.autograd.Function):
         if derived.rules is None:
             out = _Call.apply(derived.vmap(tuple(in_dims[1:])), *xs)
             return out, (0,) * len(out)
-        # rules compute one member's residuals: call them member by member
+        if not derived.compile:  # eager rules batch as any torch code does
+            child = derived.batched(tuple(in_dims[1:]))
+            out = _Call.apply(child, *xs)
+            derived.n_residuals = child.n_residuals
+            return out, (0,) * len(out)
+        # compiled rules compute one member's residuals: call them member by member
         members = [_Call.apply(derived, *[x if d is None else x.select(d, b)
                                           for x, d in zip(xs, in_dims[1:])])
                    for b in range(info.batch_size)]
         out = tuple(torch.stack(column) for column in zip(*members))
         return out, (0,) * len(out)
+
+
+class _BatchedRules(Rules):
+    """``rules`` of a function batched by ``vmap`` over ``in_dims`` (one per input, None: not
+    batched); outputs and residuals batched at 0. The gradient of an input that is not
+    batched is the sum of the members'. Eager (the rules' forward runs under ``vmap``)."""
+
+    def __init__(self, rules: Rules, in_dims: tuple):
+        self.rules, self.in_dims = rules, in_dims
+
+    def forward(self, xs):
+        n_out = []
+
+        def member(*ys):
+            out, residuals = self.rules.forward(ys)
+            n_out.append(len(out))
+            return tuple(out) + tuple(residuals)
+        flat = torch.func.vmap(member, in_dims=self.in_dims, out_dims=0)(*xs)
+        return flat[:n_out[0]], flat[n_out[0]:]
+
+    def _gathered(self, xs, grads) -> tuple:
+        floating = [i for i, x in enumerate(xs) if _is_float(x)]
+        return tuple(g.sum(0) if self.in_dims[i] is None else g.movedim(0, self.in_dims[i])
+                     for i, g in zip(floating, grads))
+
+    def vjp(self, xs, residuals, cotangents):
+        grads = torch.func.vmap(lambda ys, rs, gs: tuple(self.rules.vjp(ys, rs, gs)),
+                                in_dims=(self.in_dims, 0, 0), out_dims=0)(
+            tuple(xs), tuple(residuals), tuple(cotangents))
+        return self._gathered(xs, grads)
+
+    def vjp_along_supported(self, mask):
+        return self.rules.vjp_along_supported(mask)
+
+    def vjp_along(self, xs, residuals, tangents, cotangents):
+        moving = tuple(i for i, t in enumerate(tangents) if t is not None)
+        t_dims = tuple(self.in_dims[i] for i in moving)
+
+        def member(ys, rs, ts, gs):
+            full = [None] * len(ys)
+            for i, t in zip(moving, ts):
+                full[i] = t
+            return tuple(self.rules.vjp_along(ys, rs, tuple(full), gs))
+        grads = torch.func.vmap(member, in_dims=(self.in_dims, 0, t_dims, 0), out_dims=0)(
+            tuple(xs), tuple(residuals), tuple(tangents[i] for i in moving), tuple(cotangents))
+        return self._gathered(xs, grads)
 
 
 class StructuredRules:

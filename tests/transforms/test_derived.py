@@ -165,6 +165,37 @@ def test_hessians_along_the_residuals_tangent(call):
     assert not any(compiled)
 
 
+def test_vmap_of_rules(call):
+    """Under ``vmap``, eager rules run once for the whole batch (compiled ones member by
+    member); gradients, Jacobians and Hessians of the members are exact, and the gradient
+    of an input that is not batched sums the members'."""
+    f, rules, compiled, make = call
+    grid = torch.stack([X, 2 * X, 3 * X])
+    loss = lambda t: f(t, Y)["b"].sum()
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(grid), 6 * grid**2 * Y)
+    eager = not compiled  # the stand-in compile records the derived VJP's calls
+    assert rules.forwards == (1 if eager else 3)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(lambda t: f(t, Y)["b"]))(grid),
+                               torch.diag_embed(6 * grid**2 * Y))
+    ys = torch.stack([Y, -Y, 2 * Y])
+    total = lambda t: torch.func.vmap(lambda u: f(t, u)["b"].sum())(ys).sum()
+    torch.testing.assert_close(torch.func.grad(total)(X), 6 * X**2 * ys.sum(0))
+    along = _AlongRules()
+    g = make(along)
+    hessians = torch.func.vmap(torch.func.hessian(lambda t: g(t, Y)["b"].sum()))(grid)
+    torch.testing.assert_close(hessians, torch.diag_embed(12 * grid * Y))
+    assert along.alongs > 0
+    alongs = along.alongs
+    # the transforms outside the vmap: the batched rules' own VJP along the tangent
+    of_batch = torch.func.hessian(lambda t: torch.func.vmap(lambda u: g(t, u)["b"].sum())(ys).sum())(X)
+    torch.testing.assert_close(of_batch, torch.diag(12 * X * ys.sum(0)))
+    mixed = torch.func.hessian(lambda t, v: torch.func.vmap(lambda u: g(t, u)["b"].sum())(v).sum(),
+                               argnums=(0, 1))(X, ys)[0][1]  # d2 / dx_i dy_mj = 6 x_i^2 (i = j)
+    torch.testing.assert_close(mixed, torch.diag(6 * X**2)[:, None, :].expand(3, 3, 3))
+    assert along.alongs > alongs
+    assert not any(compiled)
+
+
 class _WrongCount(_CubeRules):
     def vjp(self, kwargs, inputs, residuals, cotangent):
         return super().vjp(kwargs, inputs, residuals, cotangent)[:1]

@@ -41,3 +41,12 @@ def test_pull_test_script_writes_json(tmp_path, monkeypatch, capsys):
 def test_pull_test_script_rejects_too_few_replicas(monkeypatch, capsys):
     status, _, stderr = run_script(monkeypatch, capsys, "--replicas", "1")
     assert status == 2 and "--replicas must be >= 2" in stderr
+
+
+def test_pull_test_script_square_spots(monkeypatch, capsys):
+    """``--square`` fits the square-spot truth (the timing workload of the partial sums)."""
+    status, stdout, stderr = run_script(monkeypatch, capsys, "--replicas", "4", "--batch", "4",
+                                        "--seed", "1", "--square")
+    assert status == 0, stderr
+    summary = json.loads(stdout)
+    assert "-gauss_xtal" not in summary["truth_args"] and summary["replicas"] == 4
