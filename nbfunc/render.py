@@ -42,7 +42,7 @@ from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, so
 from nbfunc.lattice import lattice_factor, nearest_indices
 from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, miller_indices, per_orientation,
                                 pixel_partials, pixel_partials_chain, pixel_partials_sum,
-                                pixel_partials_tangent, pixel_row_layout, pixel_rows, row_sums)
+                                pixel_partials_tangent, pixel_row_layout, row_sums)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -385,17 +385,16 @@ def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
             and not plan.bfactor)
 
 
-def _partials_rows(plan: Plan) -> int:
-    """Rows of the partial sums per pixel for ``plan`` (`nbfunc.lattice_sum.pixel_rows`;
-    with several sources counted with weights)."""
-    return pixel_rows(plan.thicksteps > 1, plan.polarization, plan.n_orient, plan.path_sources,
-                      plan.path_sources > 0)
-
-
 def _partials_layout(plan: Plan, weighted: bool) -> dict[str, slice]:
     """`nbfunc.lattice_sum.pixel_row_layout` of the partial sums for ``plan``."""
     return pixel_row_layout(plan.thicksteps > 1, plan.polarization, plan.n_orient,
                             plan.path_sources, weighted)
+
+
+def _partials_rows(plan: Plan) -> int:
+    """Rows of the partial sums per pixel for ``plan`` (`nbfunc.lattice_sum.pixel_rows`;
+    with several sources counted with weights)."""
+    return max(block.stop for block in _partials_layout(plan, plan.path_sources > 0).values())
 
 
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
