@@ -166,13 +166,12 @@ class Derived:
             return tuple(out[j] for j in float_out)
         return g
 
-    def vjp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int = 0,
-            floating: tuple | None = None) -> "Derived":
+    def vjp(self, n_in: int, float_in: tuple, float_out: tuple, n_res: int,
+            floating: tuple) -> "Derived":
         """``(*xs, *residuals, *cotangents) -> gradients of the inputs float_in`` (the floating
-        inputs that need one; ``floating``: all floating inputs, whose gradients rules give,
-        None for ``float_in``): the rules' VJP when there are rules (``n_res`` residuals),
-        derived from the function otherwise and for every derivative of this one (which
-        ignores the residuals)."""
+        inputs that need one; ``floating``: all floating inputs, whose gradients rules give):
+        the rules' VJP when there are rules (``n_res`` residuals), derived from the function
+        otherwise and for every derivative of this one (which ignores the residuals)."""
         def make():
             def vjp_fn(*args):
                 xs, gs = args[:n_in], args[n_in + n_res:]
@@ -182,7 +181,7 @@ class Derived:
             return vjp_fn
         kept = None
         if self.rules is not None:  # the rules give the gradients of every floating input
-            kept = tuple((float_in if floating is None else floating).index(i) for i in float_in)
+            kept = tuple(floating.index(i) for i in float_in)
         child = self._child(("vjp", n_in, float_in, float_out, n_res), make,
                             self._fast_vjp(n_in, n_res, kept))
         if self.rules is not None:

@@ -42,7 +42,7 @@ from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, so
 from nbfunc.lattice import lattice_factor, nearest_indices
 from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, miller_indices, per_orientation,
                                 pixel_partials, pixel_partials_chain, pixel_partials_sum,
-                                pixel_partials_tangent, pixel_row_layout, row_sums)
+                                pixel_partials_tangent, pixel_row_layout, pixel_rows, row_sums)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -394,7 +394,8 @@ def _partials_layout(plan: Plan, weighted: bool) -> dict[str, slice]:
 def _partials_rows(plan: Plan) -> int:
     """Rows of the partial sums per pixel for ``plan`` (`nbfunc.lattice_sum.pixel_rows`;
     with several sources counted with weights)."""
-    return max(block.stop for block in _partials_layout(plan, plan.path_sources > 0).values())
+    return pixel_rows(plan.thicksteps > 1, plan.polarization, plan.n_orient, plan.path_sources,
+                      plan.path_sources > 0)
 
 
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
@@ -487,7 +488,7 @@ class PartialsRules(StructuredRules):
         if t_orient is None and t_n is None and t_background is None:
             # the scale alone: the sums do not move
             sums = {name: residuals[0].new_zeros(block.stop - block.start) for name, block
-                    in _partials_layout(kwargs["plan"], paths.weight is not None).items()}
+                    in _partials_layout(kwargs["plan"], len(inputs) > 17).items()}
         else:
             full, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                               kwargs["plan"])
