@@ -85,6 +85,16 @@ class Rules:
     def vjp(self, xs, residuals, cotangents):
         raise NotImplementedError
 
+    def jvp_supported(self) -> bool:
+        """Whether `jvp` answers (else the JVP is the transpose of `vjp`, `Derived.jvp`)."""
+        return False
+
+    def jvp(self, xs, residuals, tangents):
+        """The tangents of the floating outputs from ``tangents`` (one per floating input,
+        zeros where it does not move), eagerly: the JVP that transposing `vjp` would give,
+        written directly where that is cheaper (`Derived._fast_jvp`)."""
+        raise NotImplementedError
+
     def vjp_along_supported(self, mask: tuple) -> bool:
         """Whether `vjp_along` answers for inputs with tangents where ``mask`` (one bool per
         input) is True."""
@@ -273,9 +283,16 @@ class Derived:
         return fast_hvp
 
     def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple, n_float: int) -> Callable | None:
+        """The rules' JVP: eagerly their own (`Rules.jvp`) where they give one, else the
+        transpose of their VJP (`torch.func.vjp` of the VJP, which is linear in the
+        cotangents; compiled, inductor fuses it)."""
         fast_vjp = self._fast_vjp(n_in, n_res, tuple(range(n_float)))
         if fast_vjp is None:
             return None
+        if not self.compile and self.rules.jvp_supported():
+            rules = self.rules
+            return lambda *args: tuple(rules.jvp(args[:n_in], args[n_in:n_in + n_res],
+                                                 args[n_in + n_res:]))
 
         def fast_jvp(*args):
             head, ts = args[:n_in + n_res], args[n_in + n_res:]
@@ -458,6 +475,11 @@ class StructuredRules:
     def vjp(self, kwargs, inputs, residuals, cotangent):
         raise NotImplementedError
 
+    jvp = None
+    """Optional ``jvp(kwargs, inputs, residuals, tangents) -> tangent of fn's result``
+    (`Rules.jvp`, with the tangents of ``inputs`` and the result in ``fn``'s structure, None
+    at non-floating outputs)."""
+
     def vjp_along_supported(self, mask_args, mask_kwargs) -> bool:
         """`Rules.vjp_along_supported` with the mask in the structure of the call's
         ``(args, kwargs)`` (True where a tensor has a tangent, False at other tensors)."""
@@ -518,6 +540,25 @@ class _FlatRules(Rules):
         kwargs = self.rebuild(xs)[1]
         return self._chained(xs, cotangents,
                              lambda values, g: self.rules.vjp(kwargs, values, residuals, g))
+
+    def jvp_supported(self) -> bool:
+        return self.rules.jvp is not None
+
+    def jvp(self, xs, residuals, tangents):
+        float_in = [i for i, x in enumerate(xs) if _is_float(x)]
+
+        def inputs(*fx):
+            ys = list(xs)
+            for i, v in zip(float_in, fx):
+                ys[i] = v
+            return tuple(self.rules.inputs(*self.rebuild(ys)))
+
+        # fresh primals and tangents: under vmap either may be an expanded view (`_jvp`)
+        values, t_values = torch.func.jvp(inputs, tuple(xs[i].clone() for i in float_in),
+                                          tuple(t.clone() for t in tangents))
+        out = flatten_output(self.rules.jvp(self.rebuild(xs)[1], values, residuals, t_values))[0]
+        kept = [t for j, t in enumerate(out) if j not in self.layout["none_at"]]
+        return tuple(kept[j] for j in self.layout["float_out"])
 
     def vjp_along_supported(self, mask):
         return self.rules.vjp_along_supported(*self.rebuild(list(mask)))

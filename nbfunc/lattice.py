@@ -397,6 +397,54 @@ def gauss_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch
     return size_determinant(n_cells, n_offdiag) * torch.exp(-(rad_star_sq / 0.63 * fudge))
 
 
+def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor,
+                          n_offdiag: torch.Tensor):
+    """The C program's Gaussian spots (`lattice_factor` "gauss", the same value bit for bit)
+    with their partial derivatives, for hand-written gradients.
+
+    With ``dH'`` the coupled offsets (`coupled_offsets`, ``dH' = M dH``), ``x = dH' R`` (R the
+    rows a*, b*, c*), ``rad = |x|^2 (Na Nb Nc)^2`` and ``F = det N exp(-rad fudge/0.63)``:
+    ``dF/drad = -F fudge/0.63``, ``dF/dH' = dF/drad 2 (Na Nb Nc)^2 R x``, ``dF/dH = M^T
+    dF/dH'``; N and the off-diagonal terms enter through ``det N``, ``(Na Nb Nc)^2`` and M.
+
+    Args:
+        hkl: three (*) fractional indices; recip: (3, 3) rows a*, b*, c* (1/Angstrom);
+        n_cells: (3,) Na, Nb, Nc; fudge: 0-d; n_offdiag: (3,) Nd, Ne, Nf (cells).
+    Returns:
+        ``(F, dF/dh (3), dF/dN (3), dF/drecip (9, row-major), dF/dfudge, dF/dNd Ne Nf (3))``,
+        each (*) array in a list (the offsets' rounding is held: derivatives a.e.).
+    """
+    dh = tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
+    coupled = coupled_offsets(dh, n_cells, n_offdiag)
+    x = [coupled[0] * recip[..., 0, j] + coupled[1] * recip[..., 1, j] + coupled[2] * recip[..., 2, j]
+         for j in range(3)]
+    total = 0.0
+    for d in x:  # as `reciprocal_distance_sq`
+        total = total + d * d
+    product = n_cells.prod(-1)
+    rad = total * product ** 2
+    damping = torch.exp(-(rad / 0.63 * fudge))
+    value = size_determinant(n_cells, n_offdiag) * damping
+    d_rad = value * (-fudge / 0.63)
+    slope = d_rad * (2.0 * product ** 2)  # dF/dx_j = slope x_j
+    y = [slope * (x[0] * recip[..., k, 0] + x[1] * recip[..., k, 1] + x[2] * recip[..., k, 2])
+         for k in range(3)]
+    na, nb, nc = n_cells.unbind(-1)
+    nd, ne, nf = n_offdiag.unbind(-1)
+    d_h = [y[0] + y[1] * (nd / nb) + y[2] * (nf / nc), y[0] * (nd / na) + y[1] + y[2] * (ne / nc),
+           y[0] * (nf / na) + y[1] * (ne / nb) + y[2]]
+    by_size = d_rad * total * (2.0 * product)  # dF/d(Na Nb Nc) through rad
+    d_n = [damping * (nb * nc - ne * ne) + by_size * (nb * nc) - y[0] * (nd * dh[1] + nf * dh[2]) / (na * na),
+           damping * (na * nc - nf * nf) + by_size * (na * nc) - y[1] * (nd * dh[0] + ne * dh[2]) / (nb * nb),
+           damping * (na * nb - nd * nd) + by_size * (na * nb) - y[2] * (nf * dh[0] + ne * dh[1]) / (nc * nc)]
+    d_recip = [slope * coupled[k] * x[j] for k in range(3) for j in range(3)]
+    d_fudge = value * rad * (-1.0 / 0.63)
+    d_offdiag = [damping * (2.0 * (ne * nf - nc * nd)) + y[0] * dh[1] / na + y[1] * dh[0] / nb,
+                 damping * (2.0 * (nd * nf - na * ne)) + y[1] * dh[2] / nb + y[2] * dh[1] / nc,
+                 damping * (2.0 * (nd * ne - nb * nf)) + y[0] * dh[2] / na + y[2] * dh[0] / nc]
+    return value, d_h, d_n, d_recip, d_fudge, d_offdiag
+
+
 def tophat_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
     """Flat-top spots: ``Na Nb Nc`` inside ``rad*^2 fudge < 0.3969``, 0 outside."""
     inside = rad_star_sq * fudge < 0.3969

@@ -30,7 +30,7 @@ import torch
 from nbfunc.compile import compiled
 from nbfunc.beam import polarization_and_derivatives
 from nbfunc.detector import flat_positions, solid_angle
-from nbfunc.lattice import grating_and_derivatives
+from nbfunc.lattice import gauss_and_derivatives, grating_and_derivatives
 
 def miller_indices(q, orient: torch.Tensor):
     """Fractional indices ``h = a.q, k = b.q, l = c.q`` for every orientation.
@@ -98,6 +98,10 @@ def position_gradient(g_d, d, airpath):
     return tuple((a - b * dot) / airpath for a, b in zip(g_d, d))
 
 
+_GAUSS_ROWS = [("recip", 9), ("fudge", 1), ("n_offdiag", 3)]
+"""The rows that Gaussian spots add after N's (`gauss_and_derivatives`' parameters)."""
+
+
 def _layout(parts) -> dict[str, slice]:
     """Consecutive named row blocks: ``[(name, rows), ...] -> {name: slice}`` in that order."""
     out, start = {}, 0
@@ -107,29 +111,32 @@ def _layout(parts) -> dict[str, slice]:
     return out
 
 
-def lattice_row_layout(layered: bool, per_path: bool = False) -> dict[str, slice]:
+def lattice_row_layout(layered: bool, per_path: bool = False, gauss: bool = False) -> dict[str, slice]:
     """The rows of `lattice_partials`' sums over the paths of ``L = (F F_latt)^2``'s
-    derivatives: ``hq`` ``dL/dh_i q_j`` (i-major, 1/m), ``n_cells`` ``dL/dN_i``,
-    ``direction`` ``dL/dd_j`` (d the diffracted unit vector; left out with ``per_path``,
+    derivatives: ``hq`` ``dL/dh_i q_j`` (i-major, 1/m), ``n_cells`` ``dL/dN_i``, with
+    ``gauss`` (Gaussian spots) ``recip`` ``dL/da*_j`` (row-major, Angstrom), ``fudge`` and
+    ``n_offdiag`` ``dL/dNd, dNe, dNf``, then ``direction`` ``dL/dd_j`` (d the diffracted unit vector; left out with ``per_path``,
     where each path's own rows carry it), then ``dL/dpos_j`` (pos the sub-pixel position,
     1/m) times ``pos_fast`` the fast coordinate Fdet (m), ``pos_slow`` the slow coordinate
     Sdet (m), ``pos`` 1, and with ``layered`` ``pos_layer`` the layer index."""
-    return _layout([("hq", 9), ("n_cells", 3)] + [("direction", 3)] * (not per_path)
+    return _layout([("hq", 9), ("n_cells", 3)] + _GAUSS_ROWS * gauss + [("direction", 3)] * (not per_path)
                    + [("pos_fast", 3), ("pos_slow", 3), ("pos", 3)] + [("pos_layer", 3)] * layered)
 
 
 def pixel_row_layout(layered: bool, polarized: bool, n_orient: int = 1, path_rows: int = 0,
-                     weighted: bool = False) -> dict[str, slice]:
+                     weighted: bool = False, gauss: bool = False) -> dict[str, slice]:
     """The rows of `pixel_partials`: per pixel the derivative of ``value/scale`` with respect
     to ``orient`` the orientation matrices ((orientation, row, column)-major, m), ``n_cells``
-    N, ``incident`` the incident direction (one source), ``fdet``, ``sdet``, ``pix0`` (1/m),
+    N, with ``gauss`` ``recip`` the reciprocal cell (row-major, 1/Angstrom), ``fudge`` and
+    ``n_offdiag`` Nd, Ne, Nf, ``incident`` the incident direction (one source), ``fdet``, ``sdet``, ``pix0`` (1/m),
     ``background`` (``P omega``), then ``lattice`` ``P omega B`` (the derivative with respect
     to ``log F^2``); with ``polarized`` ``e_in`` E, ``b_in`` B, ``kahn`` K; with ``layered``
     ``layer`` ``dvalue/dpos`` times the layer index. With ``path_rows`` E > 0 (several
     sources: each path has its own source) the ``incident`` block is left out and each path
     has its own: ``path_incident`` (path, component)-major, ``path_wavelength`` (1/m^2... per
     metre of wavelength), and with ``weighted`` ``path_weight``."""
-    parts = [("orient", 9 * n_orient), ("n_cells", 3)] + [("incident", 3)] * (not path_rows)
+    parts = [("orient", 9 * n_orient), ("n_cells", 3)] + _GAUSS_ROWS * gauss
+    parts += [("incident", 3)] * (not path_rows)
     parts += [("fdet", 3), ("sdet", 3), ("pix0", 3), ("background", 1), ("lattice", 1)]
     parts += [("e_in", 3), ("b_in", 3), ("kahn", 1)] * polarized + [("layer", 3)] * layered
     if path_rows:
@@ -139,12 +146,13 @@ def pixel_row_layout(layered: bool, polarized: bool, n_orient: int = 1, path_row
 
 
 def pixel_rows(layered: bool, polarized: bool, n_orient: int = 1, path_rows: int = 0,
-               weighted: bool = False) -> int:
+               weighted: bool = False, gauss: bool = False) -> int:
     """Rows of `pixel_partials`' per-pixel sums (`pixel_row_layout`): 26 for one source and
     one orientation, 7 more with polarization, 3 more with several sensor layers, 9 more per
-    further orientation, and with several sources 4 (5 with weights) per path less 3."""
+    further orientation, with several sources 4 (5 with weights) per path less 3, and 13 more
+    with Gaussian spots."""
     return max(block.stop for block in pixel_row_layout(layered, polarized, n_orient, path_rows,
-                                                        weighted).values())
+                                                        weighted, gauss).values())
 
 
 PATHS_PER_CALL = 9
@@ -164,24 +172,35 @@ def _direction_rows(g_d, d, airpath, fd, sd, layer, layered: bool, per_path: boo
 
 def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                    n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
-                   per_path):
+                   per_path, gauss=None):
     """The paths' terms of `lattice_partials`: ``([(F F_latt)^2, rows...], path rows)``; the
     first list is summed over the paths, each (E, P) (the ``hq`` rows (E, P, O) with several
     orientations), the path rows (with ``per_path``: ``-dL/dd`` per component, ``dL/dlambda``
-    and with a ``weight`` ``dL/dw``) are kept per path, each (E, P)."""
+    and with a ``weight`` ``dL/dw``) are kept per path, each (E, P). ``gauss``: None for
+    square spots, or ``(recip, fudge, n_offdiag)`` for Gaussian ones
+    (`nbfunc.lattice.gauss_and_derivatives`), whose parameters' rows follow N's."""
     fd, sd, _, airpath, d, q, hkl = plain_geometry(
         fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
         spix, sub_f, sub_s, layer, oversample)
     many = orient.shape[0] > 1
-    parts, others, f_latt = grating_parts(hkl, n_cells)
+    if gauss is None:
+        parts, others, f_latt = grating_parts(hkl, n_cells)
+    else:
+        recip, fudge, n_offdiag = gauss
+        f_latt, d_h, d_n, d_recip, d_fudge, d_offdiag = gauss_and_derivatives(
+            hkl, recip, n_cells, fudge, n_offdiag)
+        d_n = d_n + d_recip + [d_fudge] + d_offdiag  # the rows after N's
     f_sq = default_f * default_f
     g_latt = 2.0 * f_sq * f_latt
     lattice = f_sq * f_latt * f_latt
     if weight is not None:
         w = weight[..., None] if many else weight
         unweighted, g_latt, lattice = lattice, g_latt * w, lattice * w
-    g_h = [g_latt * o * p[1] for o, p in zip(others, parts)]
-    g_n = [g_latt * o * p[2] for o, p in zip(others, parts)]
+    if gauss is None:
+        g_h = [g_latt * o * p[1] for o, p in zip(others, parts)]
+        g_n = [g_latt * o * p[2] for o, p in zip(others, parts)]
+    else:
+        g_h, g_n = [g_latt * x for x in d_h], [g_latt * x for x in d_n]
     if many:  # sum over the orientations (last axis) what does not depend on them
         g_d = tuple(sum((g_h[i] * orient[:, i, j]).sum(-1) for i in range(3)) / wavelength
                     for j in range(3))
@@ -270,13 +289,14 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
 
 def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                   n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
-                  per_path):
+                  per_path, gauss=None):
     """`lattice_partials` as ``([B, rows...], path rows)``: (1, P) arrays (the ``hq`` rows (1,
     P, O) with several orientations) and (E, P) arrays. Compiled, the paths are unrolled (one
     fused loop over the pixels keeps every per-evaluation value in registers); eagerly, they
     are evaluated together as (E, P) arrays and summed (a few hundred operations instead of a
     few hundred per path). With ``per_path`` (several sources: ``incident`` (E, 1, 3), one
-    per path) the path rows are those of each path, in path order; without, there are none."""
+    per path) the path rows are those of each path, in path order; without, there are none.
+    ``gauss``: as `_path_partials`."""
     n_paths = sub_f.shape[0]
     # several orientations: the paths as (E, P, O) arrays even compiled; unrolled, inductor
     # recomputed the gratings for each of the differently reduced sums (about 6x slower)
@@ -288,7 +308,7 @@ def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wav
         rows, path_g = _path_partials(
             fdet, sdet, odet, pix0, pixel_size, layer_depth, pick(incident), pick(wavelength),
             orient, n_cells, default_f, None if weight is None else weight[g], fpix, spix,
-            sub_f[g], sub_s[g], layer[g], oversample, layered, per_path)
+            sub_f[g], sub_s[g], layer[g], oversample, layered, per_path, gauss)
         rows = [x.sum(0, keepdim=True) for x in rows]
         total = rows if total is None else [a + b for a, b in zip(total, rows)]
         path.append(path_g)
@@ -298,7 +318,7 @@ def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wav
 
 def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                      n_cells, default_f, fpix, spix, sub_f, sub_s, layer, weight=None, *,
-                     oversample: int, layered: bool, per_path: bool = False):
+                     oversample: int, layered: bool, per_path: bool = False, gauss=None):
     """``B = sum over the paths and orientations of (F F_latt)^2`` per pixel, with per-pixel
     sums of the derivatives of ``L = (F F_latt)^2`` (the part of `pixel_partials` that loops
     over paths; `_lattice_rows`).
@@ -311,7 +331,9 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
         (E, 1) sub-pixel and layer indices; weight: (E, 1) per-path source weights or None;
         oversample: sub-pixels per pixel edge; layered: False when every layer index is 0
         (the layer rows are left out); per_path: each path has its own source (``incident``,
-        ``wavelength`` and ``weight`` per path) and rows of its own.
+        ``wavelength`` and ``weight`` per path) and rows of its own; gauss: None (square
+        spots) or ``(recip, fudge, n_offdiag)``, (3, 3) 1/Angstrom, 0-d and (3,) cells, for
+        Gaussian spots (13 more rows, `lattice_row_layout`).
     Returns:
         ((P,) the sum B, (R, P) rows: `lattice_row_layout` with the ``hq`` block 9 O rows
         (orientation, i, j)-major; R is 24, or 27 with ``layered``, for one orientation (3
@@ -320,7 +342,7 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
     """
     total, path = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
                                 wavelength, orient, n_cells, default_f, weight, fpix, spix, sub_f,
-                                sub_s, layer, oversample, layered, per_path)
+                                sub_s, layer, oversample, layered, per_path, gauss)
     return total[0][0], _stack_rows(total[1:]), _stack_path_rows(path, fpix)
 
 
@@ -344,7 +366,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
                    n_cells, default_f, close_distance, e_in, b_in, kahn, scale, background, fpix,
                    spix, sub_f, sub_s, layer, carried_b=None, carried_rows=None, carried_path=None,
                    weight=None, *, oversample: int, layered: bool, point_pixel: bool,
-                   polarized: bool, per_path: bool = False):
+                   polarized: bool, per_path: bool = False, gauss=None):
     """Photons per pixel of the common configuration, with the per-pixel sums from which
     `pixel_partials_chain` forms every input gradient.
 
@@ -365,7 +387,8 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         photons/m^2); background: 0-d water background (photons/sr); carried_b,
         carried_rows, carried_path: `lattice_partials` of further paths of the same pixels
         (their sums are added before the pixel factors, their path rows follow these
-        paths'), or None; point_pixel: omega = 1/R^2; polarized: False for P = 1.
+        paths'), or None; point_pixel: omega = 1/R^2; polarized: False for P = 1; gauss: as
+        `lattice_partials`.
     Returns:
         ((P,) photons per pixel, (R, P) rows as `pixel_row_layout` names them, R =
         `pixel_rows`.)
@@ -373,7 +396,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     lattice = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                n_cells, default_f, weight)
     (b, *raw), path = _lattice_rows(*lattice, fpix, spix, sub_f, sub_s, layer, oversample, layered,
-                                    per_path)
+                                    per_path, gauss)
     hq = _stack_rows(raw[:9])
     raw = raw[9:]
     path = _stack_path_rows(path, fpix)
@@ -386,12 +409,14 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     return _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_depth,
                        incident, orient, close_distance, e_in, b_in, kahn, scale, background, fpix,
                        spix, sub_f, sub_s, layer, weight, oversample=oversample, layered=layered,
-                       point_pixel=point_pixel, polarized=polarized, per_path=per_path)
+                       point_pixel=point_pixel, polarized=polarized, per_path=per_path,
+                       gauss=gauss is not None)
 
 
 def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient,
                 close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s, layer,
-                weight, grad_v=None, *, oversample, layered, point_pixel, polarized, per_path):
+                weight, grad_v=None, *, oversample, layered, point_pixel, polarized, per_path,
+                gauss=False):
     """The pixel factors of `pixel_partials` applied to the lattice sums: ``b`` (1, P) the sum B,
     ``hq`` (9 O, P), ``raw`` the other lattice rows (each (1, P)), ``path`` (K, E, P) the path
     rows. Returns ``((P,) value, (R, P) rows)``; affine in (b, hq, raw, path). With ``grad_v``
@@ -416,12 +441,14 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
     g_first = position_gradient(dp_dd, d, airpath)
     g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
     lat = {name: raw[block.start - 9:block.stop - 9]  # the rows after the nine hq rows
-           for name, block in lattice_row_layout(layered, per_path).items() if name != "hq"}
+           for name, block in lattice_row_layout(layered, per_path, gauss).items() if name != "hq"}
     rows = {"orient": [u * hq], "n_cells": [u * x for x in lat["n_cells"]],
             "fdet": [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
             "sdet": [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
             "pix0": [u * y + x for x, y in zip(g_first, lat["pos"])],
             "background": [u], "lattice": [u * b]}
+    if gauss:
+        rows.update({name: [u * x for x in lat[name]] for name, _ in _GAUSS_ROWS})
     # the first path's incident direction enters P
     first = [w * dp_dcos * x for x in d] if polarized else None
     if polarized:
@@ -440,7 +467,8 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
         rows["incident"] = [-u * y for y in lat["direction"]]
     if layered:
         rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
-    layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None)
+    layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None,
+                              gauss)
     if grad_v is not None:
         return value[0], {name: torch.cat([(x * grad_v).sum(-1) for x in rows[name]])
                           for name in layout}
@@ -490,7 +518,7 @@ def row_sums(rows, grad_v, layout: dict[str, slice]) -> dict:
 def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
                          n_cells, default_f, close_distance, scale, background, layered: bool,
                          point_pixel: bool, polarized: bool, n_path: int = 0,
-                         weighted: bool = False):
+                         weighted: bool = False, gauss: bool = False):
     """Gradients of ``sum(grad_v * value)`` with respect to `pixel_partials`' inputs ``fdet``
     to ``background`` (each of its input's shape), then with ``weighted`` the weights', from
     the rows' sums weighted by ``grad_v`` by block (``s``, `row_sums`): the chain rule on
@@ -498,11 +526,13 @@ def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelengt
     (``scale``, ``background``, ``default_F``, the distance and pixel size in omega) a
     gradient follows from the ``background`` and ``lattice`` rows; the ``default_F`` gradient
     is ``2 scale sum(grad_v P omega B) / F`` (exactly 0 at F = 0). ``n_path``: the paths
-    with rows of their own (several sources)."""
+    with rows of their own (several sources). With ``gauss`` (Gaussian spots) the gradients
+    of ``recip``, ``fudge`` and ``n_offdiag`` follow the ``background`` one, and N's has no
+    ``N <= 1`` rule (square spots take such an axis as 1)."""
     g = {name: scale * block for name, block in s.items()}
     s_background, s_lattice = s["background"][0], s["lattice"][0]
     d_orient = g["orient"].reshape(orient.shape)
-    d_n = torch.where(n_cells > 1, g["n_cells"], torch.zeros_like(g["n_cells"]))
+    d_n = g["n_cells"] if gauss else torch.where(n_cells > 1, g["n_cells"], torch.zeros_like(g["n_cells"]))
     if n_path:
         d_incident = g["path_incident"].reshape(n_path, 1, 3)
         d_wavelength = g["path_wavelength"].reshape(n_path, 1)
@@ -528,6 +558,8 @@ def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelengt
     out = (d_fdet, d_sdet, along_layer * layer_depth, d_pix0, d_pixel_size,
            (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f, d_close,
            d_e, d_b, d_k, d_scale, scale * s_background)
+    if gauss:
+        out += (g["recip"].reshape(3, 3), g["fudge"][0], g["n_offdiag"])
     return out + ((g["path_weight"].reshape(n_path, 1),) if weighted else ())
 
 
@@ -545,7 +577,7 @@ def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident
                        orient, n_cells, default_f, close_distance, e_in, b_in, kahn, scale,
                        background, fpix, spix, sub_f, sub_s, layer, weight=None, *, oversample: int,
                        layered: bool, point_pixel: bool, polarized: bool, per_path: bool = False,
-                       compile: bool):
+                       gauss=None, compile: bool):
     """`pixel_partials` without autograd, compiled (``compile``) at most `PATHS_PER_CALL` paths
     per call with one orientation (the first group's call adds the others'
     `lattice_partials`), or in one call. Arguments and result as `pixel_partials`."""
@@ -554,7 +586,7 @@ def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident
                          pick(wavelength, g), orient, n_cells, default_f)
     pixel = (close_distance, e_in, b_in, kahn, scale, background)
     flags = {"oversample": oversample, "layered": layered, "point_pixel": point_pixel,
-             "polarized": polarized, "per_path": per_path}
+             "polarized": polarized, "per_path": per_path, "gauss": gauss}
     with torch.no_grad():
         if not compile:
             return pixel_partials(*lattice(slice(None)), *pixel, fpix, spix, sub_f, sub_s, layer,
@@ -567,7 +599,7 @@ def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident
             group = slice(start, start + size)
             sums = _compiled_partials(*lattice(group), fpix, spix, sub_f[group], sub_s[group],
                                       layer[group], pick(weight, group), oversample=oversample,
-                                      layered=layered, per_path=per_path)
+                                      layered=layered, per_path=per_path, gauss=gauss)
             carried = (list(sums) if carried[0] is None
                        else [a + b for a, b in zip(carried[:2], sums[:2])] + [torch.cat([carried[2], sums[2]], 1)])
         first = slice(0, size)

@@ -377,10 +377,11 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
-    """The configuration `PartialsRules` cover: square shape, ``default_F`` only, flat
+    """The configuration `PartialsRules` cover: square or (the C program's) Gaussian spots,
+    ``default_F`` only, flat
     detector, no absorption, no resolution cut, no oversample flags, no diffuse scattering
     and no B factor (any number of sources, phi steps and mosaic domains)."""
-    return (plan.shape == "square" and not has_hkl and not plan.ordered and plan.dmin == 0
+    return (plan.shape in ("square", "gauss") and not has_hkl and not plan.ordered and plan.dmin == 0
             and not plan.absorption and not plan.curved and not plan.diffuse_ops
             and not plan.bfactor)
 
@@ -388,14 +389,14 @@ def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
 def _partials_layout(plan: Plan, weighted: bool) -> dict[str, slice]:
     """`nbfunc.lattice_sum.pixel_row_layout` of the partial sums for ``plan``."""
     return pixel_row_layout(plan.thicksteps > 1, plan.polarization, plan.n_orient,
-                            plan.path_sources, weighted)
+                            plan.path_sources, weighted, plan.shape == "gauss")
 
 
 def _partials_rows(plan: Plan) -> int:
     """Rows of the partial sums per pixel for ``plan`` (`nbfunc.lattice_sum.pixel_rows`;
     with several sources counted with weights)."""
     return pixel_rows(plan.thicksteps > 1, plan.polarization, plan.n_orient, plan.path_sources,
-                      plan.path_sources > 0)
+                      plan.path_sources > 0, plan.shape == "gauss")
 
 
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
@@ -416,8 +417,9 @@ def _pixel_coordinates(pixel_index, plan: Plan, dtype):
 
 def _partials_inputs(setup: Setup, orient, plan: Plan, finish, paths: Paths):
     """The 17 differentiable inputs of `nbfunc.lattice_sum.pixel_partials` (``fdet`` to
-    ``background``) for a chunk of the plain configuration, then the paths' source weights
-    when they have any. With several sources the incident directions and wavelengths are
+    ``background``) for a chunk of the plain configuration, with Gaussian spots its
+    ``gauss`` (the reciprocal cell, ``fudge``, the off-diagonal size terms), then the paths'
+    source weights when they have any (`_weighted`). With several sources the incident directions and wavelengths are
     the paths' (E, 1, 3) and (E, 1), else the one source's (1, 1, 3) and (1, 1)."""
     f = setup.frame
     if plan.polarization:
@@ -429,9 +431,15 @@ def _partials_inputs(setup: Setup, orient, plan: Plan, finish, paths: Paths):
     else:
         incident, wavelength = setup.incident[:1, None], setup.wavelengths[:1, None]
     weight = () if paths.weight is None else (paths.weight,)
+    gauss = (setup.recip, setup.fudge, setup.n_offdiag) if plan.shape == "gauss" else ()
     return (f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
             orient, setup.n_cells, setup.default_f, f.close_distance, e_in, b_in, setup.kahn,
-            *finish, *weight)
+            *finish, *gauss, *weight)
+
+
+def _weighted(inputs, plan: Plan) -> bool:
+    """Whether `_partials_inputs` ended with the paths' source weights."""
+    return len(inputs) > 17 + 3 * (plan.shape == "gauss")
 
 
 class PartialsRules(StructuredRules):
@@ -444,10 +452,10 @@ class PartialsRules(StructuredRules):
     residual, (R, P)); the VJP is then one matrix-vector product with the incoming per-pixel
     gradient (`nbfunc.lattice_sum.pixel_partials_chain`) chained through the few (3,)-sized
     inputs (`_partials_inputs`), instead of a second pass over every evaluation. The JVP is
-    that VJP's transpose (`nbfunc.derived`). Second derivatives along the orientation
-    matrices, N, the scale and the background come from the sums' tangent
-    (`vjp_along`); other second and higher derivatives are derived from `chunk_kernel`
-    itself.
+    that VJP's transpose (`nbfunc.derived`). With square spots, second derivatives along the
+    orientation matrices, N, the scale and the background come from the sums' tangent
+    (`vjp_along`); other second and higher derivatives (all of them with Gaussian spots) are
+    derived from `chunk_kernel` itself.
 
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
     ("Transforms").
@@ -472,11 +480,27 @@ class PartialsRules(StructuredRules):
     def vjp(self, kwargs, inputs, residuals, cotangent):
         return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
 
+    def jvp(self, kwargs, inputs, residuals, tangents):
+        """The VJP's transpose written out: the chain's transpose (small: by ``torch.func.vjp``
+        of `_partials_chain`, linear in the sums) gives one coefficient per row, and the
+        pixels' tangent is one product with the rows (eagerly, about 3x faster than
+        autograd's transpose of the VJP block by block)."""
+        plan = kwargs["plan"]
+        rows = residuals[0]
+        layout = _partials_layout(plan, _weighted(inputs, plan))
+        zeros = {name: rows.new_zeros(block.stop - block.start) for name, block in layout.items()}
+        _, transpose = torch.func.vjp(lambda sums: _partials_chain(sums, inputs, plan), zeros)
+        coefficients = transpose(tuple(tangents))[0]
+        flat = torch.cat([coefficients[name] for name in layout])
+        return {"value": flat @ rows, "disabled": None, "seen": None}
+
     def vjp_along_supported(self, mask_args, mask_kwargs) -> bool:
         """Tangents of the partial sums along the orientation matrices, N, the scale and the
         background (`nbfunc.lattice_sum.pixel_partials_tangent`), and along set-up fields
         that the sums do not read: Hessians with respect to the cell, the misset, the mosaic
-        spread, the phi angles, N, the fluence and G."""
+        spread, the phi angles, N, the fluence and G. Square spots only."""
+        if mask_kwargs["plan"].shape != "square":
+            return False
         setup, _, *others = mask_args
         read = [getattr(setup, name) for name in _SUMS_READ] + others
         return not any(m is True for m in tree_leaves(read))
@@ -488,11 +512,12 @@ class PartialsRules(StructuredRules):
         if t_orient is None and t_n is None and t_background is None:
             # the scale alone: the sums do not move
             sums = {name: residuals[0].new_zeros(block.stop - block.start) for name, block
-                    in _partials_layout(kwargs["plan"], len(inputs) > 17).items()}
+                    in _partials_layout(kwargs["plan"], _weighted(inputs, kwargs["plan"])).items()}
         else:
             full, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                               kwargs["plan"])
             weight = flags.pop("weight")
+            flags.pop("gauss")  # None: square spots (`vjp_along_supported`)
             if t_orient is None and t_n is None:  # the lattice sums hold still
                 t_n = torch.zeros_like(setup.n_cells)
             if t_background is None:
@@ -521,26 +546,27 @@ def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish,
     fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
     differentiable = _partials_inputs(setup, orient, plan, finish, paths)
     inputs = (*differentiable[:17], fpix, spix, paths.sub_f, paths.sub_s, paths.layer)
+    gauss = tuple(differentiable[17:20]) if plan.shape == "gauss" else None
     return inputs, {"oversample": plan.oversample, "weight": paths.weight, **_partials_flags(plan),
-                    "per_path": plan.path_sources > 0}
+                    "per_path": plan.path_sources > 0, "gauss": gauss}
 
 
 def _partials_vjp(grad_value, rows, inputs, plan: Plan):
-    """The gradients of the 17 or 18 `_partials_inputs` from the incoming per-pixel gradient
-    (P,) and the partial sums (R, P)."""
-    layout = _partials_layout(plan, len(inputs) > 17)
+    """The gradients of the `_partials_inputs` from the incoming per-pixel gradient (P,) and
+    the partial sums (R, P)."""
+    layout = _partials_layout(plan, _weighted(inputs, plan))
     return _partials_chain(row_sums(rows, grad_value, layout), inputs, plan)
 
 
 def _partials_chain(sums, inputs, plan: Plan):
-    """`nbfunc.lattice_sum.pixel_partials_chain`: the gradients of the 17 or 18
-    `_partials_inputs` from the rows' weighted sums ``sums`` (by block, `row_sums`)."""
+    """`nbfunc.lattice_sum.pixel_partials_chain`: the gradients of the `_partials_inputs` from
+    the rows' weighted sums ``sums`` (by block, `row_sums`)."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
      close_distance, _, _, _, scale, background) = inputs[:17]
     return pixel_partials_chain(sums, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
                                 orient, n_cells, default_f, close_distance, scale, background,
                                 **_partials_flags(plan), n_path=plan.path_sources,
-                                weighted=len(inputs) > 17)
+                                weighted=_weighted(inputs, plan), gauss=plan.shape == "gauss")
 
 
 class ImagePartialsRules(StructuredRules):

@@ -24,7 +24,7 @@ import nbfunc.render
 import nbfunc.lattice_sum as lattice_module
 from nbfunc.beam import polarization_axes
 from nbfunc.detector import solid_angle
-from nbfunc.lattice import square_lattice
+from nbfunc.lattice import lattice_factor, square_lattice
 from nbfunc.rotation import axis_rotation_matrix
 from nbfunc.lattice_sum import (lattice_partials, pixel_partials, pixel_partials_chain,
                                 pixel_partials_sum, pixel_partials_tangent, pixel_row_layout,
@@ -136,12 +136,16 @@ def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, 
                     "run (here every render compiles; compiled partial sums of several sources and "
                     "orientations: test_compiled_autograd_equals_transform_gradient_with_many_paths)")
 @pytest.mark.parametrize("extra", [CONFIGS["mosaic_phi"][0] + " -divergence 1 -divsteps 2 -square_div",
-                                   "-bandwidth 2 -bandwidth_steps 3 -mosaic 0.3 -mosaic_dom 2"])
+                                   "-bandwidth 2 -bandwidth_steps 3 -mosaic 0.3 -mosaic_dom 2",
+                                   "-gauss_xtal -fudge 2 -Ndef 0.5 -0.3 0.4 -mosaic 0.3 -mosaic_dom 2 "
+                                   "-bandwidth 2 -bandwidth_steps 2",
+                                   "-gauss_xtal -N 1"])
 def test_pixel_partials_with_sources_and_orientations_equal_the_kernel_derivatives(
         extra, input_files, counted_partials, monkeypatch):
     """Several sources (a divergence grid, or a weighted spectrum) and orientations (mosaic
-    domains, phi steps) take the pixel partials (eager): ``grad`` over the whole tree and
-    ``jacfwd`` of the pixels equal the kernel's own derivatives (partials switched off)."""
+    domains, phi steps), and Gaussian spots (with off-diagonal size terms; with N = 1) take
+    the pixel partials (eager): ``grad`` over the whole tree and ``jacfwd`` of the pixels
+    equal the kernel's own derivatives (partials switched off)."""
     p = make_params(extra, input_files)
     with torch.no_grad():
         target = (nbfunc.simulate(p) * 1.1).detach()
@@ -200,12 +204,18 @@ def _lattice_inputs(layered: bool):
 
 
 def _lattice_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
-                 n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample, weight=None):
+                 n_cells, default_f, fpix, spix, sub_f, sub_s, layer, oversample, weight=None,
+                 gauss=None):
     """``sum over paths (and orientations) of w (F F_latt)^2`` per pixel from the renderer's
-    pieces (`square_lattice`)."""
+    pieces (`square_lattice`, or with ``gauss = (recip, fudge, n_offdiag)`` `lattice_factor`'s
+    Gaussian spots)."""
     hkl = plain_geometry(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
                          orient, fpix, spix, sub_f, sub_s, layer, oversample)[-1]
-    term = (default_f * square_lattice(hkl, n_cells)) ** 2
+    if gauss is None:
+        term = (default_f * square_lattice(hkl, n_cells)) ** 2
+    else:
+        recip, fudge, n_offdiag = gauss
+        term = (default_f * lattice_factor("gauss", hkl, recip, n_cells, fudge, n_offdiag)) ** 2
     if weight is not None:
         term = term * (weight if orient.shape[0] == 1 else weight[..., None])
     return term.sum(0) if orient.shape[0] == 1 else term.sum((0, 2))
@@ -239,11 +249,11 @@ def _pixel_inputs(layered: bool):
     return inputs + [f64(0.098), e_in, b_in, f64(0.3), f64(1.7e-3), f64(25.0)], fixed
 
 
-def _pixel_reference(*args, oversample, point_pixel, polarized, weight=None):
+def _pixel_reference(*args, oversample, point_pixel, polarized, weight=None, gauss=None):
     """`pixel_partials`' photons per pixel composed from the renderer's own pieces:
     `_lattice_sum`, `solid_angle` and the Kahn factor of the first path."""
     lattice, (close, e_in, b_in, kahn, scale, background), fixed = args[:11], args[11:17], args[17:]
-    b = _lattice_sum(*lattice, *fixed, oversample, weight)
+    b = _lattice_sum(*lattice, *fixed, oversample, weight, gauss)
     fpix, spix, sub_f, sub_s, layer = fixed
     _, _, _, airpath, d, _, _ = plain_geometry(*lattice[:6], lattice[6][:1], lattice[7][:1],
                                                lattice[8][:1], fpix, spix, sub_f[:1], sub_s[:1],
@@ -284,16 +294,17 @@ def test_pixel_partials_give_the_pixel_gradient(layered, point_pixel, polarized)
     assert torch.equal(_pixel_vjp(weights, rows, inputs, layered, **flags)[10], torch.tensor(0.0, dtype=torch.float64))
 
 
-def _pixel_vjp(weights, rows, inputs, layered, n_path=0, **flags):
+def _pixel_vjp(weights, rows, inputs, layered, n_path=0, gauss=False, **flags):
     """`pixel_partials_chain` of the rows' weighted sums, with the inputs it takes picked from
-    `pixel_partials`' differentiable ones."""
+    `pixel_partials`' differentiable ones (17, with ``gauss`` 3 more, then any weights)."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
      close, _, _, _, scale, background) = inputs[:17]
-    weighted = len(inputs) > 17
-    layout = pixel_row_layout(layered, flags["polarized"], orient.shape[0], n_path, weighted)
+    weighted = len(inputs) > 17 + 3 * gauss
+    layout = pixel_row_layout(layered, flags["polarized"], orient.shape[0], n_path, weighted, gauss)
     return pixel_partials_chain(row_sums(rows, weights, layout), fdet, sdet, odet, pixel_size,
                                 layer_depth, wavelength, orient, n_cells, default_f, close, scale,
-                                background, layered, **flags, n_path=n_path, weighted=weighted)
+                                background, layered, **flags, n_path=n_path, weighted=weighted,
+                                gauss=gauss)
 
 
 @pytest.mark.parametrize("n_orient, per_path, weighted, layered",
@@ -321,6 +332,48 @@ def test_pixel_partials_with_sources_and_orientations(n_orient, per_path, weight
         expected = torch.zeros_like(got) if expected is None else expected
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
                                    msg=lambda m: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize("n_orient, per_path, weighted, offdiag",
+                         [(1, False, False, False), (1, False, False, True), (3, False, False, True),
+                          (2, True, True, True)])
+def test_pixel_partials_of_gaussian_spots(n_orient, per_path, weighted, offdiag):
+    """Gaussian spots (``gauss``, `nbfunc.lattice.gauss_and_derivatives`): the pixels and
+    `pixel_partials_chain`, with the gradients of the reciprocal cell, ``fudge`` and the
+    off-diagonal size terms, against autograd through the same pixels composed from the
+    renderer's pieces (`lattice_factor`, eager); an axis with N = 1 has a gradient (no
+    ``N <= 1`` rule as for square spots)."""
+    inputs, fixed = _many(*_pixel_inputs(True), n_orient, per_path, weighted)
+    inputs[9] = torch.tensor([5.0, 1.0, 3.0], dtype=torch.float64)
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)
+    recip = torch.linalg.inv(inputs[8][0] * 1e10).T + 1e-3 * torch.tensor(
+        [[0.3, -0.2, 0.5], [0.1, 0.4, -0.6], [-0.5, 0.2, 0.3]], dtype=torch.float64)
+    gauss = [recip, f64(0.8), f64([0.4, -0.3, 0.2] if offdiag else [0.0, 0.0, 0.0])]
+    weight = inputs[17] if weighted else None
+    flags = {"point_pixel": False, "polarized": True}
+    cotangent = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    value, rows = pixel_partials(*inputs[:17], *fixed, weight=weight, oversample=2, layered=True,
+                                 per_path=per_path, gauss=tuple(gauss), **flags)
+    assert rows.shape == (pixel_rows(True, True, n_orient, 2 if per_path else 0, weighted, True), 3)
+
+    def reference(*a):
+        return _pixel_reference(*a[:17], *fixed, oversample=2, weight=a[20] if weighted else None,
+                                gauss=a[17:20], **flags)
+
+    all_inputs = inputs[:17] + gauss + inputs[17:]
+    torch.testing.assert_close(value, reference(*all_inputs), rtol=1e-14, atol=0.0)
+    assert float(value.min()) > 0.0
+    hand = _pixel_vjp(cotangent, rows, all_inputs, True, n_path=2 if per_path else 0, gauss=True,
+                      **flags)
+    a = [x.clone().requires_grad_(True) for x in all_inputs]
+    auto = torch.autograd.grad((reference(*a) * cotangent).sum(), a, allow_unused=True)
+    assert len(hand) == len(auto)
+    for i, (got, expected) in enumerate(zip(hand, auto)):
+        expected = torch.zeros_like(got) if expected is None else expected
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
+                                   msg=lambda m: f"input {i}: {m}")
+    for i in (9, 17, 18, 19):  # N (with N = 1), recip, fudge, the off-diagonal terms move it
+        assert float(hand[i].abs().max()) > 0.0 or (i == 19 and not offdiag)
 
 
 @pytest.mark.parametrize("n_orient, per_path, weighted, layered, polarized, point_pixel",
