@@ -287,6 +287,12 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     return rows, path
 
 
+def _path_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(0, keepdim=True)``: the sum over the paths, (E, ...) -> (1, ...); ``x`` itself
+    for one path (eagerly a sum over one element is a copy)."""
+    return x if x.shape[0] == 1 else x.sum(0, keepdim=True)
+
+
 def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                   n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
                   per_path, gauss=None):
@@ -309,7 +315,7 @@ def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wav
             fdet, sdet, odet, pix0, pixel_size, layer_depth, pick(incident), pick(wavelength),
             orient, n_cells, default_f, None if weight is None else weight[g], fpix, spix,
             sub_f[g], sub_s[g], layer[g], oversample, layered, per_path, gauss)
-        rows = [x.sum(0, keepdim=True) for x in rows]
+        rows = [_path_sum(x) for x in rows]
         total = rows if total is None else [a + b for a, b in zip(total, rows)]
         path.append(path_g)
     path = [torch.cat(column) for column in zip(*path)] if per_path else []
@@ -498,7 +504,7 @@ def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, inci
                                       wavelength, orient, n_cells, default_f, weight, fpix, spix,
                                       sub_f, sub_s, layer, oversample, layered, per_path, t_orient,
                                       t_n)
-    db, *raw = [x.sum(0, keepdim=True) for x in [db] + raw]
+    db, *raw = [_path_sum(x) for x in [db] + raw]
     hq = _stack_rows(raw[:9])
     path = _stack_path_rows(path, fpix)
     sums = _pixel_rows(db, hq, raw[9:], path, fdet, sdet, odet, pix0, pixel_size, layer_depth,

@@ -58,11 +58,14 @@ class Tile:
         counts: (pixels,) observed counts.
         include: (pixels,) bool, False for pixels left out (masked); pixels whose ``mu <= 0``
             are left out as well, at each evaluation.
+        pixels: (pixels,) int64 flat indices of the tile's pixels in the observed image, or
+            None for all of them in order (``counts`` is the image's at these pixels).
     """
 
     model: Callable[[torch.Tensor], torch.Tensor]
     counts: torch.Tensor
     include: torch.Tensor
+    pixels: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -303,7 +306,8 @@ def _band_tile(p: Params, unpack, observed, include, rows: tuple[int, int]) -> T
     def model(theta: torch.Tensor) -> torch.Tensor:
         return simulate_pixels(replace_leaves(tree, unpack(theta)))
 
-    return Tile(model, observed.reshape(-1)[pixels], torch.ones(len(pixels), dtype=torch.bool))
+    return Tile(model, observed.reshape(-1)[pixels], torch.ones(len(pixels), dtype=torch.bool),
+                pixels)
 
 
 def _mask_like(mask: torch.Tensor | None, shape) -> torch.Tensor:

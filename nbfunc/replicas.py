@@ -87,17 +87,21 @@ def fit_replicas(model: Params | Callable[[dict], torch.Tensor], observed: torch
     Returns:
         `ReplicaFits`.
     """
-    problems = [poisson_problem(model, image, free, mask=mask, tile_pixels=tile_pixels)
-                for image in observed]
-    problem = problems[0]
-    counts = [torch.stack([p.tiles[t].counts for p in problems]) for t in range(len(problem.tiles))]
-    theta = torch.as_tensor(start, dtype=torch.float64).expand(len(problems), -1).clone()
+    observed = torch.as_tensor(observed, dtype=torch.float64)
+    if observed.dim() < 2 or len(observed) == 0:
+        raise ValueError(f"observed must be (replicas, *image shape) with at least one replica, "
+                         f"got shape {tuple(observed.shape)}")
+    # the replicas share the problem (tiles, masks); only their counts differ
+    problem = poisson_problem(model, observed[0], free, mask=mask, tile_pixels=tile_pixels)
+    flat = observed.reshape(len(observed), -1)
+    counts = [flat if tile.pixels is None else flat[:, tile.pixels] for tile in problem.tiles]
+    theta = torch.as_tensor(start, dtype=torch.float64).expand(len(observed), -1).clone()
     data = batch_terms(problem, counts, theta)
     c = log_coordinates(problem, theta, data.fisher)
     z = to_z(c, theta)
-    lam = torch.full((len(problems),), 1e-3, dtype=torch.float64)
-    iterations = torch.zeros(len(problems), dtype=torch.long)
-    done = torch.zeros(len(problems), dtype=torch.bool)
+    lam = torch.full((len(observed),), 1e-3, dtype=torch.float64)
+    iterations = torch.zeros(len(observed), dtype=torch.long)
+    done = torch.zeros(len(observed), dtype=torch.bool)
     for _ in range(max_iter + 1):
         grad, fisher = _z_terms(c, theta, data)
         done = done | (newton_decrement(grad, fisher) <= tol)

@@ -44,6 +44,30 @@ def test_batched_fits_equal_single_fits():
         assert float(batch.nll[r]) == pytest.approx(single.nll, abs=1e-6)
 
 
+def test_batched_fits_of_a_tree_equal_single_fits():
+    """A tree's replicas share one problem: with a mask and tiles of a few rows each, every
+    replica's counts are taken at its tiles' pixels (`Tile.pixels`), and each batched fit
+    equals the fit of that replica's own problem. A stack without replicas is refused."""
+    p = tree(SPOTS.replace("-detpixels 64", "-detpixels 24"))
+    mu = render(p)
+    mask = torch.ones_like(mu, dtype=torch.bool)
+    mask[3:9, 5:17] = False
+    counts = poisson_replicas(mu, 2, torch.Generator().manual_seed(4))
+    free = ["detector.distance", "crystal.misset[0]"]
+    problem = poisson_problem(p, counts[0], free, mask=mask, tile_pixels=100)
+    assert len(problem.tiles) > 3
+    start = problem.start * (1 + 1e-3)
+    batch = fit_replicas(p, counts, free, start, mask=mask, tile_pixels=100)
+    assert bool(batch.converged.all())
+    for r in range(2):
+        single = fit_problem(poisson_problem(p, counts[r], free, mask=mask, tile_pixels=100), start)
+        torch.testing.assert_close(batch.values[r], single.values, rtol=0,
+                                   atol=1e-4 * float(single.uncertainty.std.min()))
+        assert float(batch.nll[r]) == pytest.approx(single.nll, abs=1e-6)
+    with pytest.raises(ValueError, match="at least one replica"):
+        fit_replicas(p, counts[:0], free, start)
+
+
 def test_toy_pulls_have_mean_0_and_width_1():
     n = 400
     generator = torch.Generator().manual_seed(11)
