@@ -1,11 +1,12 @@
 """Photons per pixel of the common configuration with per-pixel partial sums for its gradient.
 
-For a square crystal with ``default_F`` only, a flat detector, no absorption, no resolution
-cut, no oversample flags, any number of sources and orientations (phi steps x mosaic
-domains), `pixel_partials` computes the photons per pixel (the lattice sum over the paths and
-orientations, the first path's solid angle and polarization, the scale) and, per pixel, the
-sums from which the derivative with respect to every input follows (26 to 36 for one source
-and one orientation; 9 more per orientation, and with several sources 5 per path); one
+For square (or the C program's Gaussian) spots with ``default_F`` only, a flat detector, no
+absorption, no resolution cut, no oversample flags, any number of sources and orientations
+(phi steps x mosaic domains), `pixel_partials` computes the photons per pixel (the lattice
+sum over the paths and orientations, the first path's solid angle and polarization, the
+scale) and, per pixel, the sums from which the derivative with respect to every input
+follows (26 to 36 for one source and one orientation; 9 more per orientation, with several
+sources 5 per path, and 13 more for Gaussian spots); one
 matrix-vector product with them and `pixel_partials_chain` give the gradients.
 `nbfunc.render.PartialsRules` uses the two as the first derivatives of the render's chunk
 kernel (`nbfunc.derived`): a gradient then costs one pass over the evaluations (the forward,

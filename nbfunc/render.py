@@ -378,9 +378,9 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
     """The configuration `PartialsRules` cover: square or (the C program's) Gaussian spots,
-    ``default_F`` only, flat
-    detector, no absorption, no resolution cut, no oversample flags, no diffuse scattering
-    and no B factor (any number of sources, phi steps and mosaic domains)."""
+    ``default_F`` only, flat detector, no absorption, no resolution cut, no oversample flags,
+    no diffuse scattering and no B factor (any number of sources, phi steps and mosaic
+    domains)."""
     return (plan.shape in ("square", "gauss") and not has_hkl and not plan.ordered and plan.dmin == 0
             and not plan.absorption and not plan.curved and not plan.diffuse_ops
             and not plan.bfactor)
@@ -452,7 +452,7 @@ class PartialsRules(StructuredRules):
     residual, (R, P)); the VJP is then one matrix-vector product with the incoming per-pixel
     gradient (`nbfunc.lattice_sum.pixel_partials_chain`) chained through the few (3,)-sized
     inputs (`_partials_inputs`), instead of a second pass over every evaluation. The JVP is
-    that VJP's transpose (`nbfunc.derived`). With square spots, second derivatives along the
+    that VJP's transpose (`nbfunc.derived`; eagerly written out, `jvp`). With square spots, second derivatives along the
     orientation matrices, N, the scale and the background come from the sums' tangent
     (`vjp_along`); other second and higher derivatives (all of them with Gaussian spots) are
     derived from `chunk_kernel` itself.
