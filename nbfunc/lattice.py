@@ -416,8 +416,8 @@ def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge
     """
     dh = tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
     coupled = coupled_offsets(dh, n_cells, n_offdiag)
-    x = [coupled[0] * recip[..., 0, j] + coupled[1] * recip[..., 1, j] + coupled[2] * recip[..., 2, j]
-         for j in range(3)]
+    x = [coupled[0] * recip[..., 0, j] + coupled[1] * recip[..., 1, j]
+         + coupled[2] * recip[..., 2, j] for j in range(3)]
     total = 0.0
     for d in x:  # as `reciprocal_distance_sq`
         total = total + d * d
@@ -434,9 +434,13 @@ def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge
     d_h = [y[0] + y[1] * (nd / nb) + y[2] * (nf / nc), y[0] * (nd / na) + y[1] + y[2] * (ne / nc),
            y[0] * (nf / na) + y[1] * (ne / nb) + y[2]]
     by_size = d_rad * total * (2.0 * product)  # dF/d(Na Nb Nc) through rad
-    d_n = [damping * (nb * nc - ne * ne) + by_size * (nb * nc) - y[0] * (nd * dh[1] + nf * dh[2]) / (na * na),
-           damping * (na * nc - nf * nf) + by_size * (na * nc) - y[1] * (nd * dh[0] + ne * dh[2]) / (nb * nb),
-           damping * (na * nb - nd * nd) + by_size * (na * nb) - y[2] * (nf * dh[0] + ne * dh[1]) / (nc * nc)]
+    # through det N, through (Na Nb Nc)^2 in rad, and through M (dH'_i moves by -(...)/N_i^2)
+    d_n = [damping * (nb * nc - ne * ne) + by_size * (nb * nc)
+           - y[0] * (nd * dh[1] + nf * dh[2]) / (na * na),
+           damping * (na * nc - nf * nf) + by_size * (na * nc)
+           - y[1] * (nd * dh[0] + ne * dh[2]) / (nb * nb),
+           damping * (na * nb - nd * nd) + by_size * (na * nb)
+           - y[2] * (nf * dh[0] + ne * dh[1]) / (nc * nc)]
     d_recip = [slope * coupled[k] * x[j] for k in range(3) for j in range(3)]
     d_fudge = value * rad * (-1.0 / 0.63)
     d_offdiag = [damping * (2.0 * (ne * nf - nc * nd)) + y[0] * dh[1] / na + y[1] * dh[0] / nb,

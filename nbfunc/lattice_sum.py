@@ -112,15 +112,18 @@ def _layout(parts) -> dict[str, slice]:
     return out
 
 
-def lattice_row_layout(layered: bool, per_path: bool = False, gauss: bool = False) -> dict[str, slice]:
+def lattice_row_layout(layered: bool, per_path: bool = False,
+                       gauss: bool = False) -> dict[str, slice]:
     """The rows of `lattice_partials`' sums over the paths of ``L = (F F_latt)^2``'s
     derivatives: ``hq`` ``dL/dh_i q_j`` (i-major, 1/m), ``n_cells`` ``dL/dN_i``, with
     ``gauss`` (Gaussian spots) ``recip`` ``dL/da*_j`` (row-major, Angstrom), ``fudge`` and
-    ``n_offdiag`` ``dL/dNd, dNe, dNf``, then ``direction`` ``dL/dd_j`` (d the diffracted unit vector; left out with ``per_path``,
-    where each path's own rows carry it), then ``dL/dpos_j`` (pos the sub-pixel position,
-    1/m) times ``pos_fast`` the fast coordinate Fdet (m), ``pos_slow`` the slow coordinate
-    Sdet (m), ``pos`` 1, and with ``layered`` ``pos_layer`` the layer index."""
-    return _layout([("hq", 9), ("n_cells", 3)] + _GAUSS_ROWS * gauss + [("direction", 3)] * (not per_path)
+    ``n_offdiag`` ``dL/dNd, dNe, dNf``, then ``direction`` ``dL/dd_j`` (d the diffracted unit
+    vector; left out with ``per_path``, where each path's own rows carry it), then
+    ``dL/dpos_j`` (pos the sub-pixel position, 1/m) times ``pos_fast`` the fast coordinate
+    Fdet (m), ``pos_slow`` the slow coordinate Sdet (m), ``pos`` 1, and with ``layered``
+    ``pos_layer`` the layer index."""
+    return _layout([("hq", 9), ("n_cells", 3)] + _GAUSS_ROWS * gauss
+                   + [("direction", 3)] * (not per_path)
                    + [("pos_fast", 3), ("pos_slow", 3), ("pos", 3)] + [("pos_layer", 3)] * layered)
 
 
@@ -129,13 +132,14 @@ def pixel_row_layout(layered: bool, polarized: bool, n_orient: int = 1, path_row
     """The rows of `pixel_partials`: per pixel the derivative of ``value/scale`` with respect
     to ``orient`` the orientation matrices ((orientation, row, column)-major, m), ``n_cells``
     N, with ``gauss`` ``recip`` the reciprocal cell (row-major, 1/Angstrom), ``fudge`` and
-    ``n_offdiag`` Nd, Ne, Nf, ``incident`` the incident direction (one source), ``fdet``, ``sdet``, ``pix0`` (1/m),
-    ``background`` (``P omega``), then ``lattice`` ``P omega B`` (the derivative with respect
-    to ``log F^2``); with ``polarized`` ``e_in`` E, ``b_in`` B, ``kahn`` K; with ``layered``
-    ``layer`` ``dvalue/dpos`` times the layer index. With ``path_rows`` E > 0 (several
-    sources: each path has its own source) the ``incident`` block is left out and each path
-    has its own: ``path_incident`` (path, component)-major, ``path_wavelength`` (1/m^2... per
-    metre of wavelength), and with ``weighted`` ``path_weight``."""
+    ``n_offdiag`` Nd, Ne, Nf, then ``incident`` the incident direction (one source),
+    ``fdet``, ``sdet``, ``pix0`` (1/m), ``background`` (``P omega``), then ``lattice``
+    ``P omega B`` (the derivative with respect to ``log F^2``); with ``polarized`` ``e_in``
+    E, ``b_in`` B, ``kahn`` K; with ``layered`` ``layer`` ``dvalue/dpos`` times the layer
+    index. With ``path_rows`` E > 0 (several sources: each path has its own source) the
+    ``incident`` block is left out and each path has its own: ``path_incident`` (path,
+    component)-major, ``path_wavelength`` (1/m^2... per metre of wavelength), and with
+    ``weighted`` ``path_weight``."""
     parts = [("orient", 9 * n_orient), ("n_cells", 3)] + _GAUSS_ROWS * gauss
     parts += [("incident", 3)] * (not path_rows)
     parts += [("fdet", 3), ("sdet", 3), ("pix0", 3), ("background", 1), ("lattice", 1)]
@@ -539,7 +543,9 @@ def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelengt
     g = {name: scale * block for name, block in s.items()}
     s_background, s_lattice = s["background"][0], s["lattice"][0]
     d_orient = g["orient"].reshape(orient.shape)
-    d_n = g["n_cells"] if gauss else torch.where(n_cells > 1, g["n_cells"], torch.zeros_like(g["n_cells"]))
+    d_n = g["n_cells"]
+    if not gauss:  # square spots take an axis with N <= 1 as 1
+        d_n = torch.where(n_cells > 1, d_n, torch.zeros_like(d_n))
     if n_path:
         d_incident = g["path_incident"].reshape(n_path, 1, 3)
         d_wavelength = g["path_wavelength"].reshape(n_path, 1)

@@ -381,8 +381,8 @@ def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
     ``default_F`` only, flat detector, no absorption, no resolution cut, no oversample flags,
     no diffuse scattering and no B factor (any number of sources, phi steps and mosaic
     domains)."""
-    return (plan.shape in ("square", "gauss") and not has_hkl and not plan.ordered and plan.dmin == 0
-            and not plan.absorption and not plan.curved and not plan.diffuse_ops
+    return (plan.shape in ("square", "gauss") and not has_hkl and not plan.ordered
+            and plan.dmin == 0 and not plan.absorption and not plan.curved and not plan.diffuse_ops
             and not plan.bfactor)
 
 
@@ -419,8 +419,9 @@ def _partials_inputs(setup: Setup, orient, plan: Plan, finish, paths: Paths):
     """The 17 differentiable inputs of `nbfunc.lattice_sum.pixel_partials` (``fdet`` to
     ``background``) for a chunk of the plain configuration, with Gaussian spots its
     ``gauss`` (the reciprocal cell, ``fudge``, the off-diagonal size terms), then the paths'
-    source weights when they have any (`_weighted`). With several sources the incident directions and wavelengths are
-    the paths' (E, 1, 3) and (E, 1), else the one source's (1, 1, 3) and (1, 1)."""
+    source weights when they have any (`_weighted`). With several sources the incident
+    directions and wavelengths are the paths' (E, 1, 3) and (E, 1), else the one source's
+    (1, 1, 3) and (1, 1)."""
     f = setup.frame
     if plan.polarization:
         e_in, b_in = (torch.stack(x) for x in polarization_axes(setup.incident[0], setup.polar_axis))
@@ -452,10 +453,10 @@ class PartialsRules(StructuredRules):
     residual, (R, P)); the VJP is then one matrix-vector product with the incoming per-pixel
     gradient (`nbfunc.lattice_sum.pixel_partials_chain`) chained through the few (3,)-sized
     inputs (`_partials_inputs`), instead of a second pass over every evaluation. The JVP is
-    that VJP's transpose (`nbfunc.derived`; eagerly written out, `jvp`). With square spots, second derivatives along the
-    orientation matrices, N, the scale and the background come from the sums' tangent
-    (`vjp_along`); other second and higher derivatives (all of them with Gaussian spots) are
-    derived from `chunk_kernel` itself.
+    that VJP's transpose (`nbfunc.derived`; eagerly written out, `jvp`). With square spots,
+    second derivatives along the orientation matrices, N, the scale and the background come
+    from the sums' tangent (`vjp_along`); other second and higher derivatives (all of them
+    with Gaussian spots) are derived from `chunk_kernel` itself.
 
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
     ("Transforms").

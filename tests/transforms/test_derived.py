@@ -88,6 +88,45 @@ def test_first_derivatives_come_from_the_rules(call):
     assert not any(compiled)
 
 
+class _CubeJvpRules(_CubeRules):
+    """`_CubeRules` with their JVP written out (`nbfunc.derived.Rules.jvp`), counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.jvps = 0
+
+    def jvp(self, kwargs, inputs, residuals, tangents):
+        self.jvps += 1
+        (x, y), (tx, ty), (slope,) = inputs, tangents, residuals
+        return {"b": slope * tx + kwargs["scale"] * x**3 * ty, "a": (tx * y + x * ty).sum(),
+                "n": None}
+
+
+def test_rules_with_their_own_jvp(call, request):
+    """Eagerly, `jacfwd` and `jvp` take the rules' own JVP (not the VJP's transpose), with the
+    integer output's tangent left out; compiled, the VJP's transpose is used. Either way the
+    derivatives, batched ones and a Hessian (whose outer JVP is derived from the function)
+    are exact."""
+    _, _, compiled, make = call
+    rules = _CubeJvpRules()
+    f = make(rules)
+    jac = torch.func.jacfwd(lambda t, u: f(t, u)["b"], argnums=(0, 1))(X, Y)
+    torch.testing.assert_close(jac[0], torch.diag(6 * X**2 * Y))
+    torch.testing.assert_close(jac[1], torch.diag(2 * X**3))
+    _, tangent = torch.func.jvp(lambda t: f(t, Y)["a"], (X,), (torch.ones_like(X),))
+    torch.testing.assert_close(tangent, Y.sum())
+    if request.node.callspec.params["call"] == "eager":  # the rules' JVP, no VJP
+        assert rules.jvps == 2 and rules.vjps == 0
+    else:
+        assert rules.jvps == 0 and rules.vjps > 0
+    grid = torch.stack([X, 2 * X])
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(lambda t: f(t, Y)["b"]))(grid),
+                               torch.diag_embed(6 * grid**2 * Y))
+    torch.testing.assert_close(torch.func.hessian(lambda t: f(t, Y)["b"].sum())(X),
+                               torch.diag(12 * X * Y))
+    assert not any(compiled)
+
+
 def _assert_hessian_in_both_inputs(f):
     """Second derivatives of ``sum(b) + a`` in x and y (the mixed blocks of a JVP of a VJP)."""
     both = torch.func.hessian(lambda t, u: f(t, u)["b"].sum() + f(t, u)["a"], argnums=(0, 1))(X, Y)

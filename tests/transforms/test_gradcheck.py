@@ -6,7 +6,8 @@ on a 3 x 4 pixel ROI of the 6 x 6 detector. The checked function of a dimensionl
 step and tolerances mean the same for a fluence of 1e29 photons/m^2 and a misset of 10 deg.
 Everything runs with torch.compile forced eager (the ``eager`` fixture), so that no
 configuration waits for a compile. In the configuration of the pixel partials (square or
-Gaussian spots, ``default_F``, flat detector) the first derivatives then come from `nbfunc.render.PartialsRules` and the second ones from the renderer's own code
+Gaussian spots, ``default_F``, flat detector) the first derivatives then come from
+`nbfunc.render.PartialsRules` and the second ones from the renderer's own code
 (`nbfunc.derived`).
 """
 from __future__ import annotations
