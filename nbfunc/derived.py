@@ -512,6 +512,18 @@ class _FlatRules(Rules):
         self.layout["n_kept"] = len(kept)
         return kept, residuals
 
+    def _inputs(self, xs) -> tuple[Callable, list]:
+        """The rules' inputs (`StructuredRules.inputs`) as a function of the floating ``xs``,
+        and those inputs' positions."""
+        float_in = [i for i, x in enumerate(xs) if _is_float(x)]
+
+        def inputs(*fx):
+            ys = list(xs)
+            for i, v in zip(float_in, fx):
+                ys[i] = v
+            return tuple(self.rules.inputs(*self.rebuild(ys)))
+        return inputs, float_in
+
     def _chained(self, xs, cotangents, grads_of: Callable):
         """The gradients of the floating ``xs`` from ``grads_of(values, cotangent)``, the
         gradients of the rules' inputs (``values``, as `StructuredRules.inputs` makes them)
@@ -521,14 +533,7 @@ class _FlatRules(Rules):
             kept[j] = g
         for j in self.layout["none_at"]:
             kept.insert(j, None)
-        float_in = [i for i, x in enumerate(xs) if _is_float(x)]
-
-        def inputs(*fx):
-            ys = list(xs)
-            for i, v in zip(float_in, fx):
-                ys[i] = v
-            return tuple(self.rules.inputs(*self.rebuild(ys)))
-
+        inputs, float_in = self._inputs(xs)
         values, back = torch.func.vjp(inputs, *[xs[i] for i in float_in])
         grads = tuple(grads_of(values, unflatten_output(kept, self.layout["out"])))
         if len(grads) != len(values):
@@ -545,14 +550,7 @@ class _FlatRules(Rules):
         return self.rules.jvp is not None
 
     def jvp(self, xs, residuals, tangents):
-        float_in = [i for i, x in enumerate(xs) if _is_float(x)]
-
-        def inputs(*fx):
-            ys = list(xs)
-            for i, v in zip(float_in, fx):
-                ys[i] = v
-            return tuple(self.rules.inputs(*self.rebuild(ys)))
-
+        inputs, float_in = self._inputs(xs)
         # fresh primals and tangents: under vmap either may be an expanded view (`_jvp`)
         values, t_values = torch.func.jvp(inputs, tuple(xs[i].clone() for i in float_in),
                                           tuple(t.clone() for t in tangents))
