@@ -484,8 +484,9 @@ class PartialsRules(StructuredRules):
     def jvp(self, kwargs, inputs, residuals, tangents):
         """The VJP's transpose written out: the chain's transpose (small: by ``torch.func.vjp``
         of `_partials_chain`, linear in the sums) gives one coefficient per row, and the
-        pixels' tangent is one product with the rows (eagerly, about 3x faster than
-        autograd's transpose of the VJP block by block)."""
+        pixels' tangent is one product with the rows (eagerly, for a Jacobian of 50 replicas
+        under vmap, 11 ms against 37 ms for autograd's transpose of the VJP block by block,
+        benchmarks/README.md)."""
         plan = kwargs["plan"]
         rows = residuals[0]
         layout = _partials_layout(plan, _weighted(inputs, plan))
