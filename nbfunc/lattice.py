@@ -449,6 +449,45 @@ def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge
     return value, d_h, d_n, d_recip, d_fudge, d_offdiag
 
 
+def gauss_hkl_and_derivatives(hkl, n_cells: torch.Tensor, fudge: torch.Tensor,
+                              n_offdiag: torch.Tensor):
+    """diffBragg's Gaussian spots (`lattice_factor` "gauss_hkl", the same value bit for bit)
+    with their partial derivatives, for hand-written gradients.
+
+    With ``V = N dH`` (`miller_distance_sq`, N the symmetric domain-size matrix) and ``F = det
+    N exp(-|V|^2 fudge/0.63)``: ``dF/d|V|^2 = -F fudge/0.63 = a``, ``dF/dH = 2 a N V``,
+    ``dF/dNa = (Nb Nc - Ne^2) e + 2 a V_1 dh`` (e the exponential; likewise Nb, Nc) and
+    ``dF/dNd = 2 (Ne Nf - Nc Nd) e + 2 a (V_1 dk + V_2 dh)`` (likewise Ne, Nf).
+
+    Args:
+        hkl: three (*) fractional indices; n_cells: (3,) Na, Nb, Nc; fudge: 0-d; n_offdiag:
+        (3,) Nd, Ne, Nf (cells).
+    Returns:
+        ``(F, dF/dh (3), dF/dN (3), dF/dfudge, dF/dNd Ne Nf (3))``, each (*) array in a list
+        (the offsets' rounding is held: derivatives a.e.).
+    """
+    dh = tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
+    distance = miller_distance_sq(dh, n_cells, n_offdiag)
+    damping = torch.exp(-(distance / 0.63 * fudge))
+    value = size_determinant(n_cells, n_offdiag) * damping
+    slope = value * (-fudge / 0.63) * 2.0  # 2 dF/d|V|^2
+    na, nb, nc = n_cells.unbind(-1)
+    nd, ne, nf = n_offdiag.unbind(-1)
+    v = (na * dh[0] + nd * dh[1] + nf * dh[2], nd * dh[0] + nb * dh[1] + ne * dh[2],
+         nf * dh[0] + ne * dh[1] + nc * dh[2])
+    sv = [slope * x for x in v]
+    d_h = [sv[0] * na + sv[1] * nd + sv[2] * nf, sv[0] * nd + sv[1] * nb + sv[2] * ne,
+           sv[0] * nf + sv[1] * ne + sv[2] * nc]
+    d_n = [damping * (nb * nc - ne * ne) + sv[0] * dh[0],
+           damping * (na * nc - nf * nf) + sv[1] * dh[1],
+           damping * (na * nb - nd * nd) + sv[2] * dh[2]]
+    d_fudge = value * distance * (-1.0 / 0.63)
+    d_offdiag = [damping * (2.0 * (ne * nf - nc * nd)) + sv[0] * dh[1] + sv[1] * dh[0],
+                 damping * (2.0 * (nd * nf - na * ne)) + sv[1] * dh[2] + sv[2] * dh[1],
+                 damping * (2.0 * (nd * ne - nb * nf)) + sv[0] * dh[2] + sv[2] * dh[0]]
+    return value, d_h, d_n, d_fudge, d_offdiag
+
+
 def tophat_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor) -> torch.Tensor:
     """Flat-top spots: ``Na Nb Nc`` inside ``rad*^2 fudge < 0.3969``, 0 outside."""
     inside = rad_star_sq * fudge < 0.3969

@@ -1,13 +1,13 @@
 """Photons per pixel of the common configuration with per-pixel partial sums for its gradient.
 
-For square (or the C program's Gaussian) spots with ``default_F`` only, a flat detector, no
-absorption, no resolution cut, no oversample flags, any number of sources and orientations
-(phi steps x mosaic domains), `pixel_partials` computes the photons per pixel (the lattice
-sum over the paths and orientations, the first path's solid angle and polarization, the
-scale) and, per pixel, the sums from which the derivative with respect to every input
-follows (26 to 36 for one source and one orientation; 9 more per orientation, with several
-sources 5 per path, and 13 more for Gaussian spots); one
-matrix-vector product with them and `pixel_partials_chain` give the gradients.
+For square (or Gaussian: the C program's or diffBragg's) spots with ``default_F`` only, a
+flat detector, no absorption, no resolution cut, no oversample flags, any number of sources
+and orientations (phi steps x mosaic domains), `pixel_partials` computes the photons per
+pixel (the lattice sum over the paths and orientations, the first path's solid angle and
+polarization, the scale) and, per pixel, the sums from which the derivative with respect to
+every input follows (26 to 36 for one source and one orientation; 9 more per orientation,
+with several sources 5 per path, and 13 (4) more for the C program's (diffBragg's) Gaussian
+spots); one matrix-vector product with them and `pixel_partials_chain` give the gradients.
 `nbfunc.render.PartialsRules` uses the two as the first derivatives of the render's chunk
 kernel (`nbfunc.derived`): a gradient then costs one pass over the evaluations (the forward,
 with the sums) instead of two (forward and backward), and a Jacobian with respect to many
@@ -31,7 +31,7 @@ import torch
 from nbfunc.compile import compiled
 from nbfunc.beam import polarization_and_derivatives
 from nbfunc.detector import flat_positions, solid_angle
-from nbfunc.lattice import gauss_and_derivatives, grating_and_derivatives
+from nbfunc.lattice import gauss_and_derivatives, gauss_hkl_and_derivatives, grating_and_derivatives
 
 def miller_indices(q, orient: torch.Tensor):
     """Fractional indices ``h = a.q, k = b.q, l = c.q`` for every orientation.
@@ -99,8 +99,16 @@ def position_gradient(g_d, d, airpath):
     return tuple((a - b * dot) / airpath for a, b in zip(g_d, d))
 
 
-_GAUSS_ROWS = [("recip", 9), ("fudge", 1), ("n_offdiag", 3)]
-"""The rows that Gaussian spots add after N's (`gauss_and_derivatives`' parameters)."""
+SHAPE_ROWS = {"square": [], "gauss": [("recip", 9), ("fudge", 1), ("n_offdiag", 3)],
+              "gauss_hkl": [("fudge", 1), ("n_offdiag", 3)]}
+"""The rows that a crystal shape adds after N's: the parameters of the C program's Gaussian
+spots (`nbfunc.lattice.gauss_and_derivatives`) and of diffBragg's
+(`nbfunc.lattice.gauss_hkl_and_derivatives`), which does not read the reciprocal cell."""
+
+
+def spot_shape(gauss) -> str:
+    """The crystal shape of a ``gauss`` argument (`lattice_partials`)."""
+    return "square" if gauss is None else "gauss" if gauss[0] is not None else "gauss_hkl"
 
 
 def _layout(parts) -> dict[str, slice]:
@@ -113,34 +121,34 @@ def _layout(parts) -> dict[str, slice]:
 
 
 def lattice_row_layout(layered: bool, per_path: bool = False,
-                       gauss: bool = False) -> dict[str, slice]:
+                       shape: str = "square") -> dict[str, slice]:
     """The rows of `lattice_partials`' sums over the paths of ``L = (F F_latt)^2``'s
     derivatives: ``hq`` ``dL/dh_i q_j`` (i-major, 1/m), ``n_cells`` ``dL/dN_i``, with
-    ``gauss`` (Gaussian spots) ``recip`` ``dL/da*_j`` (row-major, Angstrom), ``fudge`` and
-    ``n_offdiag`` ``dL/dNd, dNe, dNf``, then ``direction`` ``dL/dd_j`` (d the diffracted unit
-    vector; left out with ``per_path``, where each path's own rows carry it), then
-    ``dL/dpos_j`` (pos the sub-pixel position, 1/m) times ``pos_fast`` the fast coordinate
-    Fdet (m), ``pos_slow`` the slow coordinate Sdet (m), ``pos`` 1, and with ``layered``
-    ``pos_layer`` the layer index."""
-    return _layout([("hq", 9), ("n_cells", 3)] + _GAUSS_ROWS * gauss
+    Gaussian spots (``shape``, `SHAPE_ROWS`) ``recip`` ``dL/da*_j`` (row-major, Angstrom;
+    "gauss" only), ``fudge`` and ``n_offdiag`` ``dL/dNd, dNe, dNf``, then ``direction``
+    ``dL/dd_j`` (d the diffracted unit vector; left out with ``per_path``, where each path's
+    own rows carry it), then ``dL/dpos_j`` (pos the sub-pixel position, 1/m) times
+    ``pos_fast`` the fast coordinate Fdet (m), ``pos_slow`` the slow coordinate Sdet (m),
+    ``pos`` 1, and with ``layered`` ``pos_layer`` the layer index."""
+    return _layout([("hq", 9), ("n_cells", 3)] + SHAPE_ROWS[shape]
                    + [("direction", 3)] * (not per_path)
                    + [("pos_fast", 3), ("pos_slow", 3), ("pos", 3)] + [("pos_layer", 3)] * layered)
 
 
 def pixel_row_layout(layered: bool, polarized: bool, n_orient: int = 1, path_rows: int = 0,
-                     weighted: bool = False, gauss: bool = False) -> dict[str, slice]:
-    """The rows of `pixel_partials`: per pixel the derivative of ``value/scale`` with respect
-    to ``orient`` the orientation matrices ((orientation, row, column)-major, m), ``n_cells``
-    N, with ``gauss`` ``recip`` the reciprocal cell (row-major, 1/Angstrom), ``fudge`` and
-    ``n_offdiag`` Nd, Ne, Nf, then ``incident`` the incident direction (one source),
-    ``fdet``, ``sdet``, ``pix0`` (1/m), ``background`` (``P omega``), then ``lattice``
-    ``P omega B`` (the derivative with respect to ``log F^2``); with ``polarized`` ``e_in``
-    E, ``b_in`` B, ``kahn`` K; with ``layered`` ``layer`` ``dvalue/dpos`` times the layer
-    index. With ``path_rows`` E > 0 (several sources: each path has its own source) the
-    ``incident`` block is left out and each path has its own: ``path_incident`` (path,
-    component)-major, ``path_wavelength`` (1/m^2... per metre of wavelength), and with
+                     weighted: bool = False, shape: str = "square") -> dict[str, slice]:
+    """The rows of `pixel_partials`: per pixel the derivative of ``value/scale`` with respect to
+    ``orient`` the orientation matrices ((orientation, row, column)-major, m), ``n_cells`` N,
+    with Gaussian spots (`SHAPE_ROWS`) ``recip`` the reciprocal cell (row-major, 1/Angstrom;
+    "gauss" only), ``fudge`` and ``n_offdiag`` Nd, Ne, Nf, then ``incident`` the incident
+    direction (one source), ``fdet``, ``sdet``, ``pix0`` (1/m), ``background`` (``P omega``),
+    then ``lattice`` ``P omega B`` (the derivative with respect to ``log F^2``); with
+    ``polarized`` ``e_in`` E, ``b_in`` B, ``kahn`` K; with ``layered`` ``layer`` ``dvalue/dpos``
+    times the layer index. With ``path_rows`` E > 0 (several sources: each path has its own
+    source) the ``incident`` block is left out and each path has its own: ``path_incident``
+    (path, component)-major, ``path_wavelength`` (1/m^2... per metre of wavelength), and with
     ``weighted`` ``path_weight``."""
-    parts = [("orient", 9 * n_orient), ("n_cells", 3)] + _GAUSS_ROWS * gauss
+    parts = [("orient", 9 * n_orient), ("n_cells", 3)] + SHAPE_ROWS[shape]
     parts += [("incident", 3)] * (not path_rows)
     parts += [("fdet", 3), ("sdet", 3), ("pix0", 3), ("background", 1), ("lattice", 1)]
     parts += [("e_in", 3), ("b_in", 3), ("kahn", 1)] * polarized + [("layer", 3)] * layered
@@ -151,13 +159,13 @@ def pixel_row_layout(layered: bool, polarized: bool, n_orient: int = 1, path_row
 
 
 def pixel_rows(layered: bool, polarized: bool, n_orient: int = 1, path_rows: int = 0,
-               weighted: bool = False, gauss: bool = False) -> int:
+               weighted: bool = False, shape: str = "square") -> int:
     """Rows of `pixel_partials`' per-pixel sums (`pixel_row_layout`): 26 for one source and
     one orientation, 7 more with polarization, 3 more with several sensor layers, 9 more per
-    further orientation, with several sources 4 (5 with weights) per path less 3, and 13 more
-    with Gaussian spots."""
+    further orientation, with several sources 4 (5 with weights) per path less 3, and 13 (4)
+    more with the C program's (diffBragg's) Gaussian spots."""
     return max(block.stop for block in pixel_row_layout(layered, polarized, n_orient, path_rows,
-                                                        weighted, gauss).values())
+                                                        weighted, shape).values())
 
 
 PATHS_PER_CALL = 9
@@ -183,7 +191,8 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     orientations), the path rows (with ``per_path``: ``-dL/dd`` per component, ``dL/dlambda``
     and with a ``weight`` ``dL/dw``) are kept per path, each (E, P). ``gauss``: None for
     square spots, or ``(recip, fudge, n_offdiag)`` for Gaussian ones
-    (`nbfunc.lattice.gauss_and_derivatives`), whose parameters' rows follow N's."""
+    (`nbfunc.lattice.gauss_and_derivatives`; with ``recip`` None diffBragg's,
+    `nbfunc.lattice.gauss_hkl_and_derivatives`), whose parameters' rows follow N's."""
     fd, sd, _, airpath, d, q, hkl = plain_geometry(
         fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
         spix, sub_f, sub_s, layer, oversample)
@@ -192,8 +201,13 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         parts, others, f_latt = grating_parts(hkl, n_cells)
     else:
         recip, fudge, n_offdiag = gauss
-        f_latt, d_h, d_n, d_recip, d_fudge, d_offdiag = gauss_and_derivatives(
-            hkl, recip, n_cells, fudge, n_offdiag)
+        if recip is None:
+            d_recip = []
+            f_latt, d_h, d_n, d_fudge, d_offdiag = gauss_hkl_and_derivatives(
+                hkl, n_cells, fudge, n_offdiag)
+        else:
+            f_latt, d_h, d_n, d_recip, d_fudge, d_offdiag = gauss_and_derivatives(
+                hkl, recip, n_cells, fudge, n_offdiag)
         d_n = d_n + d_recip + [d_fudge] + d_offdiag  # the rows after N's
     f_sq = default_f * default_f
     g_latt = 2.0 * f_sq * f_latt
@@ -344,7 +358,8 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
         (the layer rows are left out); per_path: each path has its own source (``incident``,
         ``wavelength`` and ``weight`` per path) and rows of its own; gauss: None (square
         spots) or ``(recip, fudge, n_offdiag)``, (3, 3) 1/Angstrom, 0-d and (3,) cells, for
-        Gaussian spots (13 more rows, `lattice_row_layout`).
+        the C program's Gaussian spots (13 more rows, `lattice_row_layout`), with ``recip``
+        None for diffBragg's (4 more rows).
     Returns:
         ((P,) the sum B, (R, P) rows: `lattice_row_layout` with the ``hq`` block 9 O rows
         (orientation, i, j)-major; R is 24, or 27 with ``layered``, for one orientation (3
@@ -421,13 +436,13 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
                        incident, orient, close_distance, e_in, b_in, kahn, scale, background, fpix,
                        spix, sub_f, sub_s, layer, weight, oversample=oversample, layered=layered,
                        point_pixel=point_pixel, polarized=polarized, per_path=per_path,
-                       gauss=gauss is not None)
+                       shape=spot_shape(gauss))
 
 
 def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient,
                 close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s, layer,
                 weight, grad_v=None, *, oversample, layered, point_pixel, polarized, per_path,
-                gauss=False):
+                shape="square"):
     """The pixel factors of `pixel_partials` applied to the lattice sums: ``b`` (1, P) the sum B,
     ``hq`` (9 O, P), ``raw`` the other lattice rows (each (1, P)), ``path`` (K, E, P) the path
     rows. Returns ``((P,) value, (R, P) rows)``; affine in (b, hq, raw, path). With ``grad_v``
@@ -452,14 +467,13 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
     g_first = position_gradient(dp_dd, d, airpath)
     g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
     lat = {name: raw[block.start - 9:block.stop - 9]  # the rows after the nine hq rows
-           for name, block in lattice_row_layout(layered, per_path, gauss).items() if name != "hq"}
+           for name, block in lattice_row_layout(layered, per_path, shape).items() if name != "hq"}
     rows = {"orient": [u * hq], "n_cells": [u * x for x in lat["n_cells"]],
             "fdet": [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
             "sdet": [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
             "pix0": [u * y + x for x, y in zip(g_first, lat["pos"])],
             "background": [u], "lattice": [u * b]}
-    if gauss:
-        rows.update({name: [u * x for x in lat[name]] for name, _ in _GAUSS_ROWS})
+    rows.update({name: [u * x for x in lat[name]] for name, _ in SHAPE_ROWS[shape]})
     # the first path's incident direction enters P
     first = [w * dp_dcos * x for x in d] if polarized else None
     if polarized:
@@ -479,7 +493,7 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
     if layered:
         rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
     layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None,
-                              gauss)
+                              shape)
     if grad_v is not None:
         return value[0], {name: torch.cat([(x * grad_v).sum(-1) for x in rows[name]])
                           for name in layout}
@@ -529,7 +543,7 @@ def row_sums(rows, grad_v, layout: dict[str, slice]) -> dict:
 def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelength, orient,
                          n_cells, default_f, close_distance, scale, background, layered: bool,
                          point_pixel: bool, polarized: bool, n_path: int = 0,
-                         weighted: bool = False, gauss: bool = False):
+                         weighted: bool = False, shape: str = "square"):
     """Gradients of ``sum(grad_v * value)`` with respect to `pixel_partials`' inputs ``fdet``
     to ``background`` (each of its input's shape), then with ``weighted`` the weights', from
     the rows' sums weighted by ``grad_v`` by block (``s``, `row_sums`): the chain rule on
@@ -537,14 +551,15 @@ def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelengt
     (``scale``, ``background``, ``default_F``, the distance and pixel size in omega) a
     gradient follows from the ``background`` and ``lattice`` rows; the ``default_F`` gradient
     is ``2 scale sum(grad_v P omega B) / F`` (exactly 0 at F = 0). ``n_path``: the paths
-    with rows of their own (several sources). With ``gauss`` (Gaussian spots) the gradients
-    of ``recip``, ``fudge`` and ``n_offdiag`` follow the ``background`` one, and N's has no
-    ``N <= 1`` rule (square spots take such an axis as 1)."""
+    with rows of their own (several sources). With Gaussian spots (``shape``) the gradients
+    of ``recip`` (0 for diffBragg's, which does not read it), ``fudge`` and ``n_offdiag``
+    follow the ``background`` one, and N's has no ``N <= 1`` rule (square spots take such an
+    axis as 1)."""
     g = {name: scale * block for name, block in s.items()}
     s_background, s_lattice = s["background"][0], s["lattice"][0]
     d_orient = g["orient"].reshape(orient.shape)
     d_n = g["n_cells"]
-    if not gauss:  # square spots take an axis with N <= 1 as 1
+    if shape == "square":  # square spots take an axis with N <= 1 as 1
         d_n = torch.where(n_cells > 1, d_n, torch.zeros_like(d_n))
     if n_path:
         d_incident = g["path_incident"].reshape(n_path, 1, 3)
@@ -571,8 +586,9 @@ def pixel_partials_chain(s, fdet, sdet, odet, pixel_size, layer_depth, wavelengt
     out = (d_fdet, d_sdet, along_layer * layer_depth, d_pix0, d_pixel_size,
            (odet * along_layer).sum(), d_incident, d_wavelength, d_orient, d_n, d_f, d_close,
            d_e, d_b, d_k, d_scale, scale * s_background)
-    if gauss:
-        out += (g["recip"].reshape(3, 3), g["fudge"][0], g["n_offdiag"])
+    if shape != "square":
+        d_recip = g["recip"].reshape(3, 3) if "recip" in g else torch.zeros_like(orient[0])
+        out += (d_recip, g["fudge"][0], g["n_offdiag"])
     return out + ((g["path_weight"].reshape(n_path, 1),) if weighted else ())
 
 

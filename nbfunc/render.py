@@ -40,9 +40,10 @@ from nbfunc.diffuse import (bfactor_form, debye_waller, diffuse_forms, diffuse_i
 from nbfunc.detector import (DetectorFrame, capture_fraction, detector_frame, solid_angle,
                              subpixel_positions)
 from nbfunc.lattice import lattice_factor, nearest_indices
-from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, miller_indices, per_orientation,
-                                pixel_partials, pixel_partials_chain, pixel_partials_sum,
-                                pixel_partials_tangent, pixel_row_layout, pixel_rows, row_sums)
+from nbfunc.lattice_sum import (PARTIALS_OPTIONS, PATHS_PER_CALL, SHAPE_ROWS, miller_indices,
+                                per_orientation, pixel_partials, pixel_partials_chain,
+                                pixel_partials_sum, pixel_partials_tangent, pixel_row_layout,
+                                pixel_rows, row_sums)
 from nbfunc.params import Params
 from nbfunc.structure_factors import interpolation_out_of_range, nearest_f, tricubic_f
 from nbfunc.units import ANGSTROM, AVOGADRO, MM, R_E_SQR, UM, WATER_F, WATER_MW
@@ -377,11 +378,11 @@ def structure_factor(setup: Setup, plan: Plan, hkl, counted, disabled_in):
 
 
 def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
-    """The configuration `PartialsRules` cover: square or (the C program's) Gaussian spots,
-    ``default_F`` only, flat detector, no absorption, no resolution cut, no oversample flags,
-    no diffuse scattering and no B factor (any number of sources, phi steps and mosaic
-    domains)."""
-    return (plan.shape in ("square", "gauss") and not has_hkl and not plan.ordered
+    """The configuration `PartialsRules` cover: square or Gaussian spots (the C program's or
+    diffBragg's, `nbfunc.lattice_sum.SHAPE_ROWS`), ``default_F`` only, flat detector, no
+    absorption, no resolution cut, no oversample flags, no diffuse scattering and no B factor
+    (any number of sources, phi steps and mosaic domains)."""
+    return (plan.shape in SHAPE_ROWS and not has_hkl and not plan.ordered
             and plan.dmin == 0 and not plan.absorption and not plan.curved and not plan.diffuse_ops
             and not plan.bfactor)
 
@@ -389,22 +390,22 @@ def _plain_configuration(plan: Plan, has_hkl: bool) -> bool:
 def _partials_layout(plan: Plan, weighted: bool) -> dict[str, slice]:
     """`nbfunc.lattice_sum.pixel_row_layout` of the partial sums for ``plan``."""
     return pixel_row_layout(plan.thicksteps > 1, plan.polarization, plan.n_orient,
-                            plan.path_sources, weighted, plan.shape == "gauss")
+                            plan.path_sources, weighted, plan.shape)
 
 
 def _partials_rows(plan: Plan) -> int:
     """Rows of the partial sums per pixel for ``plan`` (`nbfunc.lattice_sum.pixel_rows`;
     with several sources counted with weights)."""
     return pixel_rows(plan.thicksteps > 1, plan.polarization, plan.n_orient, plan.path_sources,
-                      plan.path_sources > 0, plan.shape == "gauss")
+                      plan.path_sources > 0, plan.shape)
 
 
 def partials_apply(plan: Plan, n_pixels: int, itemsize: int, has_hkl: bool) -> bool:
     """Whether a render whose derivative may be taken uses `PartialsRules`: the plain
     configuration, every path of a pixel in one chunk, and partial sums that fit
     `PARTIALS_BUDGET`."""
-    fits = n_pixels * _partials_rows(plan) * itemsize <= PARTIALS_BUDGET
-    return _plain_configuration(plan, has_hkl) and plan.single_block and fits
+    return (_plain_configuration(plan, has_hkl) and plan.single_block
+            and n_pixels * _partials_rows(plan) * itemsize <= PARTIALS_BUDGET)
 
 
 def _pixel_coordinates(pixel_index, plan: Plan, dtype):
@@ -432,7 +433,7 @@ def _partials_inputs(setup: Setup, orient, plan: Plan, finish, paths: Paths):
     else:
         incident, wavelength = setup.incident[:1, None], setup.wavelengths[:1, None]
     weight = () if paths.weight is None else (paths.weight,)
-    gauss = (setup.recip, setup.fudge, setup.n_offdiag) if plan.shape == "gauss" else ()
+    gauss = (setup.recip, setup.fudge, setup.n_offdiag) if plan.shape != "square" else ()
     return (f.fdet, f.sdet, f.odet, f.pix0, f.pixel_size, setup.layer_depth, incident, wavelength,
             orient, setup.n_cells, setup.default_f, f.close_distance, e_in, b_in, setup.kahn,
             *finish, *gauss, *weight)
@@ -440,7 +441,7 @@ def _partials_inputs(setup: Setup, orient, plan: Plan, finish, paths: Paths):
 
 def _weighted(inputs, plan: Plan) -> bool:
     """Whether `_partials_inputs` ended with the paths' source weights."""
-    return len(inputs) > 17 + 3 * (plan.shape == "gauss")
+    return len(inputs) > 17 + 3 * (plan.shape != "square")
 
 
 class PartialsRules(StructuredRules):
@@ -548,7 +549,10 @@ def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish,
     fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
     differentiable = _partials_inputs(setup, orient, plan, finish, paths)
     inputs = (*differentiable[:17], fpix, spix, paths.sub_f, paths.sub_s, paths.layer)
-    gauss = tuple(differentiable[17:20]) if plan.shape == "gauss" else None
+    gauss = None
+    if plan.shape != "square":  # diffBragg's Gaussian does not read the reciprocal cell
+        recip, fudge, n_offdiag = differentiable[17:20]
+        gauss = (recip if plan.shape == "gauss" else None, fudge, n_offdiag)
     return inputs, {"oversample": plan.oversample, "weight": paths.weight, **_partials_flags(plan),
                     "per_path": plan.path_sources > 0, "gauss": gauss}
 
@@ -568,7 +572,7 @@ def _partials_chain(sums, inputs, plan: Plan):
     return pixel_partials_chain(sums, fdet, sdet, odet, pixel_size, layer_depth, wavelength,
                                 orient, n_cells, default_f, close_distance, scale, background,
                                 **_partials_flags(plan), n_path=plan.path_sources,
-                                weighted=_weighted(inputs, plan), gauss=plan.shape == "gauss")
+                                weighted=_weighted(inputs, plan), shape=plan.shape)
 
 
 class ImagePartialsRules(StructuredRules):

@@ -139,11 +139,14 @@ def test_eager_autograd_takes_the_pixel_partials_and_differentiates_twice(tiny, 
                                    "-bandwidth 2 -bandwidth_steps 3 -mosaic 0.3 -mosaic_dom 2",
                                    "-gauss_xtal -fudge 2 -Ndef 0.5 -0.3 0.4 -mosaic 0.3 -mosaic_dom 2 "
                                    "-bandwidth 2 -bandwidth_steps 2",
-                                   "-gauss_xtal -N 1"])
+                                   "-gauss_xtal -N 1",
+                                   "-gauss_hkl_xtal -N 2 -fudge 0.1 -Ndef 0.3 -0.2 0.1 -mosaic 0.3 "
+                                   "-mosaic_dom 2"])
 def test_pixel_partials_with_sources_and_orientations_equal_the_kernel_derivatives(
         extra, input_files, counted_partials, monkeypatch):
     """Several sources (a divergence grid, or a weighted spectrum) and orientations (mosaic
-    domains, phi steps), and Gaussian spots (with off-diagonal size terms; with N = 1) take
+    domains, phi steps), and Gaussian spots (the C program's with off-diagonal size terms,
+    with N = 1; diffBragg's) take
     the pixel partials (eager): ``grad`` over the whole tree and ``jacfwd`` of the pixels
     equal the kernel's own derivatives (partials switched off)."""
     p = make_params(extra, input_files)
@@ -214,8 +217,9 @@ def _lattice_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wave
     if gauss is None:
         term = (default_f * square_lattice(hkl, n_cells)) ** 2
     else:
-        recip, fudge, n_offdiag = gauss
-        term = (default_f * lattice_factor("gauss", hkl, recip, n_cells, fudge, n_offdiag)) ** 2
+        recip, fudge, n_offdiag = gauss  # recip None: diffBragg's Gaussian spots
+        shape = "gauss_hkl" if recip is None else "gauss"
+        term = (default_f * lattice_factor(shape, hkl, recip, n_cells, fudge, n_offdiag)) ** 2
     if weight is not None:
         term = term * (weight if orient.shape[0] == 1 else weight[..., None])
     return term.sum(0) if orient.shape[0] == 1 else term.sum((0, 2))
@@ -294,17 +298,17 @@ def test_pixel_partials_give_the_pixel_gradient(layered, point_pixel, polarized)
     assert torch.equal(_pixel_vjp(weights, rows, inputs, layered, **flags)[10], torch.tensor(0.0, dtype=torch.float64))
 
 
-def _pixel_vjp(weights, rows, inputs, layered, n_path=0, gauss=False, **flags):
+def _pixel_vjp(weights, rows, inputs, layered, n_path=0, shape="square", **flags):
     """`pixel_partials_chain` of the rows' weighted sums, with the inputs it takes picked from
-    `pixel_partials`' differentiable ones (17, with ``gauss`` 3 more, then any weights)."""
+    `pixel_partials`' differentiable ones (17, with Gaussian spots 3 more, then any weights)."""
     (fdet, sdet, odet, _, pixel_size, layer_depth, _, wavelength, orient, n_cells, default_f,
      close, _, _, _, scale, background) = inputs[:17]
-    weighted = len(inputs) > 17 + 3 * gauss
-    layout = pixel_row_layout(layered, flags["polarized"], orient.shape[0], n_path, weighted, gauss)
+    weighted = len(inputs) > 17 + 3 * (shape != "square")
+    layout = pixel_row_layout(layered, flags["polarized"], orient.shape[0], n_path, weighted, shape)
     return pixel_partials_chain(row_sums(rows, weights, layout), fdet, sdet, odet, pixel_size,
                                 layer_depth, wavelength, orient, n_cells, default_f, close, scale,
                                 background, layered, **flags, n_path=n_path, weighted=weighted,
-                                gauss=gauss)
+                                shape=shape)
 
 
 @pytest.mark.parametrize("n_orient, per_path, weighted, layered",
@@ -334,36 +338,44 @@ def test_pixel_partials_with_sources_and_orientations(n_orient, per_path, weight
                                    msg=lambda m: f"input {i}: {m}")
 
 
-@pytest.mark.parametrize("n_orient, per_path, weighted, offdiag",
-                         [(1, False, False, False), (1, False, False, True), (3, False, False, True),
-                          (2, True, True, True)])
-def test_pixel_partials_of_gaussian_spots(n_orient, per_path, weighted, offdiag):
-    """Gaussian spots (``gauss``, `nbfunc.lattice.gauss_and_derivatives`): the pixels and
-    `pixel_partials_chain`, with the gradients of the reciprocal cell, ``fudge`` and the
-    off-diagonal size terms, against autograd through the same pixels composed from the
-    renderer's pieces (`lattice_factor`, eager); an axis with N = 1 has a gradient (no
-    ``N <= 1`` rule as for square spots)."""
+@pytest.mark.parametrize("shape, n_orient, per_path, weighted, offdiag",
+                         [("gauss", 1, False, False, False), ("gauss", 1, False, False, True),
+                          ("gauss", 3, False, False, True), ("gauss", 2, True, True, True),
+                          ("gauss_hkl", 1, False, False, True), ("gauss_hkl", 2, True, True, True)])
+def test_pixel_partials_of_gaussian_spots(shape, n_orient, per_path, weighted, offdiag):
+    """Gaussian spots (``gauss``: the C program's, `nbfunc.lattice.gauss_and_derivatives`, or
+    with no reciprocal cell diffBragg's, `gauss_hkl_and_derivatives`): the pixels and
+    `pixel_partials_chain`, with the gradients of the reciprocal cell (0 for diffBragg's),
+    ``fudge`` and the off-diagonal size terms, against autograd through the same pixels
+    composed from the renderer's pieces (`lattice_factor`, eager); an axis with N = 1 has a
+    gradient (no ``N <= 1`` rule as for square spots)."""
     inputs, fixed = _many(*_pixel_inputs(True), n_orient, per_path, weighted)
     inputs[9] = torch.tensor([5.0, 1.0, 3.0], dtype=torch.float64)
     f64 = lambda x: torch.tensor(x, dtype=torch.float64)
     recip = torch.linalg.inv(inputs[8][0] * 1e10).T + 1e-3 * torch.tensor(
         [[0.3, -0.2, 0.5], [0.1, 0.4, -0.6], [-0.5, 0.2, 0.3]], dtype=torch.float64)
     gauss = [recip, f64(0.8), f64([0.4, -0.3, 0.2] if offdiag else [0.0, 0.0, 0.0])]
+    hkl_units = shape == "gauss_hkl"
+    if hkl_units:  # the same spot width in Miller units needs a smaller N and fudge
+        inputs[9], gauss[1] = torch.tensor([2.0, 1.0, 1.5], dtype=torch.float64), f64(0.05)
     weight = inputs[17] if weighted else None
     flags = {"point_pixel": False, "polarized": True}
     cotangent = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    given = (None,) + tuple(gauss[1:]) if hkl_units else tuple(gauss)
     value, rows = pixel_partials(*inputs[:17], *fixed, weight=weight, oversample=2, layered=True,
-                                 per_path=per_path, gauss=tuple(gauss), **flags)
-    assert rows.shape == (pixel_rows(True, True, n_orient, 2 if per_path else 0, weighted, True), 3)
+                                 per_path=per_path, gauss=given, **flags)
+    n_rows = pixel_rows(True, True, n_orient, 2 if per_path else 0, weighted, shape)
+    assert rows.shape == (n_rows, 3)
 
     def reference(*a):
+        g = (None,) + tuple(a[18:20]) if hkl_units else a[17:20]
         return _pixel_reference(*a[:17], *fixed, oversample=2, weight=a[20] if weighted else None,
-                                gauss=a[17:20], **flags)
+                                gauss=g, **flags)
 
     all_inputs = inputs[:17] + gauss + inputs[17:]
     torch.testing.assert_close(value, reference(*all_inputs), rtol=1e-14, atol=0.0)
     assert float(value.min()) > 0.0
-    hand = _pixel_vjp(cotangent, rows, all_inputs, True, n_path=2 if per_path else 0, gauss=True,
+    hand = _pixel_vjp(cotangent, rows, all_inputs, True, n_path=2 if per_path else 0, shape=shape,
                       **flags)
     a = [x.clone().requires_grad_(True) for x in all_inputs]
     auto = torch.autograd.grad((reference(*a) * cotangent).sum(), a, allow_unused=True)
@@ -373,7 +385,8 @@ def test_pixel_partials_of_gaussian_spots(n_orient, per_path, weighted, offdiag)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()),
                                    msg=lambda m: f"input {i}: {m}")
     for i in (9, 17, 18, 19):  # N (with N = 1), recip, fudge, the off-diagonal terms move it
-        assert float(hand[i].abs().max()) > 0.0 or (i == 19 and not offdiag)
+        zero = (i == 19 and not offdiag) or (i == 17 and hkl_units)
+        assert float(hand[i].abs().max()) > 0.0 or zero
 
 
 @pytest.mark.parametrize("n_orient, per_path, weighted, layered, polarized, point_pixel",
@@ -600,9 +613,10 @@ def test_inductor_compiled_gradient_equals_eager(tiny, reference):
 
 
 def test_partials_choice(tiny):
-    """The pixel partials for square spots without an HKL file, with any number of sources
-    and orientations, within the memory budget (which counts 9 rows per orientation and, with
-    several sources, 5 per path); otherwise the kernel's own derivatives."""
+    """The pixel partials for square or Gaussian spots without an HKL file, with any number
+    of sources and orientations, within the memory budget (which counts 9 rows per
+    orientation, with several sources 5 per path, and the Gaussian shapes' own rows);
+    otherwise the kernel's own derivatives."""
     plan, _ = nbfunc.render.make_plan(tiny)
     choice = nbfunc.render.partials_apply
     for more in ({}, {"n_orient": 3}, {"n_sources": 2}, {"n_sources": 2, "n_orient": 50}):
@@ -613,9 +627,17 @@ def test_partials_choice(tiny):
         assert choice(many, budget_pixels, 8, False), more
         assert not choice(many, budget_pixels + 1, 8, False), more
         assert choice(many, budget_pixels + 1, 4, False), more
+    square = pixel_rows(plan.thicksteps > 1, plan.polarization)
+    for shape, extra in (("gauss", 13), ("gauss_hkl", 4)):
+        spots = dataclasses.replace(plan, shape=shape)
+        rows = pixel_rows(plan.thicksteps > 1, plan.polarization, shape=shape)
+        assert rows == square + extra
+        budget_pixels = nbfunc.render.PARTIALS_BUDGET // (rows * 8)
+        assert choice(spots, budget_pixels, 8, False)
+        assert not choice(spots, budget_pixels + 1, 8, False)
     assert not choice(plan, 16, 8, True)
-    for other in ({"shape": "round"}, {"curved": True}, {"absorption": True}, {"dmin": 1e-10},
-                  {"ordered": True}, {"diffuse_ops": 1}, {"bfactor": True}):
+    for other in ({"shape": "round"}, {"shape": "tophat"}, {"curved": True}, {"absorption": True},
+                  {"dmin": 1e-10}, {"ordered": True}, {"diffuse_ops": 1}, {"bfactor": True}):
         assert not choice(dataclasses.replace(plan, **other), 16, 8, False), other
 
 
