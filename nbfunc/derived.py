@@ -85,9 +85,18 @@ class Rules:
     def vjp(self, xs, residuals, cotangents):
         raise NotImplementedError
 
-    def jvp_supported(self) -> bool:
-        """Whether `jvp` answers (else the JVP is the transpose of `vjp`, `Derived.jvp`)."""
+    def jvp_supported(self, mask: tuple | None) -> bool:
+        """Whether `jvp` answers when the inputs marked True in ``mask`` move (one bool per
+        input, as `vjp_along_supported` takes it; None: unknown); else the JVP is the
+        transpose of `vjp` or, without `vjp_transposable`, derived from the function
+        (`Derived._fast_jvp`)."""
         return False
+
+    def vjp_transposable(self) -> bool:
+        """Whether the transpose of `vjp` makes a good JVP: True when the residuals hold what
+        the VJP needs; rules whose VJP makes it again from the inputs say False, and their
+        JVP, where `jvp` does not answer, is derived from the function."""
+        return True
 
     def jvp(self, xs, residuals, tangents):
         """The tangents of the floating outputs from ``tangents`` (one per floating input,
@@ -225,7 +234,7 @@ class Derived:
                             tuple(xs[i] for i in float_in), tuple(ts), self.compile)
             return jvp_fn
 
-        fast = (self._fast_jvp(n_in, n_res, out_meta, len(float_in))
+        fast = (self._fast_jvp(n_in, n_res, out_meta, float_in, mask)
                 or self._fast_hvp(n_in, float_in, mask))
         return self._child(("jvp", n_in, float_in, float_out, n_res, out_meta, mask), make, fast)
 
@@ -282,17 +291,27 @@ class Derived:
             return tuple(out)
         return fast_hvp
 
-    def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple, n_float: int) -> Callable | None:
-        """The rules' JVP: eagerly their own (`Rules.jvp`) where they give one, else the
-        transpose of their VJP (`torch.func.vjp` of the VJP, which is linear in the
-        cotangents; compiled, inductor fuses it)."""
-        fast_vjp = self._fast_vjp(n_in, n_res, tuple(range(n_float)))
+    def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple, float_in: tuple,
+                  mask: tuple | None) -> Callable | None:
+        """The rules' JVP for the floating inputs moving where ``mask`` is True: eagerly their
+        own (`Rules.jvp`) where they give one, else the transpose of their VJP
+        (`torch.func.vjp` of the VJP, which is linear in the cotangents; compiled, inductor
+        fuses it) where that is worth it (`Rules.vjp_transposable`), else None (derived from
+        the function)."""
+        fast_vjp = self._fast_vjp(n_in, n_res, tuple(range(len(float_in))))
         if fast_vjp is None:
             return None
-        if not self.compile and self.rules.jvp_supported():
+        moving = None
+        if mask is not None:  # per input, as the rules take it
+            moving = [False] * n_in
+            for i, m in zip(float_in, mask):
+                moving[i] = m
+        if not self.compile and self.rules.jvp_supported(moving):
             rules = self.rules
             return lambda *args: tuple(rules.jvp(args[:n_in], args[n_in:n_in + n_res],
                                                  args[n_in + n_res:]))
+        if not self.rules.vjp_transposable():
+            return None
 
         def fast_jvp(*args):
             head, ts = args[:n_in + n_res], args[n_in + n_res:]
@@ -442,6 +461,9 @@ class _BatchedRules(Rules):
     def vjp_along_supported(self, mask):
         return self.rules.vjp_along_supported(mask)
 
+    def vjp_transposable(self) -> bool:
+        return self.rules.vjp_transposable()
+
     def vjp_along(self, xs, residuals, tangents, cotangents):
         moving = tuple(i for i, t in enumerate(tangents) if t is not None)
         t_dims = tuple(self.in_dims[i] for i in moving)
@@ -476,9 +498,18 @@ class StructuredRules:
         raise NotImplementedError
 
     jvp = None
-    """Optional ``jvp(kwargs, inputs, residuals, tangents) -> tangent of fn's result``
+    """Optional ``jvp(args, kwargs, inputs, residuals, tangents) -> tangent of fn's result``
     (`Rules.jvp`, with the tangents of ``inputs`` and the result in ``fn``'s structure, None
     at non-floating outputs)."""
+
+    def jvp_supported(self, mask_args, mask_kwargs) -> bool:
+        """`Rules.jvp_supported` with the mask in the structure of the call's ``(args,
+        kwargs)`` (both None when unknown): whether ``jvp`` is given and answers."""
+        return self.jvp is not None
+
+    def vjp_transposable(self) -> bool:
+        """`Rules.vjp_transposable`."""
+        return True
 
     def vjp_along_supported(self, mask_args, mask_kwargs) -> bool:
         """`Rules.vjp_along_supported` with the mask in the structure of the call's
@@ -546,15 +577,21 @@ class _FlatRules(Rules):
         return self._chained(xs, cotangents,
                              lambda values, g: self.rules.vjp(kwargs, values, residuals, g))
 
-    def jvp_supported(self) -> bool:
-        return self.rules.jvp is not None
+    def jvp_supported(self, mask) -> bool:
+        if mask is None:
+            return self.rules.jvp_supported(None, None)
+        return self.rules.jvp_supported(*self.rebuild(list(mask)))
+
+    def vjp_transposable(self) -> bool:
+        return self.rules.vjp_transposable()
 
     def jvp(self, xs, residuals, tangents):
         inputs, float_in = self._inputs(xs)
         # fresh primals and tangents: under vmap either may be an expanded view (`_jvp`)
         values, t_values = torch.func.jvp(inputs, tuple(xs[i].clone() for i in float_in),
                                           tuple(t.clone() for t in tangents))
-        out = flatten_output(self.rules.jvp(self.rebuild(xs)[1], values, residuals, t_values))[0]
+        args, kwargs = self.rebuild(xs)
+        out = flatten_output(self.rules.jvp(args, kwargs, values, residuals, t_values))[0]
         kept = [t for j, t in enumerate(out) if j not in self.layout["none_at"]]
         return tuple(kept[j] for j in self.layout["float_out"])
 

@@ -459,18 +459,30 @@ class PartialsRules(StructuredRules):
     from the sums' tangent (`vjp_along`); other second and higher derivatives (all of them
     with Gaussian spots) are derived from `chunk_kernel` itself.
 
+    With ``rows_at_jvp`` (eager forward mode without reverse mode, `_render`) the forward is
+    `chunk_kernel` itself and keeps only the pixels' and paths' indices. The JVP then makes
+    the sums when a tangent reaches the geometry (orientations, detector, beam direction or
+    wavelength, reciprocal cell: `jvp_supported`); when only N, the spot parameters, source
+    weights, scale, background, polarization or ``default_F`` move, forward mode through the
+    kernel is cheaper (its tangent touches a few operations) and the JVP is derived from
+    `chunk_kernel` (`vjp_transposable` is False). A VJP of such a call makes the sums.
+
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
     ("Transforms").
 
     Args:
         compile: run the compiled partial sums (else eager).
+        rows_at_jvp: the sums are made by the JVP or VJP (eager only).
     """
 
-    def __init__(self, compile: bool):
-        self.compile = compile
+    def __init__(self, compile: bool, rows_at_jvp: bool = False):
+        self.compile, self.rows_at_jvp = compile, rows_at_jvp
 
     def forward(self, args, kwargs):
         setup, orient, _, pixel_index, paths, disabled, seen = args
+        if self.rows_at_jvp:
+            fpix, spix = _pixel_coordinates(pixel_index, kwargs["plan"], orient.dtype)
+            return chunk_kernel(*args, **kwargs), (fpix, spix, paths.sub_f, paths.sub_s, paths.layer)
         inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                             kwargs["plan"])
         value, rows = pixel_partials_sum(*inputs, **flags, compile=self.compile)
@@ -479,17 +491,48 @@ class PartialsRules(StructuredRules):
     def inputs(self, args, kwargs):
         return _partials_inputs(args[0], args[1], kwargs["plan"], kwargs["finish"], args[4])
 
-    def vjp(self, kwargs, inputs, residuals, cotangent):
-        return _partials_vjp(cotangent["value"], residuals[0], inputs, kwargs["plan"])
+    def _rows(self, inputs, residuals, plan: Plan):
+        """The partial sums (R, P): the forward's residual, or with ``rows_at_jvp`` made now
+        from the inputs and the indices the forward kept."""
+        if not self.rows_at_jvp:
+            return residuals[0]
+        weighted = _weighted(inputs, plan)
+        gauss = None
+        if plan.shape != "square":  # diffBragg's Gaussian does not read the reciprocal cell
+            gauss = (inputs[17] if plan.shape == "gauss" else None, *inputs[18:20])
+        with torch.no_grad():
+            return pixel_partials(*inputs[:17], *residuals, weight=inputs[-1] if weighted else None,
+                                  oversample=plan.oversample, per_path=plan.path_sources > 0,
+                                  gauss=gauss, **_partials_flags(plan))[1]
 
-    def jvp(self, kwargs, inputs, residuals, tangents):
+    def vjp(self, kwargs, inputs, residuals, cotangent):
+        plan = kwargs["plan"]
+        return _partials_vjp(cotangent["value"], self._rows(inputs, residuals, plan), inputs, plan)
+
+    def jvp_supported(self, mask_args, mask_kwargs) -> bool:
+        """Always with the sums from the forward; with ``rows_at_jvp``, when a tangent reaches
+        the geometry (or the mask is unknown)."""
+        if not self.rows_at_jvp or mask_args is None:
+            return True
+        setup, orient, _, _, paths, _, _ = mask_args
+        geometry = (orient, setup.frame, setup.incident, setup.wavelengths, setup.layer_depth,
+                    setup.recip, paths.incident, paths.wavelength)
+        return any(m is True for m in tree_leaves(list(geometry)))
+
+    def vjp_transposable(self) -> bool:
+        return not self.rows_at_jvp
+
+    def jvp(self, args, kwargs, inputs, residuals, tangents):
         """The VJP's transpose written out: the chain's transpose (small: by ``torch.func.vjp``
         of `_partials_chain`, linear in the sums) gives one coefficient per row, and the
         pixels' tangent is one product with the rows (eagerly, for a Jacobian of 50 replicas
         under vmap, 11 ms against 37 ms for autograd's transpose of the VJP block by block,
         benchmarks/README.md)."""
         plan = kwargs["plan"]
-        rows = residuals[0]
+        if self.rows_at_jvp:  # the indices from the call: shared by a batch's members
+            fpix, spix = _pixel_coordinates(args[3], plan, inputs[0].dtype)
+            residuals = (fpix, spix, args[4].sub_f, args[4].sub_s, args[4].layer)
+        rows = self._rows(inputs, residuals, plan)
         layout = _partials_layout(plan, _weighted(inputs, plan))
         zeros = {name: rows.new_zeros(block.stop - block.start) for name, block in layout.items()}
         _, transpose = torch.func.vjp(lambda sums: _partials_chain(sums, inputs, plan), zeros)
@@ -501,8 +544,9 @@ class PartialsRules(StructuredRules):
         """Tangents of the partial sums along the orientation matrices, N, the scale and the
         background (`nbfunc.lattice_sum.pixel_partials_tangent`), and along set-up fields
         that the sums do not read: Hessians with respect to the cell, the misset, the mosaic
-        spread, the phi angles, N, the fluence and G. Square spots only."""
-        if mask_kwargs["plan"].shape != "square":
+        spread, the phi angles, N, the fluence and G. Square spots only, with the sums made by
+        the forward."""
+        if mask_kwargs["plan"].shape != "square" or self.rows_at_jvp:
             return False
         setup, _, *others = mask_args
         read = [getattr(setup, name) for name in _SUMS_READ] + others
@@ -869,15 +913,18 @@ _compiled_image_partials = compiled(image_partials, static_argnames=("plan",),
 
 _PARTIALS = {(mode, one_call): ({}, (ImagePartialsRules if one_call else PartialsRules)(mode))
              for mode in (False, True) for one_call in (False, True)}
-"""Per compile mode, for `chunk_kernel` and for `image_kernel`: the derived functions with
-`PartialsRules` or `ImagePartialsRules`, and the rules."""
+_PARTIALS[False, "rows_at_jvp"] = ({}, PartialsRules(False, rows_at_jvp=True))
+"""Per compile mode, for `chunk_kernel` and for `image_kernel` (and for the eager
+`chunk_kernel` whose sums its JVP makes): the derived functions with `PartialsRules` or
+`ImagePartialsRules`, and the rules."""
 
 
-def _partials_kernel(compile: bool, one_call: bool = False):
-    """`chunk_kernel` (or with ``one_call`` `image_kernel`) with the pixel partials for its
-    first derivatives (`nbfunc.derived`), compiled or eager."""
+def _partials_kernel(compile: bool, one_call: bool | str = False):
+    """`chunk_kernel` (or with ``one_call`` `image_kernel`; with "rows_at_jvp" the eager
+    `chunk_kernel` whose JVP makes the sums) with the pixel partials for its first
+    derivatives (`nbfunc.derived`), compiled or eager."""
     cache, rules = _PARTIALS[compile, one_call]
-    fn = image_kernel if one_call else chunk_kernel
+    fn = image_kernel if one_call is True else chunk_kernel
 
     def kernel(*args, **kwargs):
         return derived_call(cache, fn, f"{fn.__name__}_partials", args, kwargs,
@@ -931,7 +978,9 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
     elif partials and not p.sampling.chunk and not forward_mode_active():
         plan = plan.chunked(PARTIALS_CHUNK, n_pix)
     if partials:
-        kernel = _partials_kernel(compiled_now)
+        # eager forward mode alone: the JVP makes the sums, where they pay (`PartialsRules`)
+        rows_at_jvp = not compiled_now and forward_mode_active() and not second_order_active()
+        kernel = _partials_kernel(compiled_now, "rows_at_jvp" if rows_at_jvp else False)
     else:
         kernel = _compiled_kernel if compiled_now else _eager_kernel
     carry_orientation = None if carry is None else carry.orientation

@@ -170,6 +170,42 @@ def test_pixel_partials_with_sources_and_orientations_equal_the_kernel_derivativ
         assert_close_scaled(a, b, 1e-10, name)
 
 
+@pytest.mark.skipif(not nbcompile.COMPILE_DISABLED,
+                    reason="eager forward mode: run by the test command's NANOBRAGG_DISABLE_COMPILE=1 "
+                    "run (compiled renders keep the sums from the forward)")
+@pytest.mark.parametrize("extra", ["-gauss_xtal -Ndef 0.4 -0.2 0.3 -bandwidth 2 -bandwidth_steps 2",
+                                   "-mosaic 0.3 -mosaic_dom 2 -polar 0.5"])
+def test_forward_mode_makes_the_sums_where_they_pay(extra, monkeypatch):
+    """Eager ``jacfwd`` alone: the forward is the kernel's and the JVP makes the partial sums
+    when a tangent reaches the geometry (cell, detector), and derives the JVP from the kernel
+    when only N, the size terms, the source weights, the fluence or the polarization move;
+    either way the Jacobian equals the kernel's own (partials switched off)."""
+    p = make_params(extra)
+    made = []
+    original = nbfunc.render.pixel_partials
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(nbfunc.render, "pixel_partials", counted)
+    geometric = ("crystal.cell_a", "detector.distance")
+    cheap = ("crystal.Na", "beam.fluence", "beam.kahn_factor") + (
+        ("crystal.Ncells_def", "beam.sources.weights") if "gauss" in extra else ())
+    for names, sums in ((geometric, True), (cheap, False)):
+        x = [nbfunc.tree.get_leaf(p, n) for n in names]
+        pixels = lambda *v: nbfunc.simulate(nbfunc.replace_leaves(p, dict(zip(names, v))))  # noqa: E731
+        made.clear()
+        got = torch.func.jacfwd(pixels, argnums=tuple(range(len(names))))(*x)
+        assert bool(made) == sums, (names, len(made))
+        with monkeypatch.context() as off:
+            off.setattr(nbfunc.render, "partials_apply", lambda *a: False)
+            expected = torch.func.jacfwd(pixels, argnums=tuple(range(len(names))))(*x)
+        for name, a, b in zip(names, got, expected):
+            assert float(b.abs().max()) > 0.0, name
+            assert_close_scaled(a, b, 1e-10, name)
+
+
 def assert_autograd_matches(p, target, expected, rtol: float, float_only: bool = False):
     """``torch.autograd.grad`` of the Poisson loss through `simulate` equals the tree
     ``expected`` leaf by leaf (leaves without elements, or not floating when ``float_only``,

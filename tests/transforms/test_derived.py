@@ -95,7 +95,7 @@ class _CubeJvpRules(_CubeRules):
         super().__init__()
         self.jvps = 0
 
-    def jvp(self, kwargs, inputs, residuals, tangents):
+    def jvp(self, args, kwargs, inputs, residuals, tangents):
         self.jvps += 1
         (x, y), (tx, ty), (slope,) = inputs, tangents, residuals
         return {"b": slope * tx + kwargs["scale"] * x**3 * ty, "a": (tx * y + x * ty).sum(),
