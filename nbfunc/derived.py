@@ -249,9 +249,7 @@ class Derived:
         if self.vjp_of is None or mask is None:
             return None
         rules, n_x, n_res, kept, g_dims = self.vjp_of
-        has = [False] * n_in
-        for i, m in zip(float_in, mask):
-            has[i] = m
+        has = _per_input(n_in, float_in, mask)
         if not rules.vjp_along_supported(tuple(has[:n_x])):
             return None
         x_moving = tuple(i for i in float_in if i < n_x and has[i])
@@ -298,20 +296,15 @@ class Derived:
         (`torch.func.vjp` of the VJP, which is linear in the cotangents; compiled, inductor
         fuses it) where that is worth it (`Rules.vjp_transposable`), else None (derived from
         the function)."""
-        fast_vjp = self._fast_vjp(n_in, n_res, tuple(range(len(float_in))))
-        if fast_vjp is None:
+        rules = self.rules
+        if rules is None:
             return None
-        moving = None
-        if mask is not None:  # per input, as the rules take it
-            moving = [False] * n_in
-            for i, m in zip(float_in, mask):
-                moving[i] = m
-        if not self.compile and self.rules.jvp_supported(moving):
-            rules = self.rules
+        if not self.compile and rules.jvp_supported(_per_input(n_in, float_in, mask)):
             return lambda *args: tuple(rules.jvp(args[:n_in], args[n_in:n_in + n_res],
                                                  args[n_in + n_res:]))
-        if not self.rules.vjp_transposable():
+        if not rules.vjp_transposable():
             return None
+        fast_vjp = self._fast_vjp(n_in, n_res, tuple(range(len(float_in))))
 
         def fast_jvp(*args):
             head, ts = args[:n_in + n_res], args[n_in + n_res:]
@@ -344,6 +337,17 @@ class Derived:
             if all(d is None for d in in_dims[:n_x + n_res]):
                 child.vjp_of = (rules, n_x, n_res, kept, g_dims + (tuple(in_dims[n_x + n_res:]),))
         return child
+
+
+def _per_input(n_in: int, float_in: tuple, mask: tuple | None) -> list | None:
+    """Per input, whether it moves (False at inputs that are not floating), from ``mask``, one
+    bool per floating input ``float_in``; None when unknown."""
+    if mask is None:
+        return None
+    moving = [False] * n_in
+    for i, m in zip(float_in, mask):
+        moving[i] = m
+    return moving
 
 
 def _zeros(like) -> torch.Tensor:

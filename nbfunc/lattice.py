@@ -356,12 +356,23 @@ def reciprocal_distance_sq(dhkl: torch.Tensor | Components, recip: torch.Tensor,
     Returns:
         (*) nanoBragg's ``rad_star_sqr`` (1/Angstrom^2 times cells^6, used as a pure number).
     """
-    dh, dk, dl = coupled_offsets(dhkl, n_cells, n_offdiag)
+    x = _reciprocal_offset(coupled_offsets(dhkl, n_cells, n_offdiag), recip)
+    return _squared(x) * n_cells.prod(-1) ** 2
+
+
+def _reciprocal_offset(coupled: Components, recip: torch.Tensor) -> list:
+    """The three components of ``dh' a* + dk' b* + dl' c*`` (1/Angstrom) for (*) offsets."""
+    dh, dk, dl = coupled
+    return [dh * recip[..., 0, axis] + dk * recip[..., 1, axis] + dl * recip[..., 2, axis]
+            for axis in range(3)]
+
+
+def _squared(x: list) -> torch.Tensor:
+    """``x_0^2 + x_1^2 + x_2^2``, summed in that order."""
     total = 0.0
-    for axis in range(3):
-        d = dh * recip[..., 0, axis] + dk * recip[..., 1, axis] + dl * recip[..., 2, axis]
+    for d in x:
         total = total + d * d
-    return total * n_cells.prod(-1) ** 2
+    return total
 
 
 def miller_distance_sq(dhkl: torch.Tensor | Components, n_cells: torch.Tensor,
@@ -414,13 +425,10 @@ def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge
         ``(F, dF/dh (3), dF/dN (3), dF/drecip (9, row-major), dF/dfudge, dF/dNd Ne Nf (3))``,
         each (*) array in a list (the offsets' rounding is held: derivatives a.e.).
     """
-    dh = tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
+    dh = miller_offsets(hkl)
     coupled = coupled_offsets(dh, n_cells, n_offdiag)
-    x = [coupled[0] * recip[..., 0, j] + coupled[1] * recip[..., 1, j]
-         + coupled[2] * recip[..., 2, j] for j in range(3)]
-    total = 0.0
-    for d in x:  # as `reciprocal_distance_sq`
-        total = total + d * d
+    x = _reciprocal_offset(coupled, recip)
+    total = _squared(x)  # as `reciprocal_distance_sq`
     product = n_cells.prod(-1)
     rad = total * product ** 2
     damping = torch.exp(-(rad / 0.63 * fudge))
@@ -466,7 +474,7 @@ def gauss_hkl_and_derivatives(hkl, n_cells: torch.Tensor, fudge: torch.Tensor,
         ``(F, dF/dh (3), dF/dN (3), dF/dfudge, dF/dNd Ne Nf (3))``, each (*) array in a list
         (the offsets' rounding is held: derivatives a.e.).
     """
-    dh = tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
+    dh = miller_offsets(hkl)
     distance = miller_distance_sq(dh, n_cells, n_offdiag)
     damping = torch.exp(-(distance / 0.63 * fudge))
     value = size_determinant(n_cells, n_offdiag) * damping
@@ -500,6 +508,12 @@ def nearest_indices(hkl: torch.Tensor | Components) -> Components:
     return tuple(torch.ceil(x - 0.5) for x in components(hkl))
 
 
+def miller_offsets(hkl: torch.Tensor | Components) -> Components:
+    """``hkl - (h0, k0, l0)``: the offsets from the nearest reflection (`nearest_indices`),
+    three components."""
+    return tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
+
+
 def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tensor,
                    n_cells: torch.Tensor, fudge: torch.Tensor,
                    n_offdiag: torch.Tensor | None = None) -> torch.Tensor:
@@ -520,7 +534,7 @@ def lattice_factor(shape: str, hkl: torch.Tensor | Components, recip: torch.Tens
     """
     if shape == "square":
         return square_lattice(hkl, n_cells)
-    dhkl = tuple(x - x0 for x, x0 in zip(components(hkl), nearest_indices(hkl)))
+    dhkl = miller_offsets(hkl)
     if shape == "round":
         return round_lattice(dhkl, n_cells, fudge)
     if shape == "gauss":

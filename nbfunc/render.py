@@ -481,8 +481,8 @@ class PartialsRules(StructuredRules):
     def forward(self, args, kwargs):
         setup, orient, _, pixel_index, paths, disabled, seen = args
         if self.rows_at_jvp:
-            fpix, spix = _pixel_coordinates(pixel_index, kwargs["plan"], orient.dtype)
-            return chunk_kernel(*args, **kwargs), (fpix, spix, paths.sub_f, paths.sub_s, paths.layer)
+            return chunk_kernel(*args, **kwargs), _fixed_indices(pixel_index, paths, kwargs["plan"],
+                                                                orient.dtype)
         inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                             kwargs["plan"])
         value, rows = pixel_partials_sum(*inputs, **flags, compile=self.compile)
@@ -497,13 +497,10 @@ class PartialsRules(StructuredRules):
         if not self.rows_at_jvp:
             return residuals[0]
         weighted = _weighted(inputs, plan)
-        gauss = None
-        if plan.shape != "square":  # diffBragg's Gaussian does not read the reciprocal cell
-            gauss = (inputs[17] if plan.shape == "gauss" else None, *inputs[18:20])
         with torch.no_grad():
             return pixel_partials(*inputs[:17], *residuals, weight=inputs[-1] if weighted else None,
                                   oversample=plan.oversample, per_path=plan.path_sources > 0,
-                                  gauss=gauss, **_partials_flags(plan))[1]
+                                  gauss=_gauss_argument(inputs, plan), **_partials_flags(plan))[1]
 
     def vjp(self, kwargs, inputs, residuals, cotangent):
         plan = kwargs["plan"]
@@ -530,12 +527,11 @@ class PartialsRules(StructuredRules):
         benchmarks/README.md)."""
         plan = kwargs["plan"]
         if self.rows_at_jvp:  # the indices from the call: shared by a batch's members
-            fpix, spix = _pixel_coordinates(args[3], plan, inputs[0].dtype)
-            residuals = (fpix, spix, args[4].sub_f, args[4].sub_s, args[4].layer)
+            residuals = _fixed_indices(args[3], args[4], plan, inputs[0].dtype)
         rows = self._rows(inputs, residuals, plan)
         layout = _partials_layout(plan, _weighted(inputs, plan))
-        zeros = {name: rows.new_zeros(block.stop - block.start) for name, block in layout.items()}
-        _, transpose = torch.func.vjp(lambda sums: _partials_chain(sums, inputs, plan), zeros)
+        _, transpose = torch.func.vjp(lambda sums: _partials_chain(sums, inputs, plan),
+                                      _zero_sums(layout, rows))
         coefficients = transpose(tuple(tangents))[0]
         flat = torch.cat([coefficients[name] for name in layout])
         return {"value": flat @ rows, "disabled": None, "seen": None}
@@ -558,8 +554,8 @@ class PartialsRules(StructuredRules):
         t_background = tangents_kwargs["finish"][1]
         if t_orient is None and t_n is None and t_background is None:
             # the scale alone: the sums do not move
-            sums = {name: residuals[0].new_zeros(block.stop - block.start) for name, block
-                    in _partials_layout(kwargs["plan"], _weighted(inputs, kwargs["plan"])).items()}
+            sums = _zero_sums(_partials_layout(kwargs["plan"], _weighted(inputs, kwargs["plan"])),
+                              residuals[0])
         else:
             full, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                               kwargs["plan"])
@@ -590,15 +586,31 @@ def _partials_flags(plan: Plan) -> dict:
 def _partials_arguments(setup: Setup, orient, pixel_index, paths: Paths, finish, plan: Plan):
     """The positional arguments and the keyword flags of `nbfunc.lattice_sum.pixel_partials`
     for a chunk of the plain configuration."""
-    fpix, spix = _pixel_coordinates(pixel_index, plan, orient.dtype)
     differentiable = _partials_inputs(setup, orient, plan, finish, paths)
-    inputs = (*differentiable[:17], fpix, spix, paths.sub_f, paths.sub_s, paths.layer)
-    gauss = None
-    if plan.shape != "square":  # diffBragg's Gaussian does not read the reciprocal cell
-        recip, fudge, n_offdiag = differentiable[17:20]
-        gauss = (recip if plan.shape == "gauss" else None, fudge, n_offdiag)
+    inputs = (*differentiable[:17], *_fixed_indices(pixel_index, paths, plan, orient.dtype))
     return inputs, {"oversample": plan.oversample, "weight": paths.weight, **_partials_flags(plan),
-                    "per_path": plan.path_sources > 0, "gauss": gauss}
+                    "per_path": plan.path_sources > 0,
+                    "gauss": _gauss_argument(differentiable, plan)}
+
+
+def _fixed_indices(pixel_index, paths: Paths, plan: Plan, dtype) -> tuple:
+    """`nbfunc.lattice_sum.pixel_partials`' fixed indices: (fast, slow) pixel indices, each
+    (1, P), and the paths' sub-pixel and layer indices, each (E, 1)."""
+    return (*_pixel_coordinates(pixel_index, plan, dtype), paths.sub_f, paths.sub_s, paths.layer)
+
+
+def _gauss_argument(differentiable, plan: Plan):
+    """`nbfunc.lattice_sum.pixel_partials`' ``gauss`` from the `_partials_inputs`: None for
+    square spots; diffBragg's Gaussian does not read the reciprocal cell (None in its place)."""
+    if plan.shape == "square":
+        return None
+    recip, fudge, n_offdiag = differentiable[17:20]
+    return (recip if plan.shape == "gauss" else None, fudge, n_offdiag)
+
+
+def _zero_sums(layout: dict[str, slice], like: torch.Tensor) -> dict:
+    """Zero weighted sums of the partial sums by block of ``layout`` (`row_sums`)."""
+    return {name: like.new_zeros(block.stop - block.start) for name, block in layout.items()}
 
 
 def _partials_vjp(grad_value, rows, inputs, plan: Plan):
