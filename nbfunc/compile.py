@@ -93,20 +93,24 @@ these compile after four times the work. Set it to 0 to compile every transforme
 
 
 def _keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks of up to 32 MiB for reuse instead of returning them to
+    """Ask glibc to keep freed blocks of up to 256 MiB for reuse instead of returning them to
     the kernel at once.
 
     A compiled backward allocates and frees some tens of MiB of per-evaluation arrays per
-    chunk. With glibc's start-up thresholds (128 KiB) every such array is fresh memory from
-    the kernel, and each of its pages costs a page fault when first written: on bench_1024's
-    gradient that was about 5000 faults and half of the time. glibc raises these thresholds
-    by itself after it frees a large block (up to 32 MiB for allocations served by mmap and
-    64 MiB for the heap top it keeps); this sets the first from the start, and keeps a heap
-    top of up to 256 MiB: with 64 MiB, `vmap` of 64 renders of 64x64 pixels (some 100 MiB of
-    arrays a call) was trimmed and faulted in again every few calls (median 25.6 ms, calls
-    between 12 and 31 ms; 11.9 ms every call with 256 MiB, 12.3 ms with 128 MiB). A process
-    keeps at most 256 MiB more memory mapped than it uses. Skipped where the C library is not
-    glibc, when ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set, and with
+    chunk, and a forward-mode Jacobian of a batch of replicas some hundreds (the pull test's:
+    75 MiB of partial sums, about 300 MiB in all). With glibc's start-up thresholds (128 KiB)
+    every such array is fresh memory from the kernel, and each of its pages costs a page
+    fault when first written: on bench_1024's gradient that was about 5000 faults and half of
+    the time. glibc raises these thresholds by itself after it frees a large block, but only
+    up to 32 MiB for allocations served by mmap and 64 MiB for the heap top it keeps. This
+    serves blocks of up to 256 MiB from the heap and keeps a heap top of up to 512 MiB: with
+    32 and 256 MiB, a pull-test call of 50 replicas (`benchmarks/pull_test.py`) mapped its
+    partial sums afresh and had its heap trimmed, about 18000 page faults and 135 ms a call,
+    against about 100 faults and 117 ms; with 64 MiB, `vmap` of 64 renders of 64x64 pixels
+    (some 100 MiB of arrays a call) was trimmed and faulted in again every few calls (median
+    25.6 ms, calls between 12 and 31 ms; 11.9 ms every call with 256 MiB). A process keeps at
+    most 512 MiB more memory mapped than it uses. Skipped where the C library is not glibc,
+    when ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set, and with
     ``NANOBRAGG_KEEP_FREED_MEMORY=0``.
 
     Returns:
@@ -124,7 +128,7 @@ def _keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+    return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_trim_threshold, 512 << 20))
 
 
 KEEPS_FREED_MEMORY = _keep_freed_memory()
@@ -155,6 +159,18 @@ def single_vmap_level() -> bool:
 def forward_mode_active() -> bool:
     """True inside a forward-mode transform (``jvp``, ``jacfwd``, a Hessian's outer level)."""
     return torch._C._functorch.TransformType.Jvp in _active_transforms()
+
+
+def innermost_tangent(tensors) -> bool | None:
+    """Whether any of ``tensors`` carries a tangent of the innermost transform when that is
+    forward mode (``jvp``, ``jacfwd``, under any ``vmap`` outside it); None when the
+    innermost transform is another (a ``vmap`` inside ``jvp`` cannot read a tangent) or none."""
+    top = torch._C._functorch.peek_interpreter_stack()
+    if top is None or top.key() != torch._C._functorch.TransformType.Jvp:
+        return None
+    from torch.autograd.forward_ad import unpack_dual
+
+    return any(unpack_dual(x).tangent is not None for x in tensors)
 
 
 def second_order_active() -> bool:

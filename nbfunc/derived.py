@@ -85,11 +85,9 @@ class Rules:
     def vjp(self, xs, residuals, cotangents):
         raise NotImplementedError
 
-    def jvp_supported(self, mask: tuple | None) -> bool:
-        """Whether `jvp` answers when the inputs marked True in ``mask`` move (one bool per
-        input, as `vjp_along_supported` takes it; None: unknown); else the JVP is the
-        transpose of `vjp` or, without `vjp_transposable`, derived from the function
-        (`Derived._fast_jvp`)."""
+    def jvp_supported(self) -> bool:
+        """Whether `jvp` answers; else the JVP is the transpose of `vjp` or, without
+        `vjp_transposable`, derived from the function (`Derived._fast_jvp`)."""
         return False
 
     def vjp_transposable(self) -> bool:
@@ -234,7 +232,7 @@ class Derived:
                             tuple(xs[i] for i in float_in), tuple(ts), self.compile)
             return jvp_fn
 
-        fast = (self._fast_jvp(n_in, n_res, out_meta, float_in, mask)
+        fast = (self._fast_jvp(n_in, n_res, out_meta, float_in)
                 or self._fast_hvp(n_in, float_in, mask))
         return self._child(("jvp", n_in, float_in, float_out, n_res, out_meta, mask), make, fast)
 
@@ -289,17 +287,15 @@ class Derived:
             return tuple(out)
         return fast_hvp
 
-    def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple, float_in: tuple,
-                  mask: tuple | None) -> Callable | None:
-        """The rules' JVP for the floating inputs moving where ``mask`` is True: eagerly their
-        own (`Rules.jvp`) where they give one, else the transpose of their VJP
-        (`torch.func.vjp` of the VJP, which is linear in the cotangents; compiled, inductor
-        fuses it) where that is worth it (`Rules.vjp_transposable`), else None (derived from
-        the function)."""
+    def _fast_jvp(self, n_in: int, n_res: int, out_meta: tuple, float_in: tuple) -> Callable | None:
+        """The rules' JVP: eagerly their own (`Rules.jvp`) where they give one, else the
+        transpose of their VJP (`torch.func.vjp` of the VJP, which is linear in the
+        cotangents; compiled, inductor fuses it) where that is worth it
+        (`Rules.vjp_transposable`), else None (derived from the function)."""
         rules = self.rules
         if rules is None:
             return None
-        if not self.compile and rules.jvp_supported(_per_input(n_in, float_in, mask)):
+        if not self.compile and rules.jvp_supported():
             return lambda *args: tuple(rules.jvp(args[:n_in], args[n_in:n_in + n_res],
                                                  args[n_in + n_res:]))
         if not rules.vjp_transposable():
@@ -506,9 +502,8 @@ class StructuredRules:
     (`Rules.jvp`, with the tangents of ``inputs`` and the result in ``fn``'s structure, None
     at non-floating outputs)."""
 
-    def jvp_supported(self, mask_args, mask_kwargs) -> bool:
-        """`Rules.jvp_supported` with the mask in the structure of the call's ``(args,
-        kwargs)`` (both None when unknown): whether ``jvp`` is given and answers."""
+    def jvp_supported(self) -> bool:
+        """`Rules.jvp_supported`: whether ``jvp`` is given and answers."""
         return self.jvp is not None
 
     def vjp_transposable(self) -> bool:
@@ -581,10 +576,8 @@ class _FlatRules(Rules):
         return self._chained(xs, cotangents,
                              lambda values, g: self.rules.vjp(kwargs, values, residuals, g))
 
-    def jvp_supported(self, mask) -> bool:
-        if mask is None:
-            return self.rules.jvp_supported(None, None)
-        return self.rules.jvp_supported(*self.rebuild(list(mask)))
+    def jvp_supported(self) -> bool:
+        return self.rules.jvp_supported()
 
     def vjp_transposable(self) -> bool:
         return self.rules.vjp_transposable()

@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_leaves
 
 from nbfunc.beam import polarization_axes, polarization_factor, source_weights, sources
 from nbfunc.compile import (check_settings, compiled, forward_mode_active, in_functorch_transform,
-                            only_batching, per_call_under_transforms, report_failure,
-                            second_order_active)
+                            innermost_tangent, only_batching, per_call_under_transforms,
+                            report_failure, second_order_active)
 from nbfunc.derived import StructuredRules, derived_call
 from nbfunc.crystal import mosaic_rotations, orientation_matrices, oriented_cell, phi_angles, phi_rotations
 from nbfunc.diffuse import (bfactor_form, debye_waller, diffuse_forms, diffuse_intensity,
@@ -459,28 +459,27 @@ class PartialsRules(StructuredRules):
     from the sums' tangent (`vjp_along`); other second and higher derivatives (all of them
     with Gaussian spots) are derived from `chunk_kernel` itself.
 
-    With ``rows_at_jvp`` (eager forward mode without reverse mode, `_render`) the forward is
-    `chunk_kernel` itself and keeps only the pixels' and paths' indices. The JVP then makes
-    the sums when a tangent reaches the geometry (orientations, detector, beam direction or
-    wavelength, reciprocal cell: `jvp_supported`); when only N, the spot parameters, source
-    weights, scale, background, polarization or ``default_F`` move, forward mode through the
-    kernel is cheaper (its tangent touches a few operations) and the JVP is derived from
-    `chunk_kernel` (`vjp_transposable` is False). A VJP of such a call makes the sums.
+    With ``kernel_forward`` (eager forward mode without reverse mode where no tangent reaches
+    the geometry, `_forward_mode_kernel`) the forward is `chunk_kernel` itself and keeps only
+    the pixels' and paths' indices, and the JVP is derived from `chunk_kernel`: when only N,
+    the spot parameters, source weights, scale, background, polarization or ``default_F``
+    move, forward mode through the kernel is cheaper than the sums (its tangent touches a few
+    operations). A VJP of such a call makes the sums from the inputs and the indices.
 
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
     ("Transforms").
 
     Args:
         compile: run the compiled partial sums (else eager).
-        rows_at_jvp: the sums are made by the JVP or VJP (eager only).
+        kernel_forward: the forward is the kernel's, the JVP derived from it (eager only).
     """
 
-    def __init__(self, compile: bool, rows_at_jvp: bool = False):
-        self.compile, self.rows_at_jvp = compile, rows_at_jvp
+    def __init__(self, compile: bool, kernel_forward: bool = False):
+        self.compile, self.kernel_forward = compile, kernel_forward
 
     def forward(self, args, kwargs):
         setup, orient, _, pixel_index, paths, disabled, seen = args
-        if self.rows_at_jvp:
+        if self.kernel_forward:
             return chunk_kernel(*args, **kwargs), _fixed_indices(pixel_index, paths, kwargs["plan"],
                                                                 orient.dtype)
         inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
@@ -492,9 +491,9 @@ class PartialsRules(StructuredRules):
         return _partials_inputs(args[0], args[1], kwargs["plan"], kwargs["finish"], args[4])
 
     def _rows(self, inputs, residuals, plan: Plan):
-        """The partial sums (R, P): the forward's residual, or with ``rows_at_jvp`` made now
+        """The partial sums (R, P): the forward's residual, or with ``kernel_forward`` made now
         from the inputs and the indices the forward kept."""
-        if not self.rows_at_jvp:
+        if not self.kernel_forward:
             return residuals[0]
         weighted = _weighted(inputs, plan)
         with torch.no_grad():
@@ -506,18 +505,12 @@ class PartialsRules(StructuredRules):
         plan = kwargs["plan"]
         return _partials_vjp(cotangent["value"], self._rows(inputs, residuals, plan), inputs, plan)
 
-    def jvp_supported(self, mask_args, mask_kwargs) -> bool:
-        """Always with the sums from the forward; with ``rows_at_jvp``, when a tangent reaches
-        the geometry (or the mask is unknown)."""
-        if not self.rows_at_jvp or mask_args is None:
-            return True
-        setup, orient, _, _, paths, _, _ = mask_args
-        geometry = (orient, setup.frame, setup.incident, setup.wavelengths, setup.layer_depth,
-                    setup.recip, paths.incident, paths.wavelength)
-        return any(m is True for m in tree_leaves(list(geometry)))
+    def jvp_supported(self) -> bool:
+        """With the sums from the forward."""
+        return not self.kernel_forward
 
     def vjp_transposable(self) -> bool:
-        return not self.rows_at_jvp
+        return not self.kernel_forward
 
     def jvp(self, args, kwargs, inputs, residuals, tangents):
         """The VJP's transpose written out: the chain's transpose (small: by ``torch.func.vjp``
@@ -526,9 +519,7 @@ class PartialsRules(StructuredRules):
         under vmap, 11 ms against 37 ms for autograd's transpose of the VJP block by block,
         benchmarks/README.md)."""
         plan = kwargs["plan"]
-        if self.rows_at_jvp:  # the indices from the call: shared by a batch's members
-            residuals = _fixed_indices(args[3], args[4], plan, inputs[0].dtype)
-        rows = self._rows(inputs, residuals, plan)
+        rows = residuals[0]
         layout = _partials_layout(plan, _weighted(inputs, plan))
         _, transpose = torch.func.vjp(lambda sums: _partials_chain(sums, inputs, plan),
                                       _zero_sums(layout, rows))
@@ -542,7 +533,7 @@ class PartialsRules(StructuredRules):
         that the sums do not read: Hessians with respect to the cell, the misset, the mosaic
         spread, the phi angles, N, the fluence and G. Square spots only, with the sums made by
         the forward."""
-        if mask_kwargs["plan"].shape != "square" or self.rows_at_jvp:
+        if mask_kwargs["plan"].shape != "square" or self.kernel_forward:
             return False
         setup, _, *others = mask_args
         read = [getattr(setup, name) for name in _SUMS_READ] + others
@@ -569,6 +560,24 @@ class PartialsRules(StructuredRules):
                                           t_orient=t_orient, t_n=t_n, t_background=t_background,
                                           **flags)
         return _partials_chain(sums, inputs, kwargs["plan"])
+
+
+def _geometry(setup: Setup, orient) -> list:
+    """The tensors of a chunk's geometry: orientations, detector frame, incident directions
+    and wavelengths (from which the paths' follow), layer depth, reciprocal cell."""
+    return tree_leaves([orient, setup.frame, setup.incident, setup.wavelengths, setup.layer_depth,
+                        setup.recip])
+
+
+def _forward_mode_kernel(setup: Setup, orient, *args, **kwargs):
+    """The eager partials kernel in forward mode without reverse mode: where a tangent reaches
+    the geometry (`_geometry`) the forward makes the sums and the JVP takes them (a pull-test
+    call of 50 replicas x 7 leaves, benchmarks/README.md: 120 -> 105 ms against the kernel's
+    forward and the JVP making the sums); elsewhere, or where the tangents cannot be read
+    here (a ``vmap`` inside ``jvp``), the kernel's forward and its own JVP (`PartialsRules`
+    ``kernel_forward``)."""
+    mode = "kernel_forward" if not innermost_tangent(_geometry(setup, orient)) else False
+    return _partials_kernel(False, mode)(setup, orient, *args, **kwargs)
 
 
 _SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "default_f",
@@ -925,16 +934,16 @@ _compiled_image_partials = compiled(image_partials, static_argnames=("plan",),
 
 _PARTIALS = {(mode, one_call): ({}, (ImagePartialsRules if one_call else PartialsRules)(mode))
              for mode in (False, True) for one_call in (False, True)}
-_PARTIALS[False, "rows_at_jvp"] = ({}, PartialsRules(False, rows_at_jvp=True))
+_PARTIALS[False, "kernel_forward"] = ({}, PartialsRules(False, kernel_forward=True))
 """Per compile mode, for `chunk_kernel` and for `image_kernel` (and for the eager
-`chunk_kernel` whose sums its JVP makes): the derived functions with `PartialsRules` or
+`chunk_kernel` with its own forward and JVP): the derived functions with `PartialsRules` or
 `ImagePartialsRules`, and the rules."""
 
 
 def _partials_kernel(compile: bool, one_call: bool | str = False):
-    """`chunk_kernel` (or with ``one_call`` `image_kernel`; with "rows_at_jvp" the eager
-    `chunk_kernel` whose JVP makes the sums) with the pixel partials for its first
-    derivatives (`nbfunc.derived`), compiled or eager."""
+    """`chunk_kernel` (or with ``one_call`` `image_kernel`; with "kernel_forward" the eager
+    `chunk_kernel` whose forward and JVP are its own, and whose VJP makes the sums) with the
+    pixel partials for its first derivatives (`nbfunc.derived`), compiled or eager."""
     cache, rules = _PARTIALS[compile, one_call]
     fn = image_kernel if one_call is True else chunk_kernel
 
@@ -990,9 +999,9 @@ def _render(p: Params, carry: PhiCarry | None, compile: bool | None = None, prog
     elif partials and not p.sampling.chunk and not forward_mode_active():
         plan = plan.chunked(PARTIALS_CHUNK, n_pix)
     if partials:
-        # eager forward mode alone: the JVP makes the sums, where they pay (`PartialsRules`)
-        rows_at_jvp = not compiled_now and forward_mode_active() and not second_order_active()
-        kernel = _partials_kernel(compiled_now, "rows_at_jvp" if rows_at_jvp else False)
+        # eager forward mode alone: the sums where a tangent reaches the geometry
+        forward_only = not compiled_now and forward_mode_active() and not second_order_active()
+        kernel = _forward_mode_kernel if forward_only else _partials_kernel(compiled_now)
     else:
         kernel = _compiled_kernel if compiled_now else _eager_kernel
     carry_orientation = None if carry is None else carry.orientation

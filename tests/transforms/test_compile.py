@@ -176,28 +176,36 @@ def test_pixel_partials_with_sources_and_orientations_equal_the_kernel_derivativ
 @pytest.mark.parametrize("extra", ["-gauss_xtal -Ndef 0.4 -0.2 0.3 -bandwidth 2 -bandwidth_steps 2",
                                    "-mosaic 0.3 -mosaic_dom 2 -polar 0.5"])
 def test_forward_mode_makes_the_sums_where_they_pay(extra, monkeypatch):
-    """Eager ``jacfwd`` alone: the forward is the kernel's and the JVP makes the partial sums
-    when a tangent reaches the geometry (cell, detector), and derives the JVP from the kernel
-    when only N, the size terms, the source weights, the fluence or the polarization move;
-    either way the Jacobian equals the kernel's own (partials switched off)."""
+    """Eager ``jacfwd`` alone: when a tangent reaches the geometry (cell, detector) the forward
+    makes the partial sums and the JVP takes them; when only N, the size terms, the source
+    weights, the fluence or the polarization move, or under ``jacfwd`` of a ``vmap`` (whose
+    render cannot read the tangents), no sums are made and the JVP is derived from the
+    kernel. Every Jacobian equals the kernel's own (partials switched off)."""
     p = make_params(extra)
-    made = []
-    original = nbfunc.render.pixel_partials
+    made = {"forward": 0, "other": 0}
 
-    def counted(*args, **kwargs):
-        made.append(1)
-        return original(*args, **kwargs)
+    def counting(where, original):
+        def counted(*args, **kwargs):
+            made[where] += 1
+            return original(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(nbfunc.render, "pixel_partials", counted)
+    monkeypatch.setattr(nbfunc.render, "pixel_partials_sum",
+                        counting("forward", nbfunc.render.pixel_partials_sum))
+    monkeypatch.setattr(nbfunc.render, "pixel_partials", counting("other", nbfunc.render.pixel_partials))
     geometric = ("crystal.cell_a", "detector.distance")
     cheap = ("crystal.Na", "beam.fluence", "beam.kahn_factor") + (
         ("crystal.Ncells_def", "beam.sources.weights") if "gauss" in extra else ())
-    for names, sums in ((geometric, True), (cheap, False)):
+    for names, batched, where in ((geometric, False, "forward"), (geometric, True, None),
+                                  (cheap, False, None)):
         x = [nbfunc.tree.get_leaf(p, n) for n in names]
         pixels = lambda *v: nbfunc.simulate(nbfunc.replace_leaves(p, dict(zip(names, v))))  # noqa: E731
-        made.clear()
+        if batched:  # a batch of one tree
+            one = pixels
+            pixels = lambda *v: torch.func.vmap(one)(*[t[None] for t in v])[0]  # noqa: E731
+        made.update(forward=0, other=0)
         got = torch.func.jacfwd(pixels, argnums=tuple(range(len(names))))(*x)
-        assert bool(made) == sums, (names, len(made))
+        assert {k for k, n in made.items() if n} == ({where} if where else set()), (names, made)
         with monkeypatch.context() as off:
             off.setattr(nbfunc.render, "partials_apply", lambda *a: False)
             expected = torch.func.jacfwd(pixels, argnums=tuple(range(len(names))))(*x)

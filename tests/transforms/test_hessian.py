@@ -177,5 +177,17 @@ def test_crystal_hessian_through_the_partial_sums(case, input_files, eager):
     assert torch.isfinite(fast).all()
     assert_close_scaled(fast, derived, 1e-11, "Hessian")
     assert len(fast_mixed) == len(derived_mixed)
-    for a, b in zip(fast_mixed, derived_mixed):
-        assert_close_scaled(a, b, 1e-11, "d(gradient) along cell_gamma and Nc", atol=1e-300)
+    # some leaves' derivatives are differences of much larger per-pixel terms: G enters through
+    # the scale and through the water background over G, whose water parts cancel. Their
+    # rounding is that of the largest terms, whose size in units of the leaf is the largest
+    # relative sensitivity x d/dx over the leaves (``terms``) over the leaf's value; allowed:
+    # 1e-14 of it (some 50 ulps)
+    values = tree_leaves(tree)
+    sensitivities = [x.abs() * b.abs() for x, b in zip(values, derived_mixed)
+                     if isinstance(x, torch.Tensor) and x.is_floating_point() and b.numel()]
+    terms = max(float(x.max()) for x in sensitivities)
+    for x, a, b in zip(values, fast_mixed, derived_mixed):
+        size = float(x.abs().max()) if isinstance(x, torch.Tensor) and x.numel() else 0.0
+        rounding = 1e-14 * terms / size if size > 0 else 0.0
+        assert_close_scaled(a, b, 1e-11, "d(gradient) along cell_gamma and Nc",
+                            atol=max(rounding, 1e-300))
