@@ -173,26 +173,32 @@ PATHS_PER_CALL = 9
 calls (the others through `lattice_partials`), whose sums are added."""
 
 
-def _direction_rows(g_d, d, airpath, fd, sd, layer, layered: bool, per_path: bool) -> list:
+def _direction_rows(g_d, d, airpath, fd, sd, layer, layered: bool, per_path: bool,
+                    skip=frozenset()) -> list:
     """The rows of `lattice_row_layout` that follow from ``g_d = dL/dd`` (or its tangent):
     ``direction`` (without ``per_path``), then ``dL/dpos`` times Fdet, Sdet, 1 and with
-    ``layered`` the layer index."""
+    ``layered`` the layer index; None for the rows of the blocks named in ``skip``."""
     g_pos = position_gradient(g_d, d, airpath)
-    rows = [] if per_path else list(g_d)
-    rows += [x * fd for x in g_pos] + [x * sd for x in g_pos] + list(g_pos)
-    return rows + ([x * layer for x in g_pos] if layered else [])
+    blocks = [] if per_path else [("direction", list(g_d))]
+    blocks += [("pos_fast", lambda: [x * fd for x in g_pos]),
+               ("pos_slow", lambda: [x * sd for x in g_pos]), ("pos", lambda: list(g_pos))]
+    blocks += [("pos_layer", lambda: [x * layer for x in g_pos])] * layered
+    return [x for name, make in blocks
+            for x in ([None] * 3 if name in skip else make if isinstance(make, list) else make())]
 
 
 def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                    n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
-                   per_path, gauss=None):
-    """The paths' terms of `lattice_partials`: ``([(F F_latt)^2, rows...], path rows)``; the
+                   per_path, gauss=None, skip=frozenset()):
+    """The paths' terms of `lattice_partials`: ``([(F F_latt)^2, rows...], path rows, rays)``; the
     first list is summed over the paths, each (E, P) (the ``hq`` rows (E, P, O) with several
     orientations), the path rows (with ``per_path``: ``-dL/dd`` per component, ``dL/dlambda``
     and with a ``weight`` ``dL/dw``) are kept per path, each (E, P). ``gauss``: None for
     square spots, or ``(recip, fudge, n_offdiag)`` for Gaussian ones
     (`nbfunc.lattice.gauss_and_derivatives`; with ``recip`` None diffBragg's,
-    `nbfunc.lattice.gauss_hkl_and_derivatives`), whose parameters' rows follow N's."""
+    `nbfunc.lattice.gauss_hkl_and_derivatives`), whose parameters' rows follow N's. The rows
+    of the `lattice_row_layout` blocks named in ``skip`` are None (not made). ``rays``: the
+    paths' (Fdet, Sdet, airpath, diffracted unit vector) of `plain_rays`, each (E, P)."""
     fd, sd, _, airpath, d, q, hkl = plain_geometry(
         fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient, fpix,
         spix, sub_f, sub_s, layer, oversample)
@@ -215,27 +221,31 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     if weight is not None:
         w = weight[..., None] if many else weight
         unweighted, g_latt, lattice = lattice, g_latt * w, lattice * w
+    # the blocks of the rows after hq: N's, then the shape's
+    n_names = ["n_cells"] * 3 + [name for name, k in SHAPE_ROWS[spot_shape(gauss)] for _ in range(k)]
     if gauss is None:
         g_h = [g_latt * o * p[1] for o, p in zip(others, parts)]
-        g_n = [g_latt * o * p[2] for o, p in zip(others, parts)]
+        g_n = [None if "n_cells" in skip else g_latt * o * p[2] for o, p in zip(others, parts)]
     else:
-        g_h, g_n = [g_latt * x for x in d_h], [g_latt * x for x in d_n]
+        g_h = [g_latt * x for x in d_h]
+        g_n = [None if name in skip else g_latt * x for name, x in zip(n_names, d_n)]
+    hq = [None] * 9 if "hq" in skip else None
     if many:  # sum over the orientations (last axis) what does not depend on them
         g_d = tuple(sum((g_h[i] * orient[:, i, j]).sum(-1) for i in range(3)) / wavelength
                     for j in range(3))
-        rows = [lattice.sum(-1)] + [g_h[i] * q[j][..., None] for i in range(3) for j in range(3)]
-        rows += [x.sum(-1) for x in g_n]
+        rows = [lattice.sum(-1)] + (hq or [g_h[i] * q[j][..., None] for i in range(3) for j in range(3)])
+        rows += [None if x is None else x.sum(-1) for x in g_n]
     else:
         g_d = tuple(sum(g_h[i] * orient[0, i, j] for i in range(3)) / wavelength for j in range(3))
-        rows = [lattice] + [g_h[i] * q[j] for i in range(3) for j in range(3)] + g_n
-    rows += _direction_rows(g_d, d, airpath, fd, sd, layer, layered, per_path)
+        rows = [lattice] + (hq or [g_h[i] * q[j] for i in range(3) for j in range(3)]) + g_n
+    rows += _direction_rows(g_d, d, airpath, fd, sd, layer, layered, per_path, skip)
     path = []
     if per_path:
         h_dot = g_h[0] * hkl[0] + g_h[1] * hkl[1] + g_h[2] * hkl[2]
         path = [-x for x in g_d] + [-(h_dot.sum(-1) if many else h_dot) / wavelength]
         if weight is not None:
             path.append(unweighted.sum(-1) if many else unweighted)
-    return rows, path
+    return rows, path, (fd, sd, airpath, d)
 
 
 def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
@@ -306,39 +316,41 @@ def _path_tangents(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
     return rows, path
 
 
-def _path_sum(x: torch.Tensor) -> torch.Tensor:
+def _path_sum(x: torch.Tensor | None) -> torch.Tensor | None:
     """``x.sum(0, keepdim=True)``: the sum over the paths, (E, ...) -> (1, ...); ``x`` itself
-    for one path (eagerly a sum over one element is a copy)."""
-    return x if x.shape[0] == 1 else x.sum(0, keepdim=True)
+    for one path (eagerly a sum over one element is a copy); None for a row not made."""
+    return x if x is None or x.shape[0] == 1 else x.sum(0, keepdim=True)
 
 
 def _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                   n_cells, default_f, weight, fpix, spix, sub_f, sub_s, layer, oversample, layered,
-                  per_path, gauss=None):
-    """`lattice_partials` as ``([B, rows...], path rows)``: (1, P) arrays (the ``hq`` rows (1,
-    P, O) with several orientations) and (E, P) arrays. Compiled, the paths are unrolled (one
-    fused loop over the pixels keeps every per-evaluation value in registers); eagerly, they
-    are evaluated together as (E, P) arrays and summed (a few hundred operations instead of a
-    few hundred per path). With ``per_path`` (several sources: ``incident`` (E, 1, 3), one
-    per path) the path rows are those of each path, in path order; without, there are none.
-    ``gauss``: as `_path_partials`."""
+                  per_path, gauss=None, skip=frozenset()):
+    """`lattice_partials` as ``([B, rows...], path rows, rays)``: (1, P) arrays (the ``hq``
+    rows (1, P, O) with several orientations) and (E, P) arrays. Compiled, the paths are
+    unrolled (one fused loop over the pixels keeps every per-evaluation value in registers);
+    eagerly, they are evaluated together as (E, P) arrays and summed (a few hundred operations
+    instead of a few hundred per path). With ``per_path`` (several sources: ``incident`` (E,
+    1, 3), one per path) the path rows are those of each path, in path order; without, there
+    are none. ``gauss``, ``skip``: as `_path_partials`; ``rays``: `_path_partials`' of the
+    first group of paths (its first row is the first path's)."""
     n_paths = sub_f.shape[0]
     # several orientations: the paths as (E, P, O) arrays even compiled; unrolled, inductor
     # recomputed the gratings for each of the differently reduced sums (about 6x slower)
     unroll = torch.compiler.is_compiling() and orient.shape[0] == 1
     groups = [slice(e, e + 1) for e in range(n_paths)] if unroll else [slice(0, n_paths)]
-    total, path = None, []
+    total, path, rays = None, [], None
     for g in groups:
         pick = (lambda x: x[g]) if per_path else (lambda x: x)
-        rows, path_g = _path_partials(
+        rows, path_g, rays_g = _path_partials(
             fdet, sdet, odet, pix0, pixel_size, layer_depth, pick(incident), pick(wavelength),
             orient, n_cells, default_f, None if weight is None else weight[g], fpix, spix,
-            sub_f[g], sub_s[g], layer[g], oversample, layered, per_path, gauss)
+            sub_f[g], sub_s[g], layer[g], oversample, layered, per_path, gauss, skip)
         rows = [_path_sum(x) for x in rows]
-        total = rows if total is None else [a + b for a, b in zip(total, rows)]
+        total = rows if total is None else [None if a is None else a + b for a, b in zip(total, rows)]
         path.append(path_g)
+        rays = rays_g if rays is None else rays
     path = [torch.cat(column) for column in zip(*path)] if per_path else []
-    return total, path
+    return total, path, rays
 
 
 def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
@@ -366,7 +378,7 @@ def lattice_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, 
         fewer with ``per_path``); (K, E, P) the path rows (`_lattice_rows`), K = 0 with one
         source.)
     """
-    total, path = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
+    total, path, _ = _lattice_rows(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident,
                                 wavelength, orient, n_cells, default_f, weight, fpix, spix, sub_f,
                                 sub_s, layer, oversample, layered, per_path, gauss)
     return total[0][0], _stack_rows(total[1:]), _stack_path_rows(path, fpix)
@@ -392,7 +404,7 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
                    n_cells, default_f, close_distance, e_in, b_in, kahn, scale, background, fpix,
                    spix, sub_f, sub_s, layer, carried_b=None, carried_rows=None, carried_path=None,
                    weight=None, *, oversample: int, layered: bool, point_pixel: bool,
-                   polarized: bool, per_path: bool = False, gauss=None):
+                   polarized: bool, per_path: bool = False, gauss=None, blocks=None):
     """Photons per pixel of the common configuration, with the per-pixel sums from which
     `pixel_partials_chain` forms every input gradient.
 
@@ -414,16 +426,18 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         carried_rows, carried_path: `lattice_partials` of further paths of the same pixels
         (their sums are added before the pixel factors, their path rows follow these
         paths'), or None; point_pixel: omega = 1/R^2; polarized: False for P = 1; gauss: as
-        `lattice_partials`.
+        `lattice_partials`; blocks: the names of the `pixel_row_layout` blocks to make (None:
+        all; eager, without carried sums), for a JVP whose tangents reach only those.
     Returns:
         ((P,) photons per pixel, (R, P) rows as `pixel_row_layout` names them, R =
-        `pixel_rows`.)
+        `pixel_rows`; with ``blocks``, those blocks' rows in layout order.)
     """
     lattice = (fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,
                n_cells, default_f, weight)
-    (b, *raw), path = _lattice_rows(*lattice, fpix, spix, sub_f, sub_s, layer, oversample, layered,
-                                    per_path, gauss)
-    hq = _stack_rows(raw[:9])
+    skip = frozenset() if blocks is None else _lattice_skip(blocks, shape=spot_shape(gauss))
+    (b, *raw), path, rays = _lattice_rows(*lattice, fpix, spix, sub_f, sub_s, layer, oversample,
+                                          layered, per_path, gauss, skip)
+    hq = None if "hq" in skip else _stack_rows(raw[:9])
     raw = raw[9:]
     path = _stack_path_rows(path, fpix)
     if carried_b is not None:
@@ -436,21 +450,43 @@ def pixel_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
                        incident, orient, close_distance, e_in, b_in, kahn, scale, background, fpix,
                        spix, sub_f, sub_s, layer, weight, oversample=oversample, layered=layered,
                        point_pixel=point_pixel, polarized=polarized, per_path=per_path,
-                       shape=spot_shape(gauss))
+                       shape=spot_shape(gauss), blocks=blocks,
+                       rays=tuple(x if x.shape[0] == 1 else x[:1] for x in (*rays[:3], *rays[3])))
+
+
+_LATTICE_BLOCKS = {"orient": "hq", "incident": "direction", "fdet": "pos_fast", "sdet": "pos_slow",
+                   "pix0": "pos", "layer": "pos_layer"}
+"""The `lattice_row_layout` block each `pixel_row_layout` block is made from, where the names
+differ (``n_cells`` and the shapes' blocks share theirs)."""
+
+
+def _lattice_skip(blocks, shape: str) -> frozenset:
+    """The `lattice_row_layout` blocks that the `pixel_row_layout` ``blocks`` do not need."""
+    needed = {_LATTICE_BLOCKS.get(name, name) for name in blocks}
+    return frozenset(name for name in ("hq", "n_cells", *(n for n, _ in SHAPE_ROWS[shape]),
+                                       "direction", "pos_fast", "pos_slow", "pos", "pos_layer")
+                     if name not in needed)
 
 
 def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, orient,
                 close_distance, e_in, b_in, kahn, scale, background, fpix, spix, sub_f, sub_s, layer,
                 weight, grad_v=None, *, oversample, layered, point_pixel, polarized, per_path,
-                shape="square"):
+                shape="square", blocks=None, rays=None):
     """The pixel factors of `pixel_partials` applied to the lattice sums: ``b`` (1, P) the sum B,
     ``hq`` (9 O, P), ``raw`` the other lattice rows (each (1, P)), ``path`` (K, E, P) the path
     rows. Returns ``((P,) value, (R, P) rows)``; affine in (b, hq, raw, path). With ``grad_v``
     ((P,)), the rows' sums weighted by it in place of the rows, by block of
     `pixel_row_layout` (`row_sums`): each row is reduced where it is made, so compiled the
-    rows never reach memory, and a block that no output needs is never computed."""
-    fd, sd, _, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix, spix,
-                                       sub_f[:1], sub_s[:1], layer[:1], oversample)
+    rows never reach memory, and a block that no output needs is never computed. With
+    ``blocks`` (names of `pixel_row_layout` blocks), only those blocks' rows, whose lattice
+    rows are the only ones needed (the others may be None). ``rays``: the first path's (Fdet,
+    Sdet, airpath, three components of the diffracted unit vector), each (1, P), when the
+    lattice sums made them (`_lattice_rows`), else computed here."""
+    if rays is None:
+        fd, sd, _, airpath, d = plain_rays(fdet, sdet, odet, pix0, pixel_size, layer_depth, fpix,
+                                           spix, sub_f[:1], sub_s[:1], layer[:1], oversample)
+    else:
+        fd, sd, airpath, *d = rays
     omega = solid_angle(airpath, close_distance, pixel_size, point_pixel)
     d_omega = -(2.0 if point_pixel else 3.0) * omega / airpath  # d omega / d airpath
     intensity = background + b
@@ -463,41 +499,41 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
     value = scale * intensity * polar * omega
     u = polar * omega  # d(value/scale)/d(background)
     w = intensity * omega  # d(value/scale)/dP
-    # the first path's position enters omega (through its distance) and P (through d)
-    g_first = position_gradient(dp_dd, d, airpath)
-    g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
-    lat = {name: raw[block.start - 9:block.stop - 9]  # the rows after the nine hq rows
-           for name, block in lattice_row_layout(layered, per_path, shape).items() if name != "hq"}
-    rows = {"orient": [u * hq], "n_cells": [u * x for x in lat["n_cells"]],
-            "fdet": [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
-            "sdet": [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
-            "pix0": [u * y + x for x, y in zip(g_first, lat["pos"])],
-            "background": [u], "lattice": [u * b]}
-    rows.update({name: [u * x for x in lat[name]] for name, _ in SHAPE_ROWS[shape]})
-    # the first path's incident direction enters P
-    first = [w * dp_dcos * x for x in d] if polarized else None
-    if polarized:
-        rows.update(e_in=[w * dp_de * x for x in d], b_in=[w * dp_db * x for x in d], kahn=[w * dp_dk])
-    if per_path:
-        own = u * path[:3]  # (3, E, P): -dL/dd per component and path
-        if first is not None:
-            own = torch.cat([own[:, :1] + torch.stack(first), own[:, 1:]], 1)
-        rows["path_incident"] = [own.transpose(0, 1).flatten(0, 1)]
-        rows["path_wavelength"] = [u * path[3]]
-        if weight is not None:
-            rows["path_weight"] = [u * path[4]]
-    elif polarized:
-        rows["incident"] = [x - u * y for x, y in zip(first, lat["direction"])]
-    else:
-        rows["incident"] = [-u * y for y in lat["direction"]]
-    if layered:
-        rows["layer"] = [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])]
     layout = pixel_row_layout(layered, polarized, orient.shape[0], path.shape[1], weight is not None,
                               shape)
+    wanted = [name for name in layout if blocks is None or name in blocks]
+    if {"fdet", "sdet", "pix0", "layer"} & set(wanted):
+        # the first path's position enters omega (through its distance) and P (through d)
+        g_first = position_gradient(dp_dd, d, airpath)
+        g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
+    lat = {name: raw[block.start - 9:block.stop - 9]  # the rows after the nine hq rows
+           for name, block in lattice_row_layout(layered, per_path, shape).items() if name != "hq"}
+    # the first path's incident direction enters P
+    first = (lambda: [w * dp_dcos * x for x in d]) if polarized else lambda: None
+
+    def path_incident():
+        own = u * path[:3]  # (3, E, P): -dL/dd per component and path
+        if polarized:
+            own = torch.cat([own[:, :1] + torch.stack(first()), own[:, 1:]], 1)
+        return [own.transpose(0, 1).flatten(0, 1)]
+    make = {"orient": lambda: [u * hq], "n_cells": lambda: [u * x for x in lat["n_cells"]],
+            **{name: lambda name=name: [u * x for x in lat[name]] for name, _ in SHAPE_ROWS[shape]},
+            "incident": (lambda: [x - u * y for x, y in zip(first(), lat["direction"])]) if polarized
+            else lambda: [-u * y for y in lat["direction"]],
+            "fdet": lambda: [u * y + x * fd for x, y in zip(g_first, lat["pos_fast"])],
+            "sdet": lambda: [u * y + x * sd for x, y in zip(g_first, lat["pos_slow"])],
+            "pix0": lambda: [u * y + x for x, y in zip(g_first, lat["pos"])],
+            "background": lambda: [u], "lattice": lambda: [u * b],
+            "e_in": lambda: [w * dp_de * x for x in d], "b_in": lambda: [w * dp_db * x for x in d],
+            "kahn": lambda: [w * dp_dk],
+            "layer": lambda: [u * y + x * layer[:1] for x, y in zip(g_first, lat["pos_layer"])],
+            "path_incident": path_incident, "path_wavelength": lambda: [u * path[3]],
+            "path_weight": lambda: [u * path[4]]}
+    rows = {name: make[name]() for name in wanted}
     if grad_v is not None:
         return value[0], {name: torch.cat([(x * grad_v).sum(-1) for x in rows[name]])
                           for name in layout}
-    return value[0], torch.cat([x for name in layout for x in rows[name]])
+    return value[0], torch.cat([x for name in wanted for x in rows[name]])
 
 
 def pixel_partials_tangent(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength,
@@ -606,10 +642,11 @@ def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident
                        orient, n_cells, default_f, close_distance, e_in, b_in, kahn, scale,
                        background, fpix, spix, sub_f, sub_s, layer, weight=None, *, oversample: int,
                        layered: bool, point_pixel: bool, polarized: bool, per_path: bool = False,
-                       gauss=None, compile: bool):
+                       gauss=None, compile: bool, blocks=None):
     """`pixel_partials` without autograd, compiled (``compile``) at most `PATHS_PER_CALL` paths
     per call with one orientation (the first group's call adds the others'
-    `lattice_partials`), or in one call. Arguments and result as `pixel_partials`."""
+    `lattice_partials`), or in one call. Arguments and result as `pixel_partials` (``blocks``
+    eager only)."""
     pick = lambda x, g: x[g] if per_path and x is not None else x  # noqa: E731
     lattice = lambda g: (fdet, sdet, odet, pix0, pixel_size, layer_depth, pick(incident, g),  # noqa: E731
                          pick(wavelength, g), orient, n_cells, default_f)
@@ -619,7 +656,9 @@ def pixel_partials_sum(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident
     with torch.no_grad():
         if not compile:
             return pixel_partials(*lattice(slice(None)), *pixel, fpix, spix, sub_f, sub_s, layer,
-                                  weight=weight, **flags)
+                                  weight=weight, blocks=blocks, **flags)
+        if blocks is not None:
+            raise ValueError("the compiled partial sums make every block (blocks=None)")
         n_paths = sub_f.shape[0]
         # paths are unrolled with one orientation only (`_lattice_rows`): else one call
         size = n_paths if orient.shape[0] > 1 else math.ceil(n_paths / math.ceil(n_paths / PATHS_PER_CALL))

@@ -464,7 +464,10 @@ class PartialsRules(StructuredRules):
     the pixels' and paths' indices, and the JVP is derived from `chunk_kernel`: when only N,
     the spot parameters, source weights, scale, background, polarization or ``default_F``
     move, forward mode through the kernel is cheaper than the sums (its tangent touches a few
-    operations). A VJP of such a call makes the sums from the inputs and the indices.
+    operations). A VJP of such a call makes the sums from the inputs and the indices. With
+    ``blocks`` (eager forward mode where only some rows' coefficients can move,
+    `_blocks_moved`) the forward makes only those blocks' rows, and a VJP makes them all
+    again.
 
     Gradient time over forward time on bench_1024's 256x256 ROI: see benchmarks/README.md
     ("Transforms").
@@ -472,10 +475,12 @@ class PartialsRules(StructuredRules):
     Args:
         compile: run the compiled partial sums (else eager).
         kernel_forward: the forward is the kernel's, the JVP derived from it (eager only).
+        blocks: the names of the `_partials_layout` blocks the forward makes (None: all;
+            eager only).
     """
 
-    def __init__(self, compile: bool, kernel_forward: bool = False):
-        self.compile, self.kernel_forward = compile, kernel_forward
+    def __init__(self, compile: bool, kernel_forward: bool = False, blocks: tuple | None = None):
+        self.compile, self.kernel_forward, self.blocks = compile, kernel_forward, blocks
 
     def forward(self, args, kwargs):
         setup, orient, _, pixel_index, paths, disabled, seen = args
@@ -484,20 +489,24 @@ class PartialsRules(StructuredRules):
                                                                 orient.dtype)
         inputs, flags = _partials_arguments(setup, orient, pixel_index, paths, kwargs["finish"],
                                             kwargs["plan"])
-        value, rows = pixel_partials_sum(*inputs, **flags, compile=self.compile)
-        return {"value": value, "disabled": disabled, "seen": seen}, (rows,)
+        value, rows = pixel_partials_sum(*inputs, **flags, compile=self.compile, blocks=self.blocks)
+        # with some blocks only, the indices too: a VJP makes every block again
+        indices = () if self.blocks is None else inputs[17:]
+        return {"value": value, "disabled": disabled, "seen": seen}, (rows, *indices)
 
     def inputs(self, args, kwargs):
         return _partials_inputs(args[0], args[1], kwargs["plan"], kwargs["finish"], args[4])
 
     def _rows(self, inputs, residuals, plan: Plan):
-        """The partial sums (R, P): the forward's residual, or with ``kernel_forward`` made now
-        from the inputs and the indices the forward kept."""
-        if not self.kernel_forward:
+        """Every block of the partial sums (R, P): the forward's residual, or with
+        ``kernel_forward`` or ``blocks`` made now from the inputs and the indices the forward
+        kept."""
+        if not self.kernel_forward and self.blocks is None:
             return residuals[0]
+        indices = residuals if self.kernel_forward else residuals[1:]
         weighted = _weighted(inputs, plan)
         with torch.no_grad():
-            return pixel_partials(*inputs[:17], *residuals, weight=inputs[-1] if weighted else None,
+            return pixel_partials(*inputs[:17], *indices, weight=inputs[-1] if weighted else None,
                                   oversample=plan.oversample, per_path=plan.path_sources > 0,
                                   gauss=_gauss_argument(inputs, plan), **_partials_flags(plan))[1]
 
@@ -524,7 +533,7 @@ class PartialsRules(StructuredRules):
         _, transpose = torch.func.vjp(lambda sums: _partials_chain(sums, inputs, plan),
                                       _zero_sums(layout, rows))
         coefficients = transpose(tuple(tangents))[0]
-        flat = torch.cat([coefficients[name] for name in layout])
+        flat = torch.cat([coefficients[name] for name in self.blocks or layout])
         return {"value": flat @ rows, "disabled": None, "seen": None}
 
     def vjp_along_supported(self, mask_args, mask_kwargs) -> bool:
@@ -533,7 +542,7 @@ class PartialsRules(StructuredRules):
         that the sums do not read: Hessians with respect to the cell, the misset, the mosaic
         spread, the phi angles, N, the fluence and G. Square spots only, with the sums made by
         the forward."""
-        if mask_kwargs["plan"].shape != "square" or self.kernel_forward:
+        if mask_kwargs["plan"].shape != "square" or self.kernel_forward or self.blocks is not None:
             return False
         setup, _, *others = mask_args
         read = [getattr(setup, name) for name in _SUMS_READ] + others
@@ -569,15 +578,50 @@ def _geometry(setup: Setup, orient) -> list:
                         setup.recip])
 
 
-def _forward_mode_kernel(setup: Setup, orient, *args, **kwargs):
+def _forward_mode_kernel(setup: Setup, orient, first_orient, pixel_index, paths: Paths, *args,
+                         plan: Plan, finish, **kwargs):
     """The eager partials kernel in forward mode without reverse mode: where a tangent reaches
-    the geometry (`_geometry`) the forward makes the sums and the JVP takes them (a pull-test
-    call of 50 replicas x 7 leaves, benchmarks/README.md: 120 -> 105 ms against the kernel's
-    forward and the JVP making the sums); elsewhere, or where the tangents cannot be read
-    here (a ``vmap`` inside ``jvp``), the kernel's forward and its own JVP (`PartialsRules`
-    ``kernel_forward``)."""
-    mode = "kernel_forward" if not innermost_tangent(_geometry(setup, orient)) else False
-    return _partials_kernel(False, mode)(setup, orient, *args, **kwargs)
+    the geometry (`_geometry`) the forward makes the sums and the JVP takes them, only the
+    blocks whose coefficients the tangents move (`_blocks_moved`) (a pull-test call of 50
+    replicas x 7 leaves, benchmarks/README.md: 120 -> 105 ms against the kernel's forward and
+    the JVP making the sums, -> 95 ms with 26 of 46 blocks); elsewhere, or where the tangents
+    cannot be read here (a ``vmap`` inside ``jvp``), the kernel's forward and its own JVP
+    (`PartialsRules` ``kernel_forward``)."""
+    call = (setup, orient, first_orient, pixel_index, paths, *args)
+    if not innermost_tangent(_geometry(setup, orient)):
+        return _partials_kernel(False, "kernel_forward")(*call, plan=plan, finish=finish, **kwargs)
+    inputs = _partials_inputs(setup, orient, plan, finish, paths)
+    blocks = _blocks_moved(plan, inputs, tuple(bool(innermost_tangent([x])) for x in inputs))
+    return _partials_kernel(False, blocks=blocks)(*call, plan=plan, finish=finish, **kwargs)
+
+
+_BLOCKS_MOVED: dict = {}
+"""`_blocks_moved`'s answers, by plan, input shapes and moving inputs."""
+
+
+def _blocks_moved(plan: Plan, inputs, moving: tuple) -> tuple | None:
+    """The `_partials_layout` blocks whose JVP coefficients (the chain's transpose,
+    `PartialsRules.jvp`) the tangents of the `_partials_inputs` marked True in ``moving`` can
+    make other than zero, in layout order; None when that is every block.
+
+    Read from the chain's structure: a block counts when a moving input's gradient
+    (`_partials_chain`) depends on its sums, on stand-in inputs of the same shapes (the
+    dependence does not depend on the values)."""
+    weighted = _weighted(inputs, plan)
+    key = (plan, weighted, tuple(tuple(x.shape) for x in inputs), moving)
+    if key not in _BLOCKS_MOVED:
+        layout = _partials_layout(plan, weighted)
+        stand_ins = [torch.ones(x.shape, dtype=torch.float64) for x in inputs]
+        needed = []
+        with torch.enable_grad():
+            for name in layout:
+                sums = {k: torch.ones(b.stop - b.start, dtype=torch.float64, requires_grad=k == name)
+                        for k, b in layout.items()}
+                grads = _partials_chain(sums, stand_ins, plan)
+                if any(m and g.requires_grad for g, m in zip(grads, moving)):
+                    needed.append(name)
+        _BLOCKS_MOVED[key] = None if len(needed) == len(layout) else tuple(needed)
+    return _BLOCKS_MOVED[key]
 
 
 _SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "default_f",
@@ -936,15 +980,18 @@ _PARTIALS = {(mode, one_call): ({}, (ImagePartialsRules if one_call else Partial
              for mode in (False, True) for one_call in (False, True)}
 _PARTIALS[False, "kernel_forward"] = ({}, PartialsRules(False, kernel_forward=True))
 """Per compile mode, for `chunk_kernel` and for `image_kernel` (and for the eager
-`chunk_kernel` with its own forward and JVP): the derived functions with `PartialsRules` or
-`ImagePartialsRules`, and the rules."""
+`chunk_kernel` with its own forward and JVP, and, added as needed, with some blocks of the
+sums): the derived functions with `PartialsRules` or `ImagePartialsRules`, and the rules."""
 
 
-def _partials_kernel(compile: bool, one_call: bool | str = False):
+def _partials_kernel(compile: bool, one_call: bool | str = False, blocks: tuple | None = None):
     """`chunk_kernel` (or with ``one_call`` `image_kernel`; with "kernel_forward" the eager
     `chunk_kernel` whose forward and JVP are its own, and whose VJP makes the sums) with the
-    pixel partials for its first derivatives (`nbfunc.derived`), compiled or eager."""
-    cache, rules = _PARTIALS[compile, one_call]
+    pixel partials for its first derivatives (`nbfunc.derived`), compiled or eager; with
+    ``blocks`` (eager `chunk_kernel`) those blocks of the sums only (`PartialsRules`)."""
+    if blocks is not None and (False, blocks) not in _PARTIALS:
+        _PARTIALS[False, blocks] = ({}, PartialsRules(False, blocks=blocks))
+    cache, rules = _PARTIALS[compile, one_call if blocks is None else blocks]
     fn = image_kernel if one_call is True else chunk_kernel
 
     def kernel(*args, **kwargs):
