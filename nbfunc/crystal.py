@@ -25,16 +25,20 @@ def reciprocal_cell(a, b, c, alpha, beta, gamma) -> torch.Tensor:
     Returns:
         (3, 3) tensor, rows a*, b*, c* (1/Angstrom).
     """
-    s = (alpha + beta + gamma) / 2
-    skew = torch.abs(torch.sin(s) * torch.sin(s - alpha) * torch.sin(s - beta) * torch.sin(s - gamma))
-    volume = 2.0 * a * b * c * torch.sqrt(skew)
-    a_len = b * c * torch.sin(alpha) / volume
-    b_len = c * a * torch.sin(beta) / volume
-    c_len = a * b * torch.sin(gamma) / volume
+    return _reciprocal_and_volume(a, b, c, alpha, beta, gamma)[0]
+
+
+def _reciprocal_and_volume(a, b, c, alpha, beta, gamma) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reciprocal_cell` and `cell_volume` (Angstrom^3) together, from one volume."""
+    volume = cell_volume(a, b, c, alpha, beta, gamma)
+    sa, sb, sg = torch.sin(alpha), torch.sin(beta), torch.sin(gamma)
+    a_len = b * c * sa / volume
+    b_len = c * a * sb / volume
+    c_len = a * b * sg / volume
     ca, cb, cg = torch.cos(alpha), torch.cos(beta), torch.cos(gamma)
-    cos_alpha_s = (cb * cg - ca) / (torch.sin(beta) * torch.sin(gamma))
-    cos_beta_s = (cg * ca - cb) / (torch.sin(gamma) * torch.sin(alpha))
-    cos_gamma_s = (ca * cb - cg) / (torch.sin(alpha) * torch.sin(beta))
+    cos_alpha_s = (cb * cg - ca) / (sb * sg)
+    cos_beta_s = (cg * ca - cb) / (sg * sa)
+    cos_gamma_s = (ca * cb - cg) / (sa * sb)
     sin_gamma_s = c / volume / a_len / b_len
     zero = torch.zeros_like(a)
     a_star = torch.stack([a_len, zero, zero])
@@ -42,7 +46,7 @@ def reciprocal_cell(a, b, c, alpha, beta, gamma) -> torch.Tensor:
     c_star = torch.stack([c_len * cos_beta_s,
                           c_len * (cos_alpha_s - cos_beta_s * cos_gamma_s) / sin_gamma_s,
                           c_len * volume / (a * b * c * sin_gamma_s)])
-    return torch.stack([a_star, b_star, c_star])
+    return torch.stack([a_star, b_star, c_star]), volume
 
 
 def cell_volume(a, b, c, alpha, beta, gamma) -> torch.Tensor:
@@ -65,7 +69,7 @@ def oriented_cell(crystal) -> tuple[torch.Tensor, torch.Tensor]:
     cr = crystal
     lengths = torch.stack([cr.cell_a, cr.cell_b, cr.cell_c])
     angles = [cr.cell_alpha * DEG, cr.cell_beta * DEG, cr.cell_gamma * DEG]
-    recip = reciprocal_cell(cr.cell_a, cr.cell_b, cr.cell_c, *angles)
+    recip, volume = _reciprocal_and_volume(cr.cell_a, cr.cell_b, cr.cell_c, *angles)
     base = torch.tensor(cr.base_orientation, dtype=recip.dtype, device=recip.device)
     misset = xyz_rotation_matrix(*(cr.misset * DEG).unbind(-1))
     recip = recip @ (misset @ base).transpose(-1, -2)
@@ -73,7 +77,6 @@ def oriented_cell(crystal) -> tuple[torch.Tensor, torch.Tensor]:
     crosses = torch.stack([torch.linalg.cross(b_s, c_s), torch.linalg.cross(c_s, a_s),
                            torch.linalg.cross(a_s, b_s)], -2)
     real = crosses / torch.linalg.vector_norm(crosses, dim=-1, keepdim=True) * lengths[..., None]
-    volume = cell_volume(cr.cell_a, cr.cell_b, cr.cell_c, *angles)
     a, b, c = real.unbind(-2)
     recip = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a),
                          torch.linalg.cross(a, b)], -2) / volume

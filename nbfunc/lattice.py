@@ -409,7 +409,7 @@ def gauss_lattice(rad_star_sq: torch.Tensor, n_cells: torch.Tensor, fudge: torch
 
 
 def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge: torch.Tensor,
-                          n_offdiag: torch.Tensor):
+                          n_offdiag: torch.Tensor, shape_rows: bool = True):
     """The C program's Gaussian spots (`lattice_factor` "gauss", the same value bit for bit)
     with their partial derivatives, for hand-written gradients.
 
@@ -420,7 +420,8 @@ def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge
 
     Args:
         hkl: three (*) fractional indices; recip: (3, 3) rows a*, b*, c* (1/Angstrom);
-        n_cells: (3,) Na, Nb, Nc; fudge: 0-d; n_offdiag: (3,) Nd, Ne, Nf (cells).
+        n_cells: (3,) Na, Nb, Nc; fudge: 0-d; n_offdiag: (3,) Nd, Ne, Nf (cells);
+        shape_rows: False leaves out dF/dfudge and dF/dNd Ne Nf (None in their place).
     Returns:
         ``(F, dF/dh (3), dF/dN (3), dF/drecip (9, row-major), dF/dfudge, dF/dNd Ne Nf (3))``,
         each (*) array in a list (the offsets' rounding is held: derivatives a.e.).
@@ -449,7 +450,10 @@ def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge
            - y[1] * (nd * dh[0] + ne * dh[2]) / (nb * nb),
            damping * (na * nb - nd * nd) + by_size * (na * nb)
            - y[2] * (nf * dh[0] + ne * dh[1]) / (nc * nc)]
-    d_recip = [slope * coupled[k] * x[j] for k in range(3) for j in range(3)]
+    turned = [slope * c for c in coupled]
+    d_recip = [turned[k] * x[j] for k in range(3) for j in range(3)]
+    if not shape_rows:
+        return value, d_h, d_n, d_recip, None, [None] * 3
     d_fudge = value * rad * (-1.0 / 0.63)
     d_offdiag = [damping * (2.0 * (ne * nf - nc * nd)) + y[0] * dh[1] / na + y[1] * dh[0] / nb,
                  damping * (2.0 * (nd * nf - na * ne)) + y[1] * dh[2] / nb + y[2] * dh[1] / nc,
@@ -458,7 +462,7 @@ def gauss_and_derivatives(hkl, recip: torch.Tensor, n_cells: torch.Tensor, fudge
 
 
 def gauss_hkl_and_derivatives(hkl, n_cells: torch.Tensor, fudge: torch.Tensor,
-                              n_offdiag: torch.Tensor):
+                              n_offdiag: torch.Tensor, shape_rows: bool = True):
     """diffBragg's Gaussian spots (`lattice_factor` "gauss_hkl", the same value bit for bit)
     with their partial derivatives, for hand-written gradients.
 
@@ -469,7 +473,7 @@ def gauss_hkl_and_derivatives(hkl, n_cells: torch.Tensor, fudge: torch.Tensor,
 
     Args:
         hkl: three (*) fractional indices; n_cells: (3,) Na, Nb, Nc; fudge: 0-d; n_offdiag:
-        (3,) Nd, Ne, Nf (cells).
+        (3,) Nd, Ne, Nf (cells); shape_rows: as `gauss_and_derivatives`.
     Returns:
         ``(F, dF/dh (3), dF/dN (3), dF/dfudge, dF/dNd Ne Nf (3))``, each (*) array in a list
         (the offsets' rounding is held: derivatives a.e.).
@@ -489,6 +493,8 @@ def gauss_hkl_and_derivatives(hkl, n_cells: torch.Tensor, fudge: torch.Tensor,
     d_n = [damping * (nb * nc - ne * ne) + sv[0] * dh[0],
            damping * (na * nc - nf * nf) + sv[1] * dh[1],
            damping * (na * nb - nd * nd) + sv[2] * dh[2]]
+    if not shape_rows:
+        return value, d_h, d_n, None, [None] * 3
     d_fudge = value * distance * (-1.0 / 0.63)
     d_offdiag = [damping * (2.0 * (ne * nf - nc * nd)) + sv[0] * dh[1] + sv[1] * dh[0],
                  damping * (2.0 * (nd * nf - na * ne)) + sv[1] * dh[2] + sv[2] * dh[1],

@@ -207,13 +207,14 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         parts, others, f_latt = grating_parts(hkl, n_cells)
     else:
         recip, fudge, n_offdiag = gauss
+        shape_rows = not {"fudge", "n_offdiag"} <= skip
         if recip is None:
             d_recip = []
             f_latt, d_h, d_n, d_fudge, d_offdiag = gauss_hkl_and_derivatives(
-                hkl, n_cells, fudge, n_offdiag)
+                hkl, n_cells, fudge, n_offdiag, shape_rows)
         else:
             f_latt, d_h, d_n, d_recip, d_fudge, d_offdiag = gauss_and_derivatives(
-                hkl, recip, n_cells, fudge, n_offdiag)
+                hkl, recip, n_cells, fudge, n_offdiag, shape_rows)
         d_n = d_n + d_recip + [d_fudge] + d_offdiag  # the rows after N's
     f_sq = default_f * default_f
     g_latt = 2.0 * f_sq * f_latt
