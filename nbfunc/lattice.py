@@ -369,10 +369,7 @@ def _reciprocal_offset(coupled: Components, recip: torch.Tensor) -> list:
 
 def _squared(x: list) -> torch.Tensor:
     """``x_0^2 + x_1^2 + x_2^2``, summed in that order."""
-    total = 0.0
-    for d in x:
-        total = total + d * d
-    return total
+    return x[0] * x[0] + x[1] * x[1] + x[2] * x[2]
 
 
 def miller_distance_sq(dhkl: torch.Tensor | Components, n_cells: torch.Tensor,

@@ -237,7 +237,8 @@ def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wa
         rows = [lattice.sum(-1)] + (hq or [g_h[i] * q[j][..., None] for i in range(3) for j in range(3)])
         rows += [None if x is None else x.sum(-1) for x in g_n]
     else:
-        g_d = tuple(sum(g_h[i] * orient[0, i, j] for i in range(3)) / wavelength for j in range(3))
+        g_d = tuple((g_h[0] * orient[0, 0, j] + g_h[1] * orient[0, 1, j] + g_h[2] * orient[0, 2, j])
+                    / wavelength for j in range(3))
         rows = [lattice] + (hq or [g_h[i] * q[j] for i in range(3) for j in range(3)]) + g_n
     rows += _direction_rows(g_d, d, airpath, fd, sd, layer, layered, per_path, skip)
     path = []
@@ -506,7 +507,8 @@ def _pixel_rows(b, hq, raw, path, fdet, sdet, odet, pix0, pixel_size, layer_dept
     if {"fdet", "sdet", "pix0", "layer"} & set(wanted):
         # the first path's position enters omega (through its distance) and P (through d)
         g_first = position_gradient(dp_dd, d, airpath)
-        g_first = tuple(intensity * polar * d_omega * x + w * y for x, y in zip(d, g_first))
+        by_omega = intensity * polar * d_omega
+        g_first = tuple(by_omega * x + w * y for x, y in zip(d, g_first))
     lat = {name: raw[block.start - 9:block.stop - 9]  # the rows after the nine hq rows
            for name, block in lattice_row_layout(layered, per_path, shape).items() if name != "hq"}
     # the first path's incident direction enters P
