@@ -214,6 +214,77 @@ def test_forward_mode_makes_the_sums_where_they_pay(extra, monkeypatch):
             assert_close_scaled(a, b, 1e-10, name)
 
 
+@pytest.mark.skipif(not nbcompile.COMPILE_DISABLED,
+                    reason="eager forward mode: run by the test command's NANOBRAGG_DISABLE_COMPILE=1 run")
+@pytest.mark.parametrize("extra, names", [
+    ("-gauss_xtal -polar 0.5", ("detector.distance",)),
+    ("-gauss_xtal -polar 0.5", ("crystal.cell_a", "crystal.misset", "crystal.Na")),
+    ("-gauss_xtal -polar 0.5", ("beam.wavelength",)),
+    ("-gauss_xtal -polar 0.5", ("detector.rotx", "detector.pixel_size", "beam.fluence")),
+    ("-polar 0.5", ("detector.twotheta", "crystal.Nb")),
+    ("-gauss_hkl_xtal -mosaic 0.3 -mosaic_dom 2", ("crystal.mosaic_spread", "detector.beam_center_f")),
+    ("-gauss_xtal -bandwidth 2 -bandwidth_steps 2", ("beam.sources.wavelengths", "detector.distance")),
+])
+def test_forward_mode_sums_make_the_blocks_that_move(extra, names, monkeypatch):
+    """Eager ``jacfwd`` with a tangent on the geometry: the forward makes only the blocks of
+    partial sums whose JVP coefficients the moving leaves reach (`render._blocks_moved`),
+    fewer than all of them, and the Jacobian equals the kernel's own (partials off); a VJP
+    of the primal output of such a call (autograd outside ``jvp``) makes every block again
+    and equals the plain gradient."""
+    p = make_params(extra)
+    made = []
+    original = nbfunc.render.PartialsRules.forward
+
+    def recorded(self, args, kwargs):
+        made.append(self.blocks)
+        return original(self, args, kwargs)
+
+    monkeypatch.setattr(nbfunc.render.PartialsRules, "forward", recorded)
+    x = [nbfunc.tree.get_leaf(p, n) for n in names]
+    pixels = lambda *v: nbfunc.simulate(nbfunc.replace_leaves(p, dict(zip(names, v))))  # noqa: E731
+    got = torch.func.jacfwd(pixels, argnums=tuple(range(len(names))))(*x)
+    layout = nbfunc.render._partials_layout(nbfunc.render.make_plan(p)[0], "bandwidth" in extra)
+    assert made and all(b is not None and 0 < len(b) < len(layout) for b in made), (made, list(layout))
+    live = [v.clone().requires_grad_() for v in x]
+    out, _ = torch.func.jvp(pixels, tuple(live), tuple(torch.ones_like(v) for v in live))
+    grads = torch.autograd.grad((out ** 2).sum(), live)
+    with monkeypatch.context() as off:
+        off.setattr(nbfunc.render, "partials_apply", lambda *a: False)
+        expected = torch.func.jacfwd(pixels, argnums=tuple(range(len(names))))(*x)
+        plain = [v.clone().requires_grad_() for v in x]
+        expected_grads = torch.autograd.grad((pixels(*plain) ** 2).sum(), plain)
+    for name, a, b in zip(names, got, expected):
+        assert float(b.abs().max()) > 0.0, name
+        assert_close_scaled(a, b, 1e-10, name)
+    for name, a, b in zip(names, grads, expected_grads):
+        assert_close_scaled(a, b, 1e-10, f"VJP {name}")
+
+
+def test_innermost_tangent():
+    """`nbfunc.compile.innermost_tangent`: None outside forward mode and under a ``vmap``
+    inside ``jvp``; inside ``jvp`` whether a tensor carries the tangent."""
+    from nbfunc.compile import innermost_tangent
+
+    seen = []
+    c = torch.ones(2, dtype=torch.float64)
+
+    def f(t):
+        seen.append((innermost_tangent([t * 2.0]), innermost_tangent([c * 2.0]),
+                     innermost_tangent([c, t])))
+        return t.sum()
+
+    t = torch.ones(2, dtype=torch.float64)
+    assert innermost_tangent([t]) is None
+    torch.func.jvp(f, (t,), (t,))
+    torch.func.vmap(torch.func.jacfwd(f))(t[None])
+    torch.func.grad(f)(t)
+    assert seen == [(True, False, True), (True, False, True), (None, None, None)]
+    seen.clear()
+    torch.func.jvp(torch.func.vmap(lambda u: (seen.append(innermost_tangent([u])), u.sum())[1]),
+                   (t[None],), (t[None],))
+    assert seen == [None]
+
+
 def assert_autograd_matches(p, target, expected, rtol: float, float_only: bool = False):
     """``torch.autograd.grad`` of the Poisson loss through `simulate` equals the tree
     ``expected`` leaf by leaf (leaves without elements, or not floating when ``float_only``,
