@@ -179,12 +179,11 @@ def _direction_rows(g_d, d, airpath, fd, sd, layer, layered: bool, per_path: boo
     ``direction`` (without ``per_path``), then ``dL/dpos`` times Fdet, Sdet, 1 and with
     ``layered`` the layer index; None for the rows of the blocks named in ``skip``."""
     g_pos = position_gradient(g_d, d, airpath)
-    blocks = [] if per_path else [("direction", list(g_d))]
+    blocks = [] if per_path else [("direction", lambda: list(g_d))]
     blocks += [("pos_fast", lambda: [x * fd for x in g_pos]),
                ("pos_slow", lambda: [x * sd for x in g_pos]), ("pos", lambda: list(g_pos))]
     blocks += [("pos_layer", lambda: [x * layer for x in g_pos])] * layered
-    return [x for name, make in blocks
-            for x in ([None] * 3 if name in skip else make if isinstance(make, list) else make())]
+    return [x for name, make in blocks for x in ([None] * 3 if name in skip else make())]
 
 
 def _path_partials(fdet, sdet, odet, pix0, pixel_size, layer_depth, incident, wavelength, orient,

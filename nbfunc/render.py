@@ -583,10 +583,10 @@ def _forward_mode_kernel(setup: Setup, orient, first_orient, pixel_index, paths:
     """The eager partials kernel in forward mode without reverse mode: where a tangent reaches
     the geometry (`_geometry`) the forward makes the sums and the JVP takes them, only the
     blocks whose coefficients the tangents move (`_blocks_moved`) (a pull-test call of 50
-    replicas x 7 leaves, benchmarks/README.md: 120 -> 105 ms against the kernel's forward and
-    the JVP making the sums, -> 95 ms with 26 of 46 blocks); elsewhere, or where the tangents
-    cannot be read here (a ``vmap`` inside ``jvp``), the kernel's forward and its own JVP
-    (`PartialsRules` ``kernel_forward``)."""
+    replicas x 7 leaves, benchmarks/README.md: ~120 -> 102-106 ms against the kernel's
+    forward and the JVP making the sums, -> 86-92 ms with 26 of 46 rows); elsewhere, or
+    where the tangents cannot be read here (a ``vmap`` inside ``jvp``), the kernel's forward
+    and its own JVP (`PartialsRules` ``kernel_forward``)."""
     call = (setup, orient, first_orient, pixel_index, paths, *args)
     if not innermost_tangent(_geometry(setup, orient)):
         return _partials_kernel(False, "kernel_forward")(*call, plan=plan, finish=finish, **kwargs)
