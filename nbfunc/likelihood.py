@@ -331,11 +331,7 @@ def pixel_deviance(mu: torch.Tensor, counts: torch.Tensor, include: torch.Tensor
     >>> pixel_deviance(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 3.0]), torch.tensor([True, True]))
     tensor([2., 0.])
     """
-    used = include & (mu > 0)
-    safe = torch.where(used, mu, torch.ones_like(mu))
-    k_safe = torch.where(counts > 0, counts, torch.ones_like(counts))
-    log_ratio = torch.where(counts > 0, counts * torch.log(k_safe / safe), 0.0)
-    return torch.where(used, safe - counts + log_ratio, 0.0)
+    return _deviance(*_used(mu, include), counts)
 
 
 def pixel_nll(mu: torch.Tensor, counts: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
@@ -344,9 +340,23 @@ def pixel_nll(mu: torch.Tensor, counts: torch.Tensor, include: torch.Tensor) -> 
     >>> pixel_nll(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 3.0]), torch.tensor([True, True]))
     tensor([1.3069, 0.0000])
     """
+    return _nll(*_used(mu, include), counts)
+
+
+def _used(mu: torch.Tensor, include: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels that count (included, ``mu > 0``) and ``mu`` with 1 elsewhere."""
     used = include & (mu > 0)
-    safe = torch.where(used, mu, torch.ones_like(mu))
+    return used, torch.where(used, mu, torch.ones_like(mu))
+
+
+def _nll(used: torch.Tensor, safe: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(used, safe - counts * torch.log(safe) + torch.lgamma(counts + 1), 0.0)
+
+
+def _deviance(used: torch.Tensor, safe: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    k_safe = torch.where(counts > 0, counts, torch.ones_like(counts))
+    log_ratio = torch.where(counts > 0, counts * torch.log(k_safe / safe), 0.0)
+    return torch.where(used, safe - counts + log_ratio, 0.0)
 
 
 def linearize(model: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor
@@ -362,12 +372,11 @@ def terms_from(jac: torch.Tensor, mu: torch.Tensor, counts: torch.Tensor,
     Args:
         jac: (pixels, n) d mu / d theta; mu, counts, include: (pixels,).
     """
-    used = include & (mu > 0)
-    safe = torch.where(used, mu, torch.ones_like(mu))
+    used, safe = _used(mu, include)
     jac = torch.where(used[:, None], jac, 0.0)
     weight = torch.where(used, 1 / safe, 0.0)
     residual = torch.where(used, 1 - counts / safe, 0.0)
-    return Terms(pixel_nll(mu, counts, include).sum(), pixel_deviance(mu, counts, include).sum(),
+    return Terms(_nll(used, safe, counts).sum(), _deviance(used, safe, counts).sum(),
                  jac.T @ residual, (jac * weight[:, None]).T @ jac)
 
 

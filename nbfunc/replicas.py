@@ -21,7 +21,7 @@ from nbfunc.fit import (Coordinates, accepted, damped_step, log_coordinates, new
                         theta_slope, to_theta, to_z)
 from nbfunc.likelihood import DEFAULT_TILE_PIXELS, Problem, Terms, linearize, poisson_problem, terms_from
 from nbfunc.params import Params
-from nbfunc.uncertainty import invert_information
+from nbfunc.uncertainty import standard_errors
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +119,7 @@ def fit_replicas(model: Params | Callable[[dict], torch.Tensor], observed: torch
         keep = moving[ok]
         z[keep], theta[keep] = z[moving][ok] + step[ok], trial_theta[ok]
         data = Terms(*(_scatter(a, keep, b[ok]) for a, b in zip(data, trial)))
-    std = torch.stack([invert_information(f).std for f in data.fisher])
+    std = standard_errors(data.fisher)
     return ReplicaFits(problem.names, problem.units, theta, std, data.nll, done, iterations,
                        data.fisher)
 

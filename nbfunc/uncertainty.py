@@ -131,16 +131,17 @@ class InformationInverse:
 # Linear algebra leaves
 # --------------------------------------------------------------------------------------------
 def unit_diagonal(information: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D^-1 I D^-1, D)`` with ``D = sqrt(diag I)`` (1 where the diagonal is <= 0).
+    """``(D^-1 I D^-1, D)`` with ``D = sqrt(diag I)`` (1 where the diagonal is <= 0); ``I``
+    (..., n, n), a stack of matrices or one.
 
     >>> unit_diagonal(torch.tensor([[4.0, 2.0], [2.0, 9.0]]))[0]
     tensor([[1.0000, 0.3333],
             [0.3333, 1.0000]])
     """
-    diag = torch.diagonal(information)
+    diag = torch.diagonal(information, dim1=-2, dim2=-1)
     scale = torch.where(diag > 0, torch.sqrt(diag.clamp(min=0)), torch.ones_like(diag))
-    scaled = information / (scale[:, None] * scale[None, :])
-    return (scaled + scaled.T) / 2, scale
+    scaled = information / (scale[..., :, None] * scale[..., None, :])
+    return (scaled + scaled.transpose(-1, -2)) / 2, scale
 
 
 def condition_number(eigenvalues: torch.Tensor) -> float:
@@ -180,6 +181,19 @@ def invert_information(information: torch.Tensor, rcond: float = RCOND) -> Infor
     correlation.fill_diagonal_(1.0)
     condition = math.inf if bool(null.any()) else condition_number(values)
     return InformationInverse(covariance, std, correlation, condition, values, vectors, scale)
+
+
+def standard_errors(information: torch.Tensor, rcond: float = RCOND) -> torch.Tensor:
+    """`invert_information`'s ``std`` for a stack of information matrices (..., n, n) at once
+    (to rounding): ``sqrt(C_ii)``, inf for parameters with weight in an undetermined
+    direction (units: 1/sqrt of the information's)."""
+    scaled, scale = unit_diagonal(information)
+    values, vectors = torch.linalg.eigh(scaled)
+    null = values <= rcond * values.amax(-1, keepdim=True).clamp(min=0)
+    weight = vectors * vectors  # (..., parameter, direction)
+    inverse = (weight * torch.where(null, 0.0, 1.0 / torch.where(null, 1.0, values))[..., None, :]).sum(-1)
+    undetermined = (weight * null[..., None, :]).sum(-1) > _NULL_WEIGHT
+    return torch.where(undetermined, math.inf, torch.sqrt(inverse.clamp(min=0)) / scale)
 
 
 def _normalise(matrix: torch.Tensor) -> torch.Tensor:

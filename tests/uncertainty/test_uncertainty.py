@@ -10,7 +10,8 @@ from _uncertainty_support import TINY, X, linear, render, spot, SPOT_TRUTH, tree
 from nbfunc.likelihood import poisson_problem
 from nbfunc.tree import get_leaf, replace_leaves
 from nbfunc.uncertainty import (DegenerateInformationWarning, hessian_covariance,
-                                invert_information, summary_table, uncertainty, unit_diagonal)
+                                invert_information, standard_errors, summary_table, uncertainty,
+                                unit_diagonal)
 
 f64 = lambda x: torch.tensor(x, dtype=torch.float64)
 
@@ -267,3 +268,24 @@ def test_invert_information_of_a_zero_information_parameter():
     assert float(inv.std[1]) == float("inf")
     assert not torch.isnan(inv.correlation).any()
     assert inv.condition_number == float("inf")
+
+
+def test_standard_errors_of_a_stack_equal_invert_information():
+    """`standard_errors` of stacked matrices, well conditioned, rank-deficient and with a zero
+    parameter, equals `invert_information`'s ``std`` of each (inf at the same places)."""
+    g = torch.Generator().manual_seed(1)
+    stack = []
+    for k in range(12):
+        a = torch.randn(7, 7, generator=g, dtype=torch.float64)
+        m = a @ a.T * 10.0 ** (4 * torch.rand((), generator=g, dtype=torch.float64) - 2)
+        if k % 4 == 0:  # rank 3: a line and two unit directions
+            v = torch.randn(7, 1, generator=g, dtype=torch.float64)
+            m = v @ v.T + torch.diag(f64([1.0, 1.0, 0, 0, 0, 0, 0]))
+        if k % 5 == 1:
+            m[3], m[:, 3] = 0.0, 0.0
+        stack.append(m)
+    got = standard_errors(torch.stack(stack))
+    expected = torch.stack([invert_information(m).std for m in stack])
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(got), finite) and int((~finite).sum()) > 0
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-12, atol=0)
