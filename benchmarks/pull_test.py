@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", help="folder for the PNG figures (needs matplotlib)")
     parser.add_argument("--start-scale", type=float, default=3.0,
                         help="start = truth + this * sigma * N(0, 1)")
-    parser.add_argument("--batch", type=int, default=125,
-                        help="replicas fitted together (vmap); 100-125 were the fastest on two cores "
+    parser.add_argument("--batch", type=int, default=250,
+                        help="replicas fitted together (vmap); 250 was the fastest on two cores "
                              "(benchmarks/README.md)")
     parser.add_argument("--max-iter", type=int, default=30)
     parser.add_argument("--tol", type=float, default=1e-8, help="on the squared Newton decrement")

@@ -90,6 +90,11 @@ class Rules:
         `vjp_transposable`, derived from the function (`Derived._fast_jvp`)."""
         return False
 
+    def batch_chunk(self, xs) -> int | None:
+        """Members per call of `forward` when ``vmap`` batches these rules (`_BatchedRules`;
+        ``xs`` batched as they come): None for the whole batch at once."""
+        return None
+
     def vjp_transposable(self) -> bool:
         """Whether the transpose of `vjp` makes a good JVP: True when the residuals hold what
         the VJP needs; rules whose VJP makes it again from the inputs say False, and their
@@ -444,7 +449,8 @@ class _BatchedRules(Rules):
             out, residuals = self.rules.forward(ys)
             n_out.append(len(out))
             return tuple(out) + tuple(residuals)
-        flat = torch.func.vmap(member, in_dims=self.in_dims, out_dims=0)(*xs)
+        flat = torch.func.vmap(member, in_dims=self.in_dims, out_dims=0,
+                               chunk_size=self.rules.batch_chunk(xs))(*xs)
         return flat[:n_out[0]], flat[n_out[0]:]
 
     def _gathered(self, xs, grads) -> tuple:
@@ -505,6 +511,10 @@ class StructuredRules:
     def jvp_supported(self) -> bool:
         """`Rules.jvp_supported`: whether ``jvp`` is given and answers."""
         return self.jvp is not None
+
+    def batch_chunk(self, args, kwargs) -> int | None:
+        """`Rules.batch_chunk` with the call's ``(args, kwargs)``."""
+        return None
 
     def vjp_transposable(self) -> bool:
         """`Rules.vjp_transposable`."""
@@ -578,6 +588,9 @@ class _FlatRules(Rules):
 
     def jvp_supported(self) -> bool:
         return self.rules.jvp_supported()
+
+    def batch_chunk(self, xs) -> int | None:
+        return self.rules.batch_chunk(*self.rebuild(list(xs)))
 
     def vjp_transposable(self) -> bool:
         return self.rules.vjp_transposable()

@@ -518,6 +518,15 @@ class PartialsRules(StructuredRules):
         """With the sums from the forward."""
         return not self.kernel_forward
 
+    def batch_chunk(self, args, kwargs) -> int | None:
+        """Eagerly on the CPU, with the sums made by the forward: members of a ``vmap`` batch
+        per call of the forward such that each of its per-pixel arrays takes about
+        `BATCH_CHUNK_BYTES` (`nbfunc.derived._BatchedRules`)."""
+        orient, pixel_index = args[1], args[3]
+        if self.compile or self.kernel_forward or orient.device.type != "cpu":
+            return None
+        return max(1, BATCH_CHUNK_BYTES // (pixel_index.shape[-1] * orient.dtype.itemsize))
+
     def vjp_transposable(self) -> bool:
         return not self.kernel_forward
 
@@ -622,6 +631,16 @@ def _blocks_moved(plan: Plan, inputs, moving: tuple) -> tuple | None:
                     needed.append(name)
         _BLOCKS_MOVED[key] = None if len(needed) == len(layout) else tuple(needed)
     return _BLOCKS_MOVED[key]
+
+
+BATCH_CHUNK_BYTES = 1 << 19
+"""Bytes of one per-pixel array of a chunk of a batched eager forward with the partial sums
+(`PartialsRules.batch_chunk`): a few hundred of them are made one after another, and
+arrays that stay in the cores' caches make each operation faster. Measured on two cores
+(2 MiB of cache each), one pull-test call of 125 replicas x 7 leaves: 64x64 pixels 189 ->
+175 ms with 16 members per call (8: 254, 12: 181, 24: 189 ms), 128x128 pixels 0.92-1.17 ->
+0.72 s with 4 (2: 1.10, 8: 0.74, 16: 0.79 s), 32x32 pixels 66 ms with all 125 and
+67.7 ms with 64 (16: 88 ms)."""
 
 
 _SUMS_READ = ("frame", "incident", "wavelengths", "polar_axis", "kahn", "default_f",

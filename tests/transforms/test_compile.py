@@ -260,6 +260,37 @@ def test_forward_mode_sums_make_the_blocks_that_move(extra, names, monkeypatch):
         assert_close_scaled(a, b, 1e-10, f"VJP {name}")
 
 
+@pytest.mark.skipif(not nbcompile.COMPILE_DISABLED,
+                    reason="eager forward mode: run by the test command's NANOBRAGG_DISABLE_COMPILE=1 run")
+def test_batched_forward_in_chunks(monkeypatch):
+    """Under ``vmap`` of ``jacfwd`` the eager forward with the partial sums runs in chunks of
+    members (`PartialsRules.batch_chunk`): with chunks of 2 of 5 members the values and the
+    Jacobians equal those of one call for all."""
+    p = make_params("-gauss_xtal -polar 0.5")
+    names = ("detector.distance", "crystal.cell_a")
+    start = torch.stack([torch.stack([nbfunc.tree.get_leaf(p, n) for n in names])] * 5)
+    theta = start * (1 + 1e-3 * torch.arange(5, dtype=torch.float64))[:, None]
+
+    def pixels(t):
+        return nbfunc.simulate(nbfunc.replace_leaves(p, dict(zip(names, t.unbind(0)))))
+    jacobian = torch.func.vmap(torch.func.jacfwd(lambda t: (pixels(t),) * 2, has_aux=True))
+    chunks = []
+    original = nbfunc.render.PartialsRules.batch_chunk
+
+    def recorded(self, args, kwargs):
+        chunks.append(original(self, args, kwargs))
+        return chunks[-1]
+
+    monkeypatch.setattr(nbfunc.render.PartialsRules, "batch_chunk", recorded)
+    whole = jacobian(theta)
+    itemsize, n_pixels = 8, 36  # float64, 6 x 6
+    monkeypatch.setattr(nbfunc.render, "BATCH_CHUNK_BYTES", 2 * n_pixels * itemsize)
+    chunked = jacobian(theta)
+    assert chunks[0] >= 5 and chunks[-1] == 2, chunks
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b)
+
+
 def test_innermost_tangent():
     """`nbfunc.compile.innermost_tangent`: None outside forward mode and under a ``vmap``
     inside ``jvp``; inside ``jvp`` whether a tensor carries the tangent."""
