@@ -598,7 +598,7 @@ def _forward_mode_kernel(setup: Setup, orient, first_orient, pixel_index, paths:
     and its own JVP (`PartialsRules` ``kernel_forward``)."""
     call = (setup, orient, first_orient, pixel_index, paths, *args)
     if not innermost_tangent(_geometry(setup, orient)):
-        return _partials_kernel(False, "kernel_forward")(*call, plan=plan, finish=finish, **kwargs)
+        return _partials_kernel(False, kernel_forward=True)(*call, plan=plan, finish=finish, **kwargs)
     inputs = _partials_inputs(setup, orient, plan, finish, paths)
     blocks = _blocks_moved(plan, inputs, tuple(bool(innermost_tangent([x])) for x in inputs))
     return _partials_kernel(False, blocks=blocks)(*call, plan=plan, finish=finish, **kwargs)
@@ -995,23 +995,23 @@ def image_partials(p: Params, pixel_index: torch.Tensor, plan: Plan):
 _compiled_image_partials = compiled(image_partials, static_argnames=("plan",),
                                     options=PARTIALS_OPTIONS)
 
-_PARTIALS = {(mode, one_call): ({}, (ImagePartialsRules if one_call else PartialsRules)(mode))
-             for mode in (False, True) for one_call in (False, True)}
-_PARTIALS[False, "kernel_forward"] = ({}, PartialsRules(False, kernel_forward=True))
-"""Per compile mode, for `chunk_kernel` and for `image_kernel` (and for the eager
-`chunk_kernel` with its own forward and JVP, and, added as needed, with some blocks of the
-sums): the derived functions with `PartialsRules` or `ImagePartialsRules`, and the rules."""
+_PARTIALS: dict = {}
+"""By `_partials_kernel`'s arguments: the derived functions with `PartialsRules` or
+`ImagePartialsRules`, and the rules (made at the first call with them)."""
 
 
-def _partials_kernel(compile: bool, one_call: bool | str = False, blocks: tuple | None = None):
-    """`chunk_kernel` (or with ``one_call`` `image_kernel`; with "kernel_forward" the eager
-    `chunk_kernel` whose forward and JVP are its own, and whose VJP makes the sums) with the
-    pixel partials for its first derivatives (`nbfunc.derived`), compiled or eager; with
-    ``blocks`` (eager `chunk_kernel`) those blocks of the sums only (`PartialsRules`)."""
-    if blocks is not None and (False, blocks) not in _PARTIALS:
-        _PARTIALS[False, blocks] = ({}, PartialsRules(False, blocks=blocks))
-    cache, rules = _PARTIALS[compile, one_call if blocks is None else blocks]
-    fn = image_kernel if one_call is True else chunk_kernel
+def _partials_kernel(compile: bool, one_call: bool = False, kernel_forward: bool = False,
+                     blocks: tuple | None = None):
+    """`chunk_kernel` (or with ``one_call`` `image_kernel`) with the pixel partials for its
+    first derivatives (`nbfunc.derived`), compiled or eager; eagerly, with ``kernel_forward``
+    the `chunk_kernel` whose forward and JVP are its own and whose VJP makes the sums, with
+    ``blocks`` the one whose forward makes those blocks of the sums only (`PartialsRules`)."""
+    key = (compile, one_call, kernel_forward, blocks)
+    if key not in _PARTIALS:
+        _PARTIALS[key] = ({}, ImagePartialsRules(compile) if one_call
+                          else PartialsRules(compile, kernel_forward, blocks))
+    cache, rules = _PARTIALS[key]
+    fn = image_kernel if one_call else chunk_kernel
 
     def kernel(*args, **kwargs):
         return derived_call(cache, fn, f"{fn.__name__}_partials", args, kwargs,
