@@ -175,7 +175,7 @@ def invert_information(information: torch.Tensor, rcond: float = RCOND) -> Infor
     covariance = inverse / (scale[:, None] * scale[None, :])
     covariance = torch.where(both & (projector.abs() > _NULL_WEIGHT),
                              torch.sign(projector) * math.inf, covariance)
-    std = torch.sqrt(torch.diagonal(covariance).clamp(min=0))
+    std = _eigen_std(values, vectors, scale, null)
     correlation = torch.where(both, _normalise(projector), _normalise(inverse))
     correlation = torch.where(undetermined[:, None] ^ undetermined[None, :], 0.0, correlation)
     correlation.fill_diagonal_(1.0)
@@ -184,12 +184,20 @@ def invert_information(information: torch.Tensor, rcond: float = RCOND) -> Infor
 
 
 def standard_errors(information: torch.Tensor, rcond: float = RCOND) -> torch.Tensor:
-    """`invert_information`'s ``std`` for a stack of information matrices (..., n, n) at once
-    (to rounding): ``sqrt(C_ii)``, inf for parameters with weight in an undetermined
-    direction (units: 1/sqrt of the information's)."""
+    """`invert_information`'s ``std`` for a stack of information matrices (..., n, n) at once:
+    ``sqrt(C_ii)``, inf for parameters with weight in an undetermined direction (units:
+    1/sqrt of the information's)."""
     scaled, scale = unit_diagonal(information)
     values, vectors = torch.linalg.eigh(scaled)
     null = values <= rcond * values.amax(-1, keepdim=True).clamp(min=0)
+    return _eigen_std(values, vectors, scale, null)
+
+
+def _eigen_std(values, vectors, scale, null) -> torch.Tensor:
+    """``sqrt(C_ii)`` from the unit-diagonal information's eigen-decomposition (eigenvalues
+    (..., n), vectors (..., n, n) by column, ``null`` the undetermined directions) and the
+    scale ``D``: ``sqrt(sum_k V_ik^2 / l_k) / D_i`` over the determined directions, inf where a
+    parameter has weight in an undetermined one."""
     weight = vectors * vectors  # (..., parameter, direction)
     inverse = (weight * torch.where(null, 0.0, 1.0 / torch.where(null, 1.0, values))[..., None, :]).sum(-1)
     undetermined = (weight * null[..., None, :]).sum(-1) > _NULL_WEIGHT
